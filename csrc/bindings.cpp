@@ -1,0 +1,48 @@
+// One schema per native op of the peft_kernels namespace. Implementations register per dispatch key:
+// csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA), csrc/*.cpp (compositions of ATen calls and the above).
+#include <torch/library.h>
+
+#include <string>
+
+#ifdef TORCH_EXTENSION_NAME
+#include <torch/extension.h>
+#endif
+
+TORCH_LIBRARY(peft_kernels, m) {
+  // Dropout with the library's Philox mask (see include/peft_kernels/philox.h):
+  //   out = x * keep(seed, i*K + j) / (1 - p)
+  m.def("philox_dropout(Tensor x, float p, int seed) -> Tensor");
+  //   out += keep(seed, i*K + j) / (1 - p) * src   (the mask regenerated in a backward epilogue)
+  m.def("philox_dropout_add_(Tensor(a!) out, Tensor src, float p, int seed) -> Tensor(a!)");
+  // Column sum of a 2-D tensor with fp32 accumulation (the bias gradient): out[j] = sum_i x[i, j].
+  m.def("column_sum(Tensor x, ScalarType? out_dtype=None) -> Tensor");
+
+  // LoRA linear: y = x W^T + b + s * (drop(x) A^T) B^T. Returns (y, S = drop(x) A^T).
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, int seed) -> (Tensor, Tensor)");
+  // Returns (dx, dW, db, dA, dB); an entry not asked for in `needs` comes back undefined (None).
+  m.def(
+      "lora_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor S, "
+      "float scaling, float dropout_p, int seed, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // BitFit: y = x W^T + b with W frozen. Backward returns (dx, db) (either undefined when not needed).
+  m.def("bias_only_linear_fwd(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  m.def("bias_only_linear_bwd(Tensor dy, Tensor weight, bool[2] needs) -> (Tensor, Tensor)");
+
+  // Which device kernels this build carries: "cpu" or "cpu,cuda".
+  m.def("build_info() -> str", []() -> std::string {
+#ifdef PEFT_KERNELS_WITH_CUDA
+    return "cpu,cuda";
+#else
+    return "cpu";
+#endif
+  });
+}
+
+#ifdef TORCH_EXTENSION_NAME
+// An importable Python module, so `import peft_kernels._C` runs the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "peft_kernels native ops (registered under torch.ops.peft_kernels)";
+}
+#endif

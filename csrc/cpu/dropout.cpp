@@ -1,0 +1,90 @@
+// CPU kernels of the Philox dropout (same mask as Triton's tl.rand) and the fp32-accumulated column sum.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "peft_kernels/check.h"
+#include "peft_kernels/philox.h"
+
+namespace peft_kernels {
+namespace {
+
+at::Tensor philox_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
+  PK_CHECK(x.dim() == 2, "philox_dropout: x must be 2-D, got ", x.dim(), "-D");
+  auto xc = x.contiguous();
+  auto out = at::empty_like(xc);
+  const int64_t rows = xc.size(0), cols = xc.size(1);
+  const float pf = static_cast<float>(p);
+  const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+  const uint64_t s = static_cast<uint64_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "philox_dropout_cpu", [&] {
+    const scalar_t* in = xc.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows * cols, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const bool keep = dropout_keep(s, static_cast<uint64_t>(i), pf);
+        using opmath_t = at::opmath_type<scalar_t>;
+        o[i] = keep ? static_cast<scalar_t>(static_cast<opmath_t>(in[i]) * static_cast<opmath_t>(scale)) : scalar_t(0);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor& philox_dropout_add_cpu(at::Tensor& out, const at::Tensor& src, double p, int64_t seed) {
+  PK_CHECK(out.dim() == 2 && src.sizes() == out.sizes(), "philox_dropout_add_: out and src must be equal 2-D");
+  PK_CHECK(out.is_contiguous(), "philox_dropout_add_: out must be contiguous");
+  auto sc = src.contiguous();
+  const int64_t n = out.numel();
+  const float pf = static_cast<float>(p);
+  const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+  const uint64_t s = static_cast<uint64_t>(seed);
+  // src is cast to out's dtype first: it is an M x K product, small next to the GEMMs around it.
+  auto s2 = sc.to(out.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "philox_dropout_add_cpu", [&] {
+    const scalar_t* in = s2.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (dropout_keep(s, static_cast<uint64_t>(i), pf)) {
+          using opmath_t = at::opmath_type<scalar_t>;
+          o[i] = static_cast<scalar_t>(static_cast<opmath_t>(o[i]) +
+                                       static_cast<opmath_t>(in[i]) * static_cast<opmath_t>(scale));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor column_sum_cpu(const at::Tensor& x, std::optional<at::ScalarType> out_dtype) {
+  PK_CHECK(x.dim() == 2, "column_sum: x must be 2-D, got ", x.dim(), "-D");
+  auto xc = x.contiguous();
+  const int64_t rows = xc.size(0), cols = xc.size(1);
+  const auto acc_dtype = xc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto acc = at::zeros({cols}, xc.options().dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "column_sum_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;  // float for half/bf16/float, double for double
+    const scalar_t* in = xc.const_data_ptr<scalar_t>();
+    opmath_t* a = acc.mutable_data_ptr<opmath_t>();
+    // Parallel over column blocks; each thread walks all rows of its block (rows are contiguous in memory).
+    at::parallel_for(0, cols, 256, [&](int64_t c0, int64_t c1) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* row = in + r * cols;
+        for (int64_t c = c0; c < c1; ++c) a[c] += static_cast<opmath_t>(row[c]);
+      }
+    });
+  });
+  return acc.to(out_dtype.value_or(x.scalar_type()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) {
+  m.impl("philox_dropout", &philox_dropout_cpu);
+  m.impl("philox_dropout_add_", &philox_dropout_add_cpu);
+  m.impl("column_sum", &column_sum_cpu);
+}
+
+}  // namespace peft_kernels

@@ -1,0 +1,91 @@
+// CUDA kernels of the Philox dropout: the mask is a pure function of (seed, element offset), identical to
+// Triton's tl.rand, so the backward regenerates it instead of reading a stored mask.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "peft_kernels/check.h"
+#include "peft_kernels/philox.h"
+
+namespace peft_kernels {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline int blocks_for(int64_t n) {
+  // A grid-stride loop over at most a few waves of blocks keeps launch size bounded for huge tensors.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 16)));
+}
+
+template <typename scalar_t>
+__global__ void philox_dropout_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n,
+                                      uint64_t seed, float p, float scale) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool keep = dropout_keep(seed, static_cast<uint64_t>(i), p);
+    out[i] = keep ? static_cast<scalar_t>(static_cast<opmath_t>(in[i]) * static_cast<opmath_t>(scale))
+                  : scalar_t(0);
+  }
+}
+
+template <typename scalar_t>
+__global__ void philox_dropout_add_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ src, int64_t n,
+                                          uint64_t seed, float p, float scale) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (dropout_keep(seed, static_cast<uint64_t>(i), p)) {
+      out[i] = static_cast<scalar_t>(static_cast<opmath_t>(out[i]) +
+                                     static_cast<opmath_t>(src[i]) * static_cast<opmath_t>(scale));
+    }
+  }
+}
+
+at::Tensor philox_dropout_cuda(const at::Tensor& x, double p, int64_t seed) {
+  PK_CHECK(x.dim() == 2, "philox_dropout: x must be 2-D, got ", x.dim(), "-D");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto xc = x.contiguous();
+  auto out = at::empty_like(xc);
+  const int64_t n = xc.numel();
+  if (n == 0) return out;
+  const float scale = p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.f;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "philox_dropout_cuda", [&] {
+    philox_dropout_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, static_cast<uint64_t>(seed),
+        static_cast<float>(p), scale);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor& philox_dropout_add_cuda(at::Tensor& out, const at::Tensor& src, double p, int64_t seed) {
+  PK_CHECK(out.dim() == 2 && src.sizes() == out.sizes(), "philox_dropout_add_: out and src must be equal 2-D");
+  PK_CHECK(out.is_contiguous(), "philox_dropout_add_: out must be contiguous");
+  const c10::cuda::CUDAGuard guard(out.device());
+  auto sc = src.to(out.scalar_type()).contiguous();
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  const float scale = p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.f;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "philox_dropout_add_cuda", [&] {
+    philox_dropout_add_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        out.mutable_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(), n, static_cast<uint64_t>(seed),
+        static_cast<float>(p), scale);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peft_kernels, CUDA, m) {
+  m.impl("philox_dropout", &philox_dropout_cuda);
+  m.impl("philox_dropout_add_", &philox_dropout_add_cuda);
+}
+
+}  // namespace peft_kernels

@@ -1,0 +1,223 @@
+"""Prefix-augmented attention (Prefix-Tuning, P-Tuning v2).
+
+``out = softmax(q [Pk; k]ᵀ · scale + mask) [Pv; v]`` where Pk/Pv are P trainable key/value vectors that every
+query sees, and among the real keys the mask is causal (bottom-right aligned: query i sees key j iff
+j <= i + Lk - Lq) and/or a key padding mask. GQA: q has Hq heads, k/v/prefix Hkv heads, Hq % Hkv == 0.
+
+Shapes: q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D]; prefix_k, prefix_v [Hkv, P, D] (shared by the batch) or
+[B, Hkv, P, D]; key_padding_mask [B, Lk] bool (True = a real token) or None. Returns [B, Hq, Lq, D].
+The fused kernels never build the concatenated K/V; the reference below does, for clarity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from peft_kernels import _backends
+from peft_kernels.ops import _validate as val
+
+OP = "prefix_attention"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference math
+# --------------------------------------------------------------------------------------------------
+def prefix_attention_mask(B, Lq, Lk, P, causal, key_padding_mask, device) -> Tensor:
+    """Boolean mask [B, 1, Lq, P + Lk] over the concatenated keys (True = may attend)."""
+    prefix = torch.ones(B, 1, Lq, P, dtype=torch.bool, device=device)
+    real = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(Lq, device=device)[:, None]
+        j = torch.arange(Lk, device=device)[None, :]
+        real = real & (j <= i + (Lk - Lq))
+    if key_padding_mask is not None:
+        real = real & key_padding_mask[:, None, None, :].bool()
+    return torch.cat([prefix, real], dim=-1)
+
+
+def _concat_kv(k, v, prefix_k, prefix_v):
+    B = k.shape[0]
+    pk = prefix_k.expand(B, *prefix_k.shape) if prefix_k.dim() == 3 else prefix_k
+    pv = prefix_v.expand(B, *prefix_v.shape) if prefix_v.dim() == 3 else prefix_v
+    return torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+
+
+def prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=False, key_padding_mask=None, scale=None,
+                               upcast=False):
+    """Autograd-differentiable reference (SDPA-equivalent math on the concatenated K/V)."""
+    dtype = torch.float64 if upcast else (torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    K, V = _concat_kv(k.to(dtype), v.to(dtype), prefix_k.to(dtype), prefix_v.to(dtype))
+    K, V = K.repeat_interleave(Hq // Hkv, dim=1), V.repeat_interleave(Hq // Hkv, dim=1)
+    scores = (q.to(dtype) @ K.transpose(-1, -2)) * scale
+    mask = prefix_attention_mask(B, Lq, Lk, P, causal, key_padding_mask, q.device)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs @ V).to(q.dtype)
+
+
+def _reference_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
+    K, V = _concat_kv(k.to(acc), v.to(acc), prefix_k.to(acc), prefix_v.to(acc))
+    K, V = K.repeat_interleave(Hq // Hkv, dim=1), V.repeat_interleave(Hq // Hkv, dim=1)
+    scores = (q.to(acc) @ K.transpose(-1, -2)) * scale
+    mask = prefix_attention_mask(B, Lq, Lk, P, causal, key_padding_mask, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.exp(scores - lse[..., None]) @ V
+    return out.to(q.dtype), lse.float() if acc == torch.float32 else lse
+
+
+def _reference_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale):
+    """FlashAttention's backward written densely: dS = P ⊙ (dP - rowsum(dO ⊙ O))."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
+    g = Hq // Hkv
+    K, V = _concat_kv(k.to(acc), v.to(acc), prefix_k.to(acc), prefix_v.to(acc))
+    Kr, Vr = K.repeat_interleave(g, dim=1), V.repeat_interleave(g, dim=1)
+    mask = prefix_attention_mask(B, Lq, Lk, P, causal, key_padding_mask, q.device)
+    scores = ((q.to(acc) @ Kr.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
+    probs = torch.exp(scores - lse.to(acc)[..., None])
+    do_, out_ = do.to(acc), out.to(acc)
+    delta = (do_ * out_).sum(-1, keepdim=True)
+    dV = probs.transpose(-1, -2) @ do_                          # [B, Hq, P+Lk, D]
+    dS = probs * (do_ @ Vr.transpose(-1, -2) - delta)
+    dq = (dS @ Kr) * scale
+    dK = (dS.transpose(-1, -2) @ q.to(acc)) * scale
+    dK = dK.reshape(B, Hkv, g, P + Lk, D).sum(2)                # fold the query heads of each KV group
+    dV = dV.reshape(B, Hkv, g, P + Lk, D).sum(2)
+    dpk, dk = dK[:, :, :P], dK[:, :, P:]
+    dpv, dv = dV[:, :, :P], dV[:, :, P:]
+    if prefix_k.dim() == 3:                                     # shared prefix: sum over the batch
+        dpk, dpv = dpk.sum(0), dpv.sum(0)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype))
+
+
+def _triton_forward(*args):
+    from peft_kernels.triton import prefix_attention as tk
+
+    return tk.prefix_attention_forward(*args)
+
+
+def _triton_backward(*args):
+    from peft_kernels.triton import prefix_attention as tk
+
+    return tk.prefix_attention_backward(*args)
+
+
+def _triton_supports(q, k, v, prefix_k, prefix_v, key_padding_mask):
+    from peft_kernels.triton import prefix_attention as tk
+
+    ok, reason = tk.supports(q, k, v, prefix_k, prefix_v, key_padding_mask)
+    return None if ok else reason
+
+
+_FORWARD = {"reference": _reference_forward, "triton": _triton_forward}
+_BACKWARD = {"reference": _reference_backward, "triton": _triton_backward}
+
+_backends.register_op(OP, {"triton": _triton_supports}, preference={"cuda": ("triton", "reference")})
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("peft_kernels::prefix_attention", mutates_args=())
+def _prefix_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, causal: bool,
+    key_padding_mask: Tensor | None, scale: float, backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _FORWARD[backend](q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+
+
+@_prefix_attention_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, backend):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+
+
+@torch.library.custom_op("peft_kernels::prefix_attention_backward", mutates_args=())
+def _prefix_attention_backward_op(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, out: Tensor, lse: Tensor,
+    causal: bool, key_padding_mask: Tensor | None, scale: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _BACKWARD[backend](do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_prefix_attention_backward_op.register_fake
+def _(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale, backend):
+    return tuple(torch.empty_like(t) for t in (q, k, v, prefix_k, prefix_v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, output[0], output[1], key_padding_mask)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask = ctx.saved_tensors
+    grads = _prefix_attention_backward_op(
+        do.contiguous(), q, k, v, prefix_k, prefix_v, out, lse, ctx.causal, key_padding_mask, ctx.scale,
+        ctx.backend,
+    )
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None,) * 4
+
+
+_prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------
+def validate(q, k, v, prefix_k, prefix_v, key_padding_mask, scale) -> float:
+    val.check_tensor(OP, "q", q, ndim=4)
+    val.check_tensor(OP, "k", k, ndim=4)
+    val.check_tensor(OP, "v", v, ndim=4)
+    val.check_tensor(OP, "prefix_k", prefix_k, ndim=(3, 4))
+    val.check_tensor(OP, "prefix_v", prefix_v, ndim=(3, 4))
+    val.check_same_dtype(OP, "q", q, k=k, v=v)
+    val.check_same_device(OP, q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, key_padding_mask=key_padding_mask)
+    B, Hq, Lq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{OP}: k of shape {tuple(k.shape)} and v of shape {tuple(v.shape)} must match")
+    val.check_size(OP, "k", k, 0, B, "batch = q.shape[0]")
+    val.check_size(OP, "k", k, 3, D, "head dim = q.shape[3]")
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{OP}: q has {Hq} heads, k has {Hkv}; the query heads must be a multiple of the KV heads")
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(
+            f"{OP}: prefix_k of shape {tuple(prefix_k.shape)} and prefix_v of shape {tuple(prefix_v.shape)} must match"
+        )
+    if prefix_k.dim() == 4:
+        val.check_size(OP, "prefix_k", prefix_k, 0, B, "batch = q.shape[0] (or pass a shared [Hkv, P, D] prefix)")
+    val.check_size(OP, "prefix_k", prefix_k, -3, Hkv, "KV heads = k.shape[1]")
+    val.check_size(OP, "prefix_k", prefix_k, -1, D, "head dim = q.shape[3]")
+    if prefix_k.shape[-2] < 1:
+        raise ValueError(f"{OP}: prefix_k has no virtual tokens (P = 0); use plain attention instead")
+    if key_padding_mask is not None:
+        val.check_tensor(OP, "key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(
+                f"{OP}: key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected [batch, Lk] = [{B}, {Lk}]"
+            )
+    return 1.0 / math.sqrt(D) if scale is None else val.check_positive(OP, "scale", scale)
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, causal: bool = False,
+                     key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Attention of q over P prefix keys/values followed by the real keys/values (see the module doc)."""
+    scale = validate(q, k, v, prefix_k, prefix_v, key_padding_mask, scale)
+    # fp32 master prefixes are cast to the activation dtype here (P x D: tiny); autograd casts the grads back.
+    prefix_k, prefix_v = prefix_k.to(q.dtype), prefix_v.to(q.dtype)
+    backend = _backends.select(OP, q.device.type, q, k, v, prefix_k, prefix_v, key_padding_mask)
+    out, _ = _prefix_attention_op(q, k, v, prefix_k, prefix_v, bool(causal), key_padding_mask, scale, backend)
+    return out
