@@ -1,9 +1,10 @@
 // The library's dropout mask, shared by the CPU and CUDA kernels.
 //
 // It reproduces Triton's tl.rand(seed, offset) bit for bit (Philox-4x32, 10 rounds, key = the two halves
-// of the 64-bit seed, counter = (offset_lo, offset_hi, 0, 0), first word, uint_to_uniform_float), so every
+// of the 64-bit seed, counter = (offset mod 2^32, 0, 0, 0), first word, uint_to_uniform_float), so every
 // backend regenerates the same mask from (seed, offset) and no mask is ever stored.
 // Element (i, j) of an M x K input uses offset i * K + j; it is kept iff u >= p.
+// The definition lives in peft_kernels/ops/dropout_mask.py; the Triton kernels pass uint32 offsets.
 #pragma once
 #include <cstdint>
 
@@ -24,7 +25,7 @@ PK_HOST_DEVICE uint32_t philox_umulhi(uint32_t a, uint32_t b) {
 }
 
 PK_HOST_DEVICE uint32_t philox_first_word(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = 0, c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDACC__)
 #pragma unroll

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op family (run natively on CUDA, or on CPU under TRITON_INTERPRET=1)."""

@@ -1,0 +1,315 @@
+"""bottleneck_adapter: reference backend vs float64 math, vs nn.Linear + activation modules, autograd,
+gradcheck, opcheck, torch.compile, input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peft_kernels.ops import bottleneck_adapter, bottleneck_adapter_reference
+from peft_kernels.ops.adapter import (
+    ACTIVATIONS,
+    _bottleneck_adapter_backward_op,
+    _bottleneck_adapter_op,
+    activation_derivative,
+)
+from tests.helpers import assert_close, assert_within_eager_error, rel_err
+
+OP = "bottleneck_adapter"
+
+ACT_MODULES = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+def make_inputs(lead=(4, 9), H=24, m=8, dtype=torch.float32, wdtype=None, bias=(True, True),
+                requires_grad=True):
+    wdtype = wdtype or dtype
+    h = torch.randn(*lead, H, dtype=dtype)
+    W_down = torch.randn(m, H, dtype=wdtype) / H**0.5
+    W_up = torch.randn(H, m, dtype=wdtype) / m**0.5
+    b_down = torch.randn(m, dtype=wdtype) * 0.5 if bias[0] else None
+    b_up = torch.randn(H, dtype=wdtype) * 0.5 if bias[1] else None
+    ts = [h, W_down, b_down, W_up, b_up]
+    if requires_grad:
+        for t in ts:
+            if t is not None:
+                t.requires_grad_(True)
+    return ts
+
+
+def grads_of(out, inputs, dy):
+    live = [t for t in inputs if t is not None and t.requires_grad]
+    gs = iter(torch.autograd.grad(out, live, dy))
+    return [next(gs) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+NAMES = ["h", "W_down", "b_down", "W_up", "b_up"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward and backward vs float64 math and autograd of the reference
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("residual", [True, False])
+def test_fp32_matches_float64_and_reference_autograd(activation, residual):
+    inputs = make_inputs()
+    kw = dict(activation=activation, scaling=0.7, residual=residual)
+    y = bottleneck_adapter(*inputs, **kw)
+    y64 = bottleneck_adapter_reference(*[t.double() if t is not None else None for t in inputs], **kw)
+    assert y.dtype == torch.float32 and y.shape == inputs[0].shape
+    assert_close(y, y64, name="y")
+    y_ref = bottleneck_adapter_reference(*inputs, **kw)
+    assert_close(y, y_ref, name="y vs fp32 reference")
+
+    dy = torch.randn_like(y)
+    ours = grads_of(y, inputs, dy)
+    ref = grads_of(y_ref, inputs, dy)
+    for g, r, name in zip(ours, ref, NAMES):
+        assert g.dtype == r.dtype
+        assert_close(g, r, name=f"d{name}")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("residual", [True, False])
+def test_matches_nn_sequential(activation, residual):
+    """The implementation users know: nn.Linear -> activation module -> nn.Linear, same weights."""
+    H, m = 40, 6
+    seq = nn.Sequential(nn.Linear(H, m), ACT_MODULES[activation](), nn.Linear(m, H))
+    h = torch.randn(3, 41, H, requires_grad=True)
+    scaling = 1.3
+    y_torch = (h + scaling * seq(h)) if residual else scaling * seq(h)
+    W_down, b_down, W_up, b_up = seq[0].weight, seq[0].bias, seq[2].weight, seq[2].bias
+    y = bottleneck_adapter(h, W_down, b_down, W_up, b_up, activation, scaling, residual)
+    assert_close(y, y_torch, name="y vs nn.Sequential")
+    dy = torch.randn_like(y)
+    params = [h, W_down, b_down, W_up, b_up]
+    for g, r, name in zip(grads_of(y, params, dy), grads_of(y_torch, params, dy), NAMES):
+        assert_close(g, r, name=f"d{name} vs nn.Sequential")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "tanh"])
+def test_half_precision_within_eager_error(dtype, activation):
+    """FlashAttention rule: error vs float64 at most ~2x eager PyTorch's (nn.Sequential) in the same dtype."""
+    H, m = 40, 8
+    seq = nn.Sequential(nn.Linear(H, m), ACT_MODULES[activation](), nn.Linear(m, H)).to(dtype)
+    W_down, b_down, W_up, b_up = (p.detach().requires_grad_(True) for p in
+                                  (seq[0].weight, seq[0].bias, seq[2].weight, seq[2].bias))
+    h = torch.randn(123, H, dtype=dtype, requires_grad=True)
+    params = [h, W_down, b_down, W_up, b_up]
+    y = bottleneck_adapter(*params, activation=activation, scaling=0.5)
+    y_eager = h + 0.5 * seq(h)
+    y64 = bottleneck_adapter_reference(*params, activation=activation, scaling=0.5, upcast=True)
+    p64 = [p.detach().double().requires_grad_(True) for p in params]
+    y64_full = bottleneck_adapter_reference(*p64, activation=activation, scaling=0.5)
+    assert y.dtype == dtype
+    assert_close(y, y64, name="y")
+    assert_within_eager_error(y, y_eager, y64_full, name="y")
+
+    dy = torch.randn_like(y)
+    ours = grads_of(y, params, dy)
+    eager = grads_of(y_eager, [h, *seq.parameters()], dy)
+    oracle = grads_of(y64_full, p64, dy.double())
+    for g, e, o, name in zip(ours, eager, oracle, NAMES):
+        assert g.dtype == dtype
+        assert_within_eager_error(g, e, o, name=f"d{name}")
+
+
+def test_fp32_master_weights_with_half_activations():
+    """bf16 h with fp32 adapter weights: output in h's dtype, each gradient in its parameter's dtype."""
+    inputs = make_inputs(dtype=torch.bfloat16, wdtype=torch.float32)
+    y = bottleneck_adapter(*inputs, activation="gelu")
+    assert y.dtype == torch.bfloat16
+    y64 = bottleneck_adapter_reference(*inputs, activation="gelu", upcast=True)
+    assert_close(y, y64, name="y")
+    dy = torch.randn_like(y)
+    p64 = [t.detach().double().requires_grad_(True) for t in inputs]
+    oracle = grads_of(bottleneck_adapter_reference(*p64, activation="gelu"), p64, dy.double())
+    for g, t, o, name in zip(grads_of(y, inputs, dy), inputs, oracle, NAMES):
+        assert g.dtype == t.dtype, name
+        # Gradients are bf16 products (fp32 accumulation) cast to fp32: a bf16-sized relative error.
+        assert rel_err(g, o) < 1e-2, name
+
+
+@pytest.mark.parametrize("bias", [(False, False), (True, False), (False, True)])
+def test_optional_biases(bias):
+    inputs = make_inputs(bias=bias, dtype=torch.float64)
+    y = bottleneck_adapter(*inputs, activation="silu", scaling=2.0)
+    y_ref = bottleneck_adapter_reference(*inputs, activation="silu", scaling=2.0)
+    assert_close(y, y_ref)
+    dy = torch.randn_like(y)
+    for g, r, name in zip(grads_of(y, inputs, dy), grads_of(y_ref, inputs, dy), NAMES):
+        if r is None:
+            assert g is None
+        else:
+            assert_close(g, r, name=f"d{name}")
+
+
+@pytest.mark.parametrize("trainable", [(0,), (1, 3), (2, 4), (0, 4)])
+def test_only_requested_gradients(trainable):
+    """Frozen inputs get no gradient; the trainable ones still match autograd."""
+    inputs = make_inputs(requires_grad=False)
+    for i in trainable:
+        inputs[i].requires_grad_(True)
+    y = bottleneck_adapter(*inputs, activation="tanh")
+    y_ref = bottleneck_adapter_reference(*inputs, activation="tanh")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ours = [t.grad for t in inputs]
+    for t in inputs:
+        t.grad = None
+    y_ref.backward(dy)
+    for i, (g, t) in enumerate(zip(ours, inputs)):
+        if i in trainable:
+            assert_close(g, t.grad, name=f"d{NAMES[i]}")
+        else:
+            assert g is None
+
+
+def test_no_grad_anywhere():
+    inputs = make_inputs(requires_grad=False)
+    y = bottleneck_adapter(*inputs)
+    assert not y.requires_grad
+
+
+def test_odd_shapes():
+    inputs = make_inputs(lead=(123,), H=40, m=7, dtype=torch.float64)
+    y = bottleneck_adapter(*inputs, activation="gelu_tanh", scaling=0.25)
+    y_ref = bottleneck_adapter_reference(*inputs, activation="gelu_tanh", scaling=0.25)
+    assert_close(y, y_ref)
+    dy = torch.randn_like(y)
+    for g, r, name in zip(grads_of(y, inputs, dy), grads_of(y_ref, inputs, dy), NAMES):
+        assert_close(g, r, name=f"d{name}")
+
+
+def test_non_contiguous_input():
+    inputs = make_inputs(lead=(6,), H=16, m=4, dtype=torch.float64)
+    h_big = torch.randn(16, 12, dtype=torch.float64)
+    h = h_big.t()[::2]  # [6, 16], strided
+    inputs[0] = h
+    y = bottleneck_adapter(*inputs, activation="relu")
+    assert_close(y, bottleneck_adapter_reference(*inputs, activation="relu"))
+
+
+def test_single_row_and_empty_batch():
+    inputs = make_inputs(lead=(1,), dtype=torch.float64)
+    assert_close(bottleneck_adapter(*inputs), bottleneck_adapter_reference(*inputs))
+    inputs = make_inputs(lead=(0, 5), dtype=torch.float64)
+    y = bottleneck_adapter(*inputs)
+    assert y.shape == (0, 5, 24)
+    y.sum().backward()
+    assert inputs[1].grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_derivative_matches_autograd(activation):
+    z = torch.randn(257, dtype=torch.float64) * 3
+    z.requires_grad_(True)
+    from peft_kernels.ops.adapter import activation_reference
+
+    (auto,) = torch.autograd.grad(activation_reference(z, activation).sum(), z)
+    assert_close(activation_derivative(z.detach(), activation), auto)
+
+
+# --------------------------------------------------------------------------------------------------
+# gradcheck, opcheck, torch.compile
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("residual", [True, False])
+def test_gradcheck(activation, residual):
+    inputs = make_inputs(lead=(2, 3), H=5, m=3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda *a: bottleneck_adapter(*a, activation=activation, scaling=0.6, residual=residual), inputs
+    )
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
+@pytest.mark.parametrize("bias", [(True, True), (False, False)])
+def test_opcheck_forward(activation, bias):
+    h, W_down, b_down, W_up, b_up = make_inputs(lead=(7,), H=12, m=4, bias=bias)
+    op = _bottleneck_adapter_op
+    torch.library.opcheck(op, (h, W_down, b_down, W_up, b_up, activation, 0.5, True, "reference"))
+    torch.library.opcheck(op, (h.detach(), W_down, b_down, W_up, b_up, activation, 0.5, False, "reference"))
+
+
+@pytest.mark.parametrize("needs", [[True] * 5, [False, True, False, True, False],
+                                   [True, False, True, False, True]])
+def test_opcheck_backward(needs):
+    h, W_down, b_down, W_up, b_up = make_inputs(lead=(7,), H=12, m=4, requires_grad=False)
+    _, z = _bottleneck_adapter_op(h, W_down, b_down, W_up, b_up, "silu", 0.5, True, "reference")
+    dy = torch.randn_like(h)
+    torch.library.opcheck(_bottleneck_adapter_backward_op,
+                          (dy, h, W_down, b_down, W_up, b_up, z, "silu", 0.5, True, "reference", needs))
+
+
+def test_torch_compile_fullgraph():
+    inputs = make_inputs(lead=(3, 5), H=16, m=4)
+
+    def f(h, W_down, b_down, W_up, b_up):
+        return bottleneck_adapter(h, W_down, b_down, W_up, b_up, activation="gelu", scaling=0.5) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    y, y_c = f(*inputs), compiled(*inputs)
+    assert_close(y_c, y, rtol=0, atol=0, name="compiled y")
+    dy = torch.randn_like(y)
+    for g, gc, name in zip(grads_of(y, inputs, dy), grads_of(y_c, inputs, dy), NAMES):
+        assert_close(gc, g, rtol=0, atol=0, name=f"compiled d{name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------------
+def _good(**over):
+    h, W_down, b_down, W_up, b_up = make_inputs(lead=(3,), H=8, m=4, requires_grad=False)
+    args = dict(h=h, W_down=W_down, b_down=b_down, W_up=W_up, b_up=b_up)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(h=torch.randn(())), ValueError, "h must have at least 1 dims"),
+    (dict(W_down=torch.randn(4, 8, 1)), ValueError, "W_down must be 2-D"),
+    (dict(W_up=torch.randn(8)), ValueError, "W_up must be 2-D"),
+    (dict(b_down=torch.randn(4, 1)), ValueError, "b_down must be 1-D"),
+    (dict(b_up=torch.randn(1, 8)), ValueError, "b_up must be 1-D"),
+    (dict(W_down=torch.randn(4, 9)), ValueError, "W_down .* expected 8"),
+    (dict(W_up=torch.randn(9, 4)), ValueError, "W_up .* expected 8"),
+    (dict(W_up=torch.randn(8, 5)), ValueError, "W_up .* expected 4"),
+    (dict(b_down=torch.randn(5)), ValueError, "b_down .* expected 4"),
+    (dict(b_up=torch.randn(7)), ValueError, "b_up .* expected 8"),
+    (dict(W_down=torch.randn(0, 8), W_up=torch.randn(8, 0), b_down=None), ValueError, "W_down has 0 rows"),
+    (dict(h=torch.randint(0, 3, (3, 8))), TypeError, "h must have dtype"),
+    (dict(W_down=torch.randn(4, 8).to(torch.int32)), TypeError, "W_down must have dtype"),
+    (dict(b_up=torch.ones(8, dtype=torch.bool)), TypeError, "b_up must have dtype"),
+    (dict(h=[[1.0] * 8]), TypeError, "h must be a torch.Tensor"),
+    (dict(W_up="W"), TypeError, "W_up must be a torch.Tensor"),
+])
+def test_validation_tensors(over, exc, match):
+    with pytest.raises(exc, match=f"{OP}: {match}"):
+        bottleneck_adapter(**_good(**over))
+
+
+def test_validation_activation_name_lists_choices():
+    with pytest.raises(ValueError, match=rf"{OP}: unknown activation 'swish'.*relu.*gelu.*identity"):
+        bottleneck_adapter(**_good(), activation="swish")
+    with pytest.raises(TypeError, match=f"{OP}: activation must be a str"):
+        bottleneck_adapter(**_good(), activation=torch.relu)
+
+
+@pytest.mark.parametrize("scaling, exc", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                          ("1.0", TypeError), (None, TypeError), (True, TypeError)])
+def test_validation_scaling(scaling, exc):
+    with pytest.raises(exc, match=f"{OP}: scaling"):
+        bottleneck_adapter(**_good(), scaling=scaling)
+
+
+def test_validation_residual():
+    with pytest.raises(TypeError, match=f"{OP}: residual must be a bool"):
+        bottleneck_adapter(**_good(), residual=1)

@@ -1,0 +1,347 @@
+"""distillation_loss: reference backend vs float64 math, vs F.kl_div + F.cross_entropy, autograd, gradcheck,
+opcheck, torch.compile, input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft_kernels.ops import distill as distill_mod
+from peft_kernels.ops import distillation_loss, distillation_loss_reference
+from peft_kernels.ops.distill import _distillation_loss_backward_op, _distillation_loss_op
+from tests.helpers import assert_close, assert_within_eager_error, rel_err
+
+OP = "distillation_loss"
+
+
+def make_inputs(lead=(4, 9), V=37, dtype=torch.float32, n_ignored=5, scale=3.0, label_dtype=torch.int64):
+    s = (torch.randn(*lead, V) * scale).to(dtype).requires_grad_(True)
+    t = (torch.randn(*lead, V) * scale).to(dtype)
+    labels = torch.randint(0, V, lead, dtype=label_dtype)
+    flat = labels.view(-1)
+    flat[torch.randperm(flat.numel())[:n_ignored]] = -100
+    return s, t, labels
+
+
+def kd_math64(s, t, labels, T, alpha, ignore_index=-100, reduction="mean"):
+    """The loss written out in float64 with logsumexp (no torch.nn.functional)."""
+    V = s.shape[-1]
+    s, t = s.detach().double().reshape(-1, V), t.detach().double().reshape(-1, V)
+    log_ps = s / T - torch.logsumexp(s / T, -1, keepdim=True)
+    log_pt = t / T - torch.logsumexp(t / T, -1, keepdim=True)
+    kl_row = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    if labels is None:
+        total, n = T * T * kl_row.sum(), s.shape[0]
+    else:
+        labels = labels.reshape(-1).long()
+        valid = labels != ignore_index
+        ce_row = torch.logsumexp(s, -1) - s.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
+        total = alpha * T * T * kl_row[valid].sum() + (1 - alpha) * ce_row[valid].sum()
+        n = int(valid.sum())
+    return total / max(n, 1) if reduction == "mean" else total
+
+
+def users_formula(s, t, labels, T, alpha, ignore_index=-100):
+    """What users write (DistilBERT / HF recipes): F.kl_div on the kept rows + F.cross_entropy."""
+    V = s.shape[-1]
+    s2, t2 = s.reshape(-1, V), t.reshape(-1, V)
+    if labels is None:
+        return F.kl_div(F.log_softmax(s2 / T, -1), F.log_softmax(t2 / T, -1), log_target=True,
+                        reduction="sum") / s2.shape[0] * T * T
+    lab = labels.reshape(-1)
+    valid = lab != ignore_index
+    kl = F.kl_div(F.log_softmax(s2[valid] / T, -1), F.log_softmax(t2[valid] / T, -1), log_target=True,
+                  reduction="sum") / valid.sum() * T * T
+    return alpha * kl + (1 - alpha) * F.cross_entropy(s2, lab, ignore_index=ignore_index)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward and backward vs float64 math, the users' formula and autograd of the reference
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("T, alpha", [(2.0, 0.5), (1.0, 0.0), (4.0, 1.0), (0.7, 0.3)])
+def test_fp32_matches_float64_and_users_formula(with_labels, T, alpha):
+    s, t, labels = make_inputs()
+    labels = labels if with_labels else None
+    loss = distillation_loss(s, t, labels, temperature=T, alpha=alpha)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close(loss, kd_math64(s, t, labels, T, alpha), name="loss vs float64")
+    theirs = users_formula(s, t, labels, T, alpha)
+    assert_close(loss, theirs, name="loss vs F.kl_div + F.cross_entropy")
+
+    (g,) = torch.autograd.grad(loss, s)
+    (g_users,) = torch.autograd.grad(theirs, s)
+    (g_ref,) = torch.autograd.grad(distillation_loss_reference(s, t, labels, T, alpha), s)
+    s64 = s.detach().double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(distillation_loss_reference(s64, t.double(), labels, T, alpha), s64)
+    assert g.dtype == torch.float32
+    assert_close(g, g_ref, name="ds vs reference autograd")
+    assert_close(g, g_users, name="ds vs users' formula autograd")
+    assert_close(g, g64, name="ds vs float64")
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_sum_reduction(with_labels):
+    s, t, labels = make_inputs(dtype=torch.float64)
+    labels = labels if with_labels else None
+    loss = distillation_loss(s, t, labels, temperature=1.5, alpha=0.25, reduction="sum")
+    assert_close(loss, kd_math64(s, t, labels, 1.5, 0.25, reduction="sum"))
+    ref = distillation_loss_reference(s, t, labels, 1.5, 0.25, reduction="sum")
+    assert_close(loss, ref)
+    assert_close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(ref, s)[0])
+
+
+def test_fp64_returns_fp64():
+    s, t, labels = make_inputs(dtype=torch.float64)
+    loss = distillation_loss(s, t, labels)
+    assert loss.dtype == torch.float64
+    assert_close(loss, kd_math64(s, t, labels, 2.0, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_half_precision_logits(dtype, with_labels):
+    """The loss is fp32 math on the half logits (fp32 tolerance vs float64); the gradient comes back in the
+    logits' dtype within ~2x eager PyTorch's error in that dtype (FlashAttention rule)."""
+    s, t, labels = make_inputs(lead=(123,), V=40, dtype=dtype)
+    labels = labels if with_labels else None
+    loss = distillation_loss(s, t, labels, temperature=2.0, alpha=0.5)
+    assert loss.dtype == torch.float32
+    assert_close(loss, kd_math64(s, t, labels, 2.0, 0.5), dtype=torch.float32, name="loss")
+
+    (g,) = torch.autograd.grad(loss, s)
+    (g_eager,) = torch.autograd.grad(users_formula(s, t, labels, 2.0, 0.5), s)
+    s64 = s.detach().double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(distillation_loss_reference(s64, t.double(), labels, 2.0, 0.5), s64)
+    assert g.dtype == dtype
+    assert_within_eager_error(g, g_eager, g64, name="ds")
+    assert rel_err(g, g64) < 1e-2
+
+
+def test_labels_none_ignores_alpha():
+    s, t, _ = make_inputs()
+    a = distillation_loss(s, t, None, alpha=0.1)
+    b = distillation_loss(s, t, None, alpha=0.9)
+    assert torch.equal(a, b)
+
+
+def test_int32_labels_and_leading_dims():
+    s, t, labels = make_inputs(lead=(3, 41), V=37, label_dtype=torch.int32)
+    loss = distillation_loss(s, t, labels, temperature=3.0, alpha=0.4)
+    assert_close(loss, kd_math64(s, t, labels, 3.0, 0.4))
+    s2 = s.detach().reshape(123, 37).requires_grad_(True)
+    loss2 = distillation_loss(s2, t.reshape(123, 37), labels.reshape(123).long(), temperature=3.0, alpha=0.4)
+    assert torch.equal(loss, loss2)
+    g, g2 = torch.autograd.grad(loss, s)[0], torch.autograd.grad(loss2, s2)[0]
+    assert torch.equal(g.reshape(123, 37), g2)
+
+
+def test_teacher_dtype_may_differ():
+    """A bf16 teacher with an fp32 student: the teacher is upcast, loss and gradient follow the student."""
+    s, t, labels = make_inputs()
+    t = t.to(torch.bfloat16)
+    loss = distillation_loss(s, t, labels)
+    assert loss.dtype == torch.float32
+    assert_close(loss, kd_math64(s, t, labels, 2.0, 0.5))
+    (g,) = torch.autograd.grad(loss, s)
+    assert g.dtype == torch.float32
+    assert_close(g, torch.autograd.grad(distillation_loss_reference(s, t, labels), s)[0])
+
+
+def test_custom_ignore_index():
+    s, t, labels = make_inputs(dtype=torch.float64)
+    labels[labels == -100] = 5
+    loss = distillation_loss(s, t, labels, ignore_index=5)
+    assert_close(loss, kd_math64(s, t, labels, 2.0, 0.5, ignore_index=5))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_all_ignored_is_zero_not_nan(reduction):
+    s, t, labels = make_inputs()
+    labels.fill_(-100)
+    loss = distillation_loss(s, t, labels, reduction=reduction)
+    assert loss.item() == 0.0
+    (g,) = torch.autograd.grad(loss, s)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_empty_batch():
+    s = torch.randn(0, 7, requires_grad=True)
+    loss = distillation_loss(s, torch.randn(0, 7), torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0.0
+    assert torch.autograd.grad(loss, s)[0].shape == (0, 7)
+
+
+def test_ignored_rows_may_hold_garbage():
+    """Padding rows (ignored labels) with inf/NaN logits change neither the loss nor the other gradients."""
+    s, t, labels = make_inputs(lead=(20,), V=11, n_ignored=0)
+    labels[[3, 7]] = -100
+    s_bad, t_bad = s.detach().clone(), t.clone()
+    s_bad[3], t_bad[3] = float("nan"), float("inf")
+    s_bad[7, 2], t_bad[7] = float("-inf"), float("nan")
+    s_bad.requires_grad_(True)
+    loss = distillation_loss(s_bad, t_bad, labels)
+    assert_close(loss, distillation_loss(s, t, labels))
+    (g,) = torch.autograd.grad(loss, s_bad)
+    (g_clean,) = torch.autograd.grad(distillation_loss(s, t, labels), s)
+    assert torch.equal(g[[3, 7]], torch.zeros(2, 11))
+    assert_close(g, g_clean)
+
+
+def test_teacher_masked_vocab_entries():
+    """-inf teacher logits (a masked or padded vocab) give finite loss and gradient: 0·log 0 = 0."""
+    s, t, labels = make_inputs(lead=(6,), V=10, n_ignored=1, dtype=torch.float64)
+    t[:, 8:] = float("-inf")
+    labels[labels >= 8] = 0
+    loss = distillation_loss(s, t, labels, temperature=2.0, alpha=0.6)
+    (g,) = torch.autograd.grad(loss, s)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    # Oracle: the KL over the 8 live entries (p_t = 0 elsewhere) with the student's full softmax.
+    T = 2.0
+    valid = labels != -100
+    log_ps = torch.log_softmax(s.detach() / T, -1)
+    log_pt = torch.log_softmax(t / T, -1)
+    kl = (log_pt[:, :8].exp() * (log_pt[:, :8] - log_ps[:, :8])).sum(-1)
+    ce = F.cross_entropy(s.detach(), labels, reduction="none")
+    expected = (0.6 * T * T * kl[valid].sum() + 0.4 * ce[valid].sum()) / valid.sum()
+    assert_close(loss, expected)
+    assert torch.autograd.gradcheck(lambda x: distillation_loss(x, t, labels, 2.0, 0.6), (s,))
+
+
+def test_row_chunks_agree(monkeypatch):
+    """The reference backend upcasts row chunk by row chunk: many chunks give the same loss and gradient."""
+    s, t, labels = make_inputs(lead=(123,), V=40, dtype=torch.bfloat16)
+    loss = distillation_loss(s, t, labels)
+    (g,) = torch.autograd.grad(loss, s)
+    monkeypatch.setattr(distill_mod, "_CHUNK_ELEMS", 40 * 7)  # 18 chunks of 7 rows (the last: 4)
+    loss_c = distillation_loss(s, t, labels)
+    (g_c,) = torch.autograd.grad(loss_c, s)
+    assert_close(loss_c, loss, dtype=torch.float32)
+    assert_close(g_c, g, rtol=0, atol=0)
+
+
+def test_teacher_gets_no_gradient():
+    """The teacher is a fixed target: even when teacher_logits requires grad, its gradient is None."""
+    s, t, labels = make_inputs()
+    t.requires_grad_(True)
+    loss = distillation_loss(s, t, labels)
+    loss.backward()
+    assert t.grad is None
+    ref = distillation_loss_reference(s, t, labels)
+    assert_close(s.grad, torch.autograd.grad(ref, s)[0])
+    # Only the teacher requires grad: the loss is a constant.
+    assert not distillation_loss(s.detach(), t, labels).requires_grad
+
+
+# --------------------------------------------------------------------------------------------------
+# gradcheck, opcheck, torch.compile
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("alpha", [0.0, 0.35, 1.0])
+def test_gradcheck(with_labels, reduction, alpha):
+    s, t, labels = make_inputs(lead=(2, 3), V=5, dtype=torch.float64, n_ignored=2, scale=1.0)
+    labels = labels if with_labels else None
+    assert torch.autograd.gradcheck(
+        lambda x: distillation_loss(x, t, labels, temperature=1.7, alpha=alpha, reduction=reduction), (s,)
+    )
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("reduction_sum", [False, True])
+def test_opcheck_forward(with_labels, reduction_sum):
+    s, t, labels = make_inputs(lead=(6,), V=9, n_ignored=2)
+    labels = labels if with_labels else None
+    torch.library.opcheck(_distillation_loss_op, (s, t, labels, 2.0, 0.5, -100, reduction_sum, "reference"))
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_opcheck_backward(with_labels):
+    s, t, labels = make_inputs(lead=(6,), V=9, n_ignored=2)
+    s = s.detach()
+    labels = labels if with_labels else None
+    _, stats = _distillation_loss_op(s, t, labels, 2.0, 0.5, -100, False, "reference")
+    dloss = torch.tensor(1.3)
+    torch.library.opcheck(_distillation_loss_backward_op,
+                          (dloss, s, t, labels, stats, 2.0, 0.5, -100, False, "reference"))
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_torch_compile_fullgraph(with_labels):
+    s, t, labels = make_inputs(lead=(3, 5), V=16)
+    labels = labels if with_labels else None
+
+    def f(s, t, labels):
+        return distillation_loss(s, t, labels, temperature=2.0, alpha=0.3) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss, loss_c = f(s, t, labels), compiled(s, t, labels)
+    assert torch.equal(loss, loss_c)
+    assert torch.equal(torch.autograd.grad(loss, s)[0], torch.autograd.grad(loss_c, s)[0])
+    if with_labels:
+        # The label range check lives in the op's body, so it holds inside the compiled graph too.
+        bad = labels.clone()
+        bad[0, 0] = 16
+        with pytest.raises(ValueError, match=f"{OP}: labels must be in"):
+            compiled(s, t, bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------------
+def _good(**over):
+    s, t, labels = make_inputs(lead=(2, 3), V=5, n_ignored=1)
+    args = dict(student_logits=s, teacher_logits=t, labels=labels)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(student_logits=torch.randn(())), ValueError, "student_logits must have at least 1 dims"),
+    (dict(teacher_logits=torch.randn(2, 3, 6)), ValueError, r"teacher_logits has shape \(2, 3, 6\)"),
+    (dict(teacher_logits=torch.randn(6, 5)), ValueError, "teacher_logits has shape"),
+    (dict(labels=torch.zeros(6, dtype=torch.long)), ValueError,
+     r"labels has shape \(6,\), expected \(2, 3\)"),
+    (dict(labels=torch.zeros(2, 4, dtype=torch.long)), ValueError, "labels has shape"),
+    (dict(student_logits=torch.randn(2, 3, 0), teacher_logits=torch.randn(2, 3, 0)), ValueError,
+     "student_logits has an empty class dim"),
+    (dict(student_logits=torch.randint(0, 3, (2, 3, 5))), TypeError, "student_logits must have dtype"),
+    (dict(teacher_logits=torch.randint(0, 3, (2, 3, 5))), TypeError, "teacher_logits must have dtype"),
+    (dict(labels=torch.zeros(2, 3)), TypeError, "labels must have dtype in"),
+    (dict(labels=torch.zeros(2, 3, dtype=torch.uint8)), TypeError, "labels must have dtype"),
+    (dict(student_logits=[[1.0]]), TypeError, "student_logits must be a torch.Tensor"),
+    (dict(teacher_logits=None), TypeError, "teacher_logits must be a torch.Tensor"),
+    (dict(labels=[0, 1]), TypeError, "labels must be a torch.Tensor"),
+])
+def test_validation_tensors(over, exc, match):
+    with pytest.raises(exc, match=f"{OP}: {match}"):
+        distillation_loss(**_good(**over))
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=-1.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
+    (dict(temperature="2"), TypeError, "temperature must be a number"),
+    (dict(alpha=-0.1), ValueError, r"alpha must be in \[0, 1\]"),
+    (dict(alpha=1.5), ValueError, r"alpha must be in \[0, 1\]"),
+    (dict(alpha=float("nan")), ValueError, "alpha must be finite"),
+    (dict(alpha=None), TypeError, "alpha must be a number"),
+    (dict(reduction="none"), ValueError, r"reduction must be one of \('mean', 'sum'\)"),
+    (dict(reduction=None), TypeError, "reduction must be a str"),
+    (dict(ignore_index=-100.0), TypeError, "ignore_index must be an int"),
+    (dict(ignore_index=True), TypeError, "ignore_index must be an int"),
+])
+def test_validation_scalars(kw, exc, match):
+    with pytest.raises(exc, match=f"{OP}: {match}"):
+        distillation_loss(**_good(), **kw)
+
+
+@pytest.mark.parametrize("value", [5, -1, 99])
+def test_validation_labels_out_of_range(value):
+    labels = torch.randint(0, 5, (2, 3))
+    labels[1, 2] = value
+    match = rf"{OP}: labels must be in \[0, 5\).*ignore_index=-100; got {value}"
+    with pytest.raises(ValueError, match=match):
+        distillation_loss(**_good(labels=labels))
