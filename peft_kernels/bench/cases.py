@@ -1,0 +1,528 @@
+"""Benchmark cases, one function per op family: the anchors (floor, HF peft, eager, torch.compile, SDPA,
+FlexAttention) and ours under each backend, at the TARGETS.md sizes on CUDA and at small sizes on the CPU.
+
+Every setup builds fresh random inputs (never zeros: LoRA's B and the like are initialised at random too)
+and returns a closure running one fwd+bwd step; gradients are dropped after each step so that nothing
+accumulates across repetitions.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_kernels.bench.harness import Case, Skip, Workload
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+def _rand(shape, device, dtype, scale=1.0, grad=False) -> torch.Tensor:
+    t = torch.randn(shape, device=device, dtype=dtype)
+    if scale != 1.0:
+        t.mul_(scale)
+    return t.requires_grad_(grad)
+
+
+def _step(forward: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], dy: torch.Tensor | None = None,
+          note: str = "") -> Workload:
+    """fwd+bwd with a fixed random upstream gradient (or .backward() of a scalar loss)."""
+
+    def fwd_bwd():
+        out = forward()
+        if dy is not None:
+            out.backward(dy)
+        elif out.requires_grad:
+            out.backward()
+        for p in params:
+            p.grad = None
+
+    return Workload(fwd_bwd, forward, note)
+
+
+def _cuda_only(device: str, what: str) -> None:
+    if device != "cuda":
+        raise Skip(f"{what} runs on CUDA only in this suite")
+
+
+def _compile(fn):
+    # dynamic=False: each case has one static shape; automatic dynamic shapes would hand later shapes
+    # generic kernels after a recompile.
+    return torch.compile(fn, dynamic=False)
+
+
+def _import_ours(module: str, name: str):
+    try:
+        mod = importlib.import_module(module)
+        return getattr(mod, name), getattr(mod, "OP", None)
+    except (ImportError, AttributeError) as exc:
+        raise Skip(f"{module}.{name} is not importable yet ({type(exc).__name__}: {exc})") from None
+
+
+def _backend_reason(op: str | None, backend: str, device: str, support_args) -> str | None:
+    """Why `backend` cannot serve `op` on these inputs (None: it can, or only running it can tell)."""
+    from peft_kernels import _backends
+
+    entry = _backends.registered_ops().get(op) if op else None
+    if entry is None:
+        return None
+    if support_args is not None:
+        try:
+            return _backends.why_not(op, backend, device, *support_args)
+        except TypeError:
+            pass  # the op's supports() takes other arguments now: fall back to the op-level check
+    if backend not in entry.supports:
+        return f"{op} has no {backend} implementation"
+    return _backends.backend_status(backend, device)
+
+
+def _ours_cases(family: str, shape: str, device: str, module: str, name: str,
+                build: Callable[[Callable], Workload], support_args: Callable[[], tuple] | None = None,
+                extra: Sequence[tuple[str, Callable[[Callable], Workload]]] = ()) -> list[Case]:
+    """One case per backend forced with ``use_backend(name, strict=True)``, then automatic selection.
+
+    build(fn) builds fresh inputs and returns the workload calling ``fn`` (the public op);
+    support_args() gives the arguments dispatch passes to each backend's ``supports`` (for why_not).
+    extra: (suffix, build) pairs run under automatic selection only (e.g. with dropout).
+    """
+    from peft_kernels import _backends
+
+    def forced(backend: str | None, build_fn):
+        def setup():
+            fn, op = _import_ours(module, name)
+            args = support_args() if support_args is not None else None
+            if backend is not None:
+                reason = _backend_reason(op, backend, device, args)
+                if reason is not None:
+                    raise Skip(reason)
+
+                def call(*a, **kw):
+                    with _backends.use_backend(backend, strict=True):
+                        return fn(*a, **kw)
+
+                return build_fn(call)
+            work = build_fn(fn)
+            if op in _backends.registered_ops() and args is not None:
+                try:
+                    work.note = f"auto: {_backends.select(op, device, *args)}"
+                except Exception:  # noqa: BLE001  (the note is informative only)
+                    pass
+            return work
+
+        return setup
+
+    cases = [Case(family, shape, f"ours_{b}", forced(b, build)) for b in BACKENDS]
+    cases.append(Case(family, shape, "ours_auto", forced(None, build)))
+    cases += [Case(family, shape, f"ours_auto_{suffix}", forced(None, b)) for suffix, b in extra]
+    return cases
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------------
+class _OneLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_lora_layer(W: torch.Tensor, r: int, alpha: float, adapter_dtype: torch.dtype) -> nn.Module:
+    """HF peft's lora.Linear around a frozen nn.Linear holding W, with random (non-zero) adapters."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise Skip(f"HF peft is not installed ({exc})") from None
+    N, K = W.shape
+    base = nn.Linear(K, N, bias=False, device=W.device, dtype=W.dtype)
+    base.weight = nn.Parameter(W, requires_grad=False)
+    model = get_peft_model(_OneLinear(base), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                                        target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    # peft zero-initialises lora_B (and casts adapters per its autocast rule): set both explicitly.
+    for pname, p in layer.named_parameters():
+        if "lora_A" in pname:
+            p.data = torch.randn(p.shape, device=W.device, dtype=adapter_dtype) * K**-0.5
+        elif "lora_B" in pname:
+            p.data = torch.randn(p.shape, device=W.device, dtype=adapter_dtype) * r**-0.5
+    return layer
+
+
+def lora_cases(device: str, quick: bool = False) -> list[Case]:
+    if device == "cuda":
+        M, r, dtype = 8192, 16, torch.bfloat16
+        shapes = [(4096, 4096), (4096, 14336), (14336, 4096)]
+    else:
+        M, r, dtype = 256, 16, torch.float32
+        shapes = [(256, 256), (256, 512)]
+    if quick:
+        shapes = shapes[:1]
+    alpha = 2.0 * r
+    cases: list[Case] = []
+    for K, N in shapes:
+        shape = f"M={M} {K}->{N} r={r}"
+
+        def make(K=K, N=N):
+            x = _rand((M, K), device, dtype, grad=True)
+            W = _rand((N, K), device, dtype, K**-0.5)
+            A = _rand((r, K), device, torch.float32, K**-0.5, grad=True)
+            B = _rand((N, r), device, torch.float32, r**-0.5, grad=True)
+            return x, W, A, B, _rand((M, N), device, dtype)
+
+        def frozen_base(make=make):
+            x, W, _, _, dy = make()
+            return _step(lambda: F.linear(x, W), [x], dy)
+
+        def peft_variant(adapter_dtype, compiled=False, make=make):
+            def setup():
+                if compiled:
+                    _cuda_only(device, "torch.compile")
+                if adapter_dtype != torch.float32 and dtype == torch.float32:
+                    raise Skip("the CPU run is fp32: bf16 adapters would be peft_fp32_adapters again")
+                x, W, _, _, dy = make()
+                layer = _peft_lora_layer(W, r, alpha, adapter_dtype)
+                params = [x] + [p for p in layer.parameters() if p.requires_grad]
+                run = _compile(layer) if compiled else layer
+                note = f"adapters {adapter_dtype}".replace("torch.", "")
+                return _step(lambda: run(x), params, dy, note=note)
+
+            return setup
+
+        def ours_build(dropout_p, make=make):
+            def build(fn):
+                x, W, A, B, dy = make()
+                return _step(lambda: fn(x, W, None, A, B, alpha / r, dropout_p), [x, A, B], dy,
+                             note="adapters float32")
+
+            return build
+
+        def support_args(K=K, N=N):
+            return (torch.empty(M, K, device=device, dtype=dtype),
+                    torch.empty(N, K, device=device, dtype=dtype),
+                    torch.empty(r, K, device=device, dtype=torch.float32))
+
+        cases += [
+            Case("lora", shape, "frozen_base", frozen_base, floor=True, note="F.linear, frozen W, dX only"),
+            Case("lora", shape, "peft_fp32_adapters", peft_variant(torch.float32)),
+            Case("lora", shape, "peft_bf16_adapters", peft_variant(torch.bfloat16)),
+            Case("lora", shape, "peft_compile", peft_variant(torch.float32, compiled=True), compiled=True),
+        ]
+        cases += _ours_cases("lora", shape, device, "peft_kernels.ops.lora", "lora_linear", ours_build(0.0),
+                             support_args, extra=[("dropout0.05", ours_build(0.05))])
+    return cases
+
+
+# --------------------------------------------------------------------------------------------------
+# BitFit (bias-only linear)
+# --------------------------------------------------------------------------------------------------
+def bias_only_cases(device: str, quick: bool = False) -> list[Case]:
+    if device == "cuda":
+        M, K, N, dtype = 8192, 4096, 14336, torch.bfloat16
+    else:
+        M, K, N, dtype = 256, 256, 512, torch.float32
+    shape = f"M={M} {K}->{N}"
+
+    def make():
+        x = _rand((M, K), device, dtype, grad=True)
+        W = _rand((N, K), device, dtype, K**-0.5)
+        b = _rand((N,), device, dtype, 0.1, grad=True)
+        return x, W, b, _rand((M, N), device, dtype)
+
+    def floor():
+        x, W, _, dy = make()
+        return _step(lambda: F.linear(x, W), [x], dy)
+
+    def linear_module(compiled):
+        def setup():
+            if compiled:
+                _cuda_only(device, "torch.compile")
+            x, W, b, dy = make()
+            lin = nn.Linear(K, N, bias=True, device=device, dtype=dtype)
+            lin.weight = nn.Parameter(W, requires_grad=False)
+            lin.bias = nn.Parameter(b.detach())
+            run = _compile(lin) if compiled else lin
+            return _step(lambda: run(x), [x, lin.bias], dy)
+
+        return setup
+
+    def build(fn):
+        x, W, b, dy = make()
+        return _step(lambda: fn(x, W, b), [x, b], dy)
+
+    def support_args():
+        return torch.empty(M, K, device=device, dtype=dtype), torch.empty(N, K, device=device, dtype=dtype)
+
+    cases = [
+        Case("bias_only", shape, "frozen_nobias", floor, floor=True, note="F.linear without bias, dX only"),
+        Case("bias_only", shape, "eager_bias", linear_module(False), note="nn.Linear, frozen W, trainable b"),
+        Case("bias_only", shape, "compile_bias", linear_module(True), compiled=True),
+    ]
+    return cases + _ours_cases("bias_only", shape, device, "peft_kernels.ops.bias_only", "bias_only_linear",
+                               build, support_args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefix attention (prefix tuning / P-tuning v2)
+# --------------------------------------------------------------------------------------------------
+def prefix_attention_cases(device: str, quick: bool = False) -> list[Case]:
+    if device == "cuda":
+        B, H, L, D, P, dtype = 4, 32, 2048, 128, 32, torch.bfloat16
+    else:
+        B, H, L, D, P, dtype = 1, 2, 128, 64, 8, torch.float32
+    shape = f"B={B} H={H} L={L} D={D} P={P} causal"
+
+    def make():
+        q, k, v = (_rand((B, H, L, D), device, dtype, grad=True) for _ in range(3))
+        pk, pv = (_rand((H, P, D), device, dtype, grad=True) for _ in range(2))
+        return q, k, v, pk, pv, _rand((B, H, L, D), device, dtype)
+
+    def cat_kv(k, v, pk, pv):
+        return (torch.cat([pk.expand(B, H, P, D), k], dim=2), torch.cat([pv.expand(B, H, P, D), v], dim=2))
+
+    def floor():
+        q, k, v, _, _, dy = make()
+        return _step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v], dy)
+
+    def sdpa_bool_mask():
+        q, k, v, pk, pv, dy = make()
+        # [L, P+L]: query i sees key j iff j <= i + P (every prefix slot, causal among the real keys);
+        # built once outside the step, as a model would.
+        mask = torch.ones(L, P + L, dtype=torch.bool, device=device).tril(diagonal=P)
+
+        def fwd():
+            K, V = cat_kv(k, v, pk, pv)
+            return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+
+        return _step(fwd, [q, k, v, pk, pv], dy)
+
+    def sdpa_lower_right():
+        try:
+            from torch.nn.attention.bias import causal_lower_right
+        except ImportError as exc:
+            raise Skip(f"torch.nn.attention.bias.causal_lower_right unavailable ({exc})") from None
+        q, k, v, pk, pv, dy = make()
+        # Bottom-right causal over [prefix; keys]: query i sees key j iff j <= i + P, i.e. every prefix slot.
+        bias = causal_lower_right(L, P + L)
+
+        def fwd():
+            K, V = cat_kv(k, v, pk, pv)
+            return F.scaled_dot_product_attention(q, K, V, attn_mask=bias)
+
+        return _step(fwd, [q, k, v, pk, pv], dy)
+
+    def flex():
+        _cuda_only(device, "FlexAttention (compiled)")
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as exc:
+            raise Skip(f"torch.nn.attention.flex_attention unavailable ({exc})") from None
+        q, k, v, pk, pv, dy = make()
+
+        def prefix_causal(b, h, q_idx, kv_idx):
+            return (kv_idx < P) | (kv_idx - P <= q_idx)
+
+        block_mask = create_block_mask(prefix_causal, B=None, H=None, Q_LEN=L, KV_LEN=P + L, device=device)
+        attn = _compile(flex_attention)
+
+        def fwd():
+            K, V = cat_kv(k, v, pk, pv)
+            return attn(q, K, V, block_mask=block_mask)
+
+        return _step(fwd, [q, k, v, pk, pv], dy)
+
+    def build(fn):
+        q, k, v, pk, pv, dy = make()
+        return _step(lambda: fn(q, k, v, pk, pv, causal=True), [q, k, v, pk, pv], dy)
+
+    def support_args():
+        qkv = [torch.empty(B, H, L, D, device=device, dtype=dtype) for _ in range(3)]
+        pkv = [torch.empty(H, P, D, device=device, dtype=dtype) for _ in range(2)]
+        return (*qkv, *pkv, None)
+
+    cases = [
+        Case("prefix_attention", shape, "sdpa_causal_noprefix", floor, floor=True),
+        Case("prefix_attention", shape, "sdpa_cat_boolmask", sdpa_bool_mask),
+        Case("prefix_attention", shape, "sdpa_cat_lower_right", sdpa_lower_right),
+        Case("prefix_attention", shape, "flex_compiled", flex, compiled=True),
+    ]
+    return cases + _ours_cases("prefix_attention", shape, device, "peft_kernels.ops.prefix_attention",
+                               "prefix_attention", build, support_args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bottleneck adapter (Houlsby / Pfeiffer)
+# --------------------------------------------------------------------------------------------------
+def adapter_cases(device: str, quick: bool = False) -> list[Case]:
+    if device == "cuda":
+        N, H, m, dtype = 8192, 4096, 64, torch.bfloat16
+    else:
+        N, H, m, dtype = 256, 256, 16, torch.float32
+    shape = f"N={N} H={H} m={m} relu residual"
+
+    def make():
+        h = _rand((N, H), device, dtype, grad=True)
+        Wd = _rand((m, H), device, dtype, H**-0.5, grad=True)
+        bd = _rand((m,), device, dtype, 0.1, grad=True)
+        Wu = _rand((H, m), device, dtype, m**-0.5, grad=True)
+        bu = _rand((H,), device, dtype, 0.1, grad=True)
+        return h, Wd, bd, Wu, bu, _rand((N, H), device, dtype)
+
+    def eager_adapter(h, Wd, bd, Wu, bu):
+        return h + F.linear(F.relu(F.linear(h, Wd, bd)), Wu, bu)
+
+    def floor():
+        h, *_, dy = make()
+        # h * 1.0 reads and writes N·H forward and again backward: the 4 passes no adapter can avoid.
+        return _step(lambda: h * 1.0, [h], dy)
+
+    def eager(compiled):
+        def setup():
+            if compiled:
+                _cuda_only(device, "torch.compile")
+            h, Wd, bd, Wu, bu, dy = make()
+            fn = _compile(eager_adapter) if compiled else eager_adapter
+            return _step(lambda: fn(h, Wd, bd, Wu, bu), [h, Wd, bd, Wu, bu], dy)
+
+        return setup
+
+    def build(fn):
+        h, Wd, bd, Wu, bu, dy = make()
+        return _step(lambda: fn(h, Wd, bd, Wu, bu, activation="relu", scaling=1.0, residual=True),
+                     [h, Wd, bd, Wu, bu], dy)
+
+    def support_args():
+        return (torch.empty(N, H, device=device, dtype=dtype), torch.empty(m, H, device=device, dtype=dtype),
+                torch.empty(H, m, device=device, dtype=dtype))
+
+    cases = [
+        Case("adapter", shape, "copy_floor", floor, floor=True, note="h*1.0: 4 passes over N·H"),
+        Case("adapter", shape, "eager", eager(False)),
+        Case("adapter", shape, "compile", eager(True), compiled=True),
+    ]
+    return cases + _ours_cases("adapter", shape, device, "peft_kernels.ops.adapter", "bottleneck_adapter",
+                               build, support_args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Soft prompt (prompt tuning / P-tuning): embedding gather + concat
+# --------------------------------------------------------------------------------------------------
+def prompt_cases(device: str, quick: bool = False) -> list[Case]:
+    if device == "cuda":
+        B, S, P, H, V, dtype = 4, 2048, 32, 2048, 32000, torch.bfloat16
+    else:
+        B, S, P, H, V, dtype = 2, 128, 8, 256, 1000, torch.float32
+    shape = f"B={B} S={S} P={P} H={H} V={V}"
+
+    def make():
+        ids = torch.randint(0, V, (B, S), device=device)
+        emb = _rand((V, H), device, dtype)
+        prompt = _rand((P, H), device, dtype, grad=True)
+        return ids, emb, prompt, _rand((B, P + S, H), device, dtype)
+
+    def eager_prompt(ids, emb, prompt):
+        return torch.cat([prompt.unsqueeze(0).expand(B, P, H), F.embedding(ids, emb)], dim=1)
+
+    def floor():
+        ids, emb, _, _ = make()
+        # The frozen lookup has nothing to differentiate: its fwd is the whole step.
+        return _step(lambda: F.embedding(ids, emb), [])
+
+    def eager(compiled):
+        def setup():
+            if compiled:
+                _cuda_only(device, "torch.compile")
+            ids, emb, prompt, dy = make()
+            fn = _compile(eager_prompt) if compiled else eager_prompt
+            return _step(lambda: fn(ids, emb, prompt), [prompt], dy)
+
+        return setup
+
+    def build(fn):
+        ids, emb, prompt, dy = make()
+        return _step(lambda: fn(ids, emb, prompt), [prompt], dy)
+
+    def support_args():
+        return (torch.zeros(B, S, device=device, dtype=torch.int64),
+                torch.empty(V, H, device=device, dtype=dtype),
+                torch.empty(P, H, device=device, dtype=dtype))
+
+    cases = [
+        Case("prompt", shape, "embedding_lookup", floor, floor=True, note="frozen F.embedding, S tokens"),
+        Case("prompt", shape, "eager_cat", eager(False)),
+        Case("prompt", shape, "compile", eager(True), compiled=True),
+    ]
+    return cases + _ours_cases("prompt", shape, device, "peft_kernels.ops.prompt", "soft_prompt_embed",
+                               build, support_args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Distillation loss (KL at temperature T + hard-label CE)
+# --------------------------------------------------------------------------------------------------
+def distill_cases(device: str, quick: bool = False) -> list[Case]:
+    if device == "cuda":
+        N, V, dtype = 8192, 32000, torch.bfloat16
+    else:
+        N, V, dtype = 256, 1000, torch.float32
+    T, alpha = 2.0, 0.5
+    shape = f"{N}x{V} T={T}"
+
+    def make():
+        student = _rand((N, V), device, dtype, 2.0, grad=True)
+        teacher = _rand((N, V), device, dtype, 2.0)
+        labels = torch.randint(0, V, (N,), device=device)
+        labels[torch.rand(N, device=device) < 0.05] = -100  # some ignored (padding) positions
+        return student, teacher, labels
+
+    def eager_loss(s, t, labels):
+        # The DistilBERT recipe as users write it, with the usual fp32 upcast of the logits.
+        s32, t32 = s.float(), t.float()
+        kd = F.kl_div(F.log_softmax(s32 / T, dim=-1), F.log_softmax(t32 / T, dim=-1), reduction="batchmean",
+                      log_target=True) * (T * T)
+        ce = F.cross_entropy(s32, labels, ignore_index=-100)
+        return alpha * kd + (1.0 - alpha) * ce
+
+    def eager(compiled):
+        def setup():
+            if compiled:
+                _cuda_only(device, "torch.compile")
+            s, t, labels = make()
+            fn = _compile(eager_loss) if compiled else eager_loss
+            return _step(lambda: fn(s, t, labels), [s])
+
+        return setup
+
+    def build(fn):
+        s, t, labels = make()
+        return _step(lambda: fn(s, t, labels, temperature=T, alpha=alpha, ignore_index=-100), [s])
+
+    cases = [
+        Case("distill", shape, "eager", eager(False), floor=True, note="no floor op: ratios are to eager"),
+        Case("distill", shape, "compile", eager(True), compiled=True),
+    ]
+    return cases + _ours_cases("distill", shape, device, "peft_kernels.ops.distill", "distillation_loss",
+                               build)
+
+
+FAMILIES: dict[str, Callable[[str, bool], list[Case]]] = {
+    "lora": lora_cases,
+    "bias_only": bias_only_cases,
+    "prefix_attention": prefix_attention_cases,
+    "adapter": adapter_cases,
+    "prompt": prompt_cases,
+    "distill": distill_cases,
+}
+
+
+def build_cases(families: Sequence[str], device: str, quick: bool = False) -> list[Case]:
+    cases: list[Case] = []
+    for fam in families:
+        cases += FAMILIES[fam](device, quick)
+    return cases
