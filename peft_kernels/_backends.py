@@ -177,8 +177,65 @@ def why_not(op: str, backend: str, device_type: str, *args, **kwargs) -> str | N
     return reason
 
 
-def select(op: str, device_type: str, *args, **kwargs) -> str:
-    """The backend that will run `op` on these inputs (the arguments are passed to each `supports`)."""
+def tuning_enabled(device_type: str) -> bool:
+    """Measured dispatch: on by default for CUDA tensors, off for CPU; PEFT_KERNELS_TUNE_DISPATCH=0/1 overrides."""
+    env = os.environ.get("PEFT_KERNELS_TUNE_DISPATCH", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return device_type == "cuda"
+
+
+# (op, tune key) -> the backend that measured fastest for inputs of that key.
+_TUNED: dict[tuple, str] = {}
+
+
+def _time_once(run: Callable[[str], object], backend: str, device_type: str, reps: int = 3) -> float:
+    run(backend)  # warm-up: Triton compiles and autotunes here, cuBLAS picks its algorithms
+    if device_type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            run(backend)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
+    import time
+
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        run(backend)
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def _fastest(op: str, candidates: list[str], device_type: str, tune_key, tune_run) -> str:
+    """Times each candidate once per (op, key) and remembers the winner; under torch.compile (no timing
+    possible while tracing) a remembered winner is used, else the first candidate."""
+    key = (op, device_type, tune_key)
+    if key in _TUNED:
+        return _TUNED[key]
+    if torch.compiler.is_compiling():
+        return candidates[0]
+    with torch.no_grad():
+        times = {name: _time_once(tune_run, name, device_type) for name in candidates}
+    _TUNED[key] = min(times, key=times.get)
+    return _TUNED[key]
+
+
+def clear_tuning_cache() -> None:
+    _TUNED.clear()
+
+
+def tuned_choices() -> dict[tuple, str]:
+    return dict(_TUNED)
+
+
+def select(op: str, device_type: str, *args, tune_key=None, tune_run=None, **kwargs) -> str:
+    """The backend that will run `op` on these inputs (the arguments are passed to each `supports`).
+
+    Forced backends win. Otherwise, where the op passes ``tune_key``/``tune_run`` (a callable running the
+    op's forward and backward with a given backend) and tuning is enabled, the fastest of the backends that
+    can serve is measured once per key; else the first in the op's preference order that can serve.
+    """
     entry = _REGISTRY[op]
     order = entry.preference.get(device_type, ("reference",))
     forced = forced_backend()
@@ -195,10 +252,14 @@ def select(op: str, device_type: str, *args, **kwargs) -> str:
                 f"peft_kernels.{op}: backend {name!r} cannot serve these inputs ({reason}); falling back",
                 stacklevel=3,
             )
-    for name in order:
-        if why_not(op, name, device_type, *args, **kwargs) is None:
-            return name
-    return "reference"
+    # The reference is the fallback, not a contender: it is never faster than the kernels on purpose.
+    candidates = [name for name in order if why_not(op, name, device_type, *args, **kwargs) is None]
+    if not candidates:
+        return "reference"
+    fast = [name for name in candidates if name != "reference"]
+    if len(fast) > 1 and tune_run is not None and tuning_enabled(device_type):
+        return _fastest(op, fast, device_type, tune_key, tune_run)
+    return candidates[0]
 
 
 def table(device_type: str | None = None) -> list[dict[str, str]]:

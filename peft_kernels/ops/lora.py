@@ -200,6 +200,23 @@ def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple[float
     return v.check_finite(OP, "scaling", scaling), v.check_probability(OP, "dropout_p", dropout_p)
 
 
+def _tune_key(x2d, weight, bias, lora_A, dropout_p):
+    # Token counts vary from batch to batch: measure once per power-of-two bucket of M.
+    m_bucket = 1 << max(0, (x2d.shape[0] - 1).bit_length())
+    grads = tuple(t is not None and t.requires_grad for t in (x2d, weight, bias, lora_A))
+    return (m_bucket, *weight.shape, lora_A.shape[0], x2d.dtype, lora_A.dtype, bias is not None, dropout_p > 0, grads)
+
+
+def _run_once(backend, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """One forward (and backward, when anything needs a gradient) of `backend`, for measured dispatch."""
+    needs = [t is not None and t.requires_grad for t in (x2d, weight, bias, lora_A, lora_B)]
+    x2d, weight, lora_A, lora_B = (t.detach() for t in (x2d, weight, lora_A, lora_B))
+    bias = bias.detach() if bias is not None else None
+    y, S = _FORWARD[backend](x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, 0)
+    if any(needs):
+        _BACKWARD[backend](y, x2d, weight, lora_A, lora_B, S, scaling, dropout_p, 0, needs)
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float = 1.0, dropout_p: float = 0.0, seed=None) -> Tensor:
     """Fused LoRA linear over any leading dims of x.
@@ -216,6 +233,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     seed_t = as_seed_tensor(OP, seed) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
     K = x.shape[-1]
     x2d = x.reshape(-1, K).contiguous()
-    backend = _backends.select(OP, x.device.type, x2d, weight, lora_A)
+    backend = _backends.select(
+        OP, x.device.type, x2d, weight, lora_A,
+        tune_key=_tune_key(x2d, weight, bias, lora_A, dropout_p),
+        tune_run=lambda name: _run_once(name, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p),
+    )
     y, _ = _lora_linear_op(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, backend)
     return y.reshape(*x.shape[:-1], weight.shape[0])
