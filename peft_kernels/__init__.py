@@ -11,18 +11,32 @@ from peft_kernels.ops import (
     prefix_attention,
     soft_prompt_embed,
 )
+from peft_kernels.patch import (
+    apply_lora,
+    load_lora,
+    patch_peft_model,
+    remove_lora,
+    save_lora,
+    unpatch_peft_model,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "apply_lora",
     "bias_only_linear",
     "bottleneck_adapter",
     "distillation_loss",
     "info",
+    "load_lora",
     "lora_linear",
     "nn",
+    "patch_peft_model",
     "prefix_attention",
+    "remove_lora",
+    "save_lora",
     "soft_prompt_embed",
+    "unpatch_peft_model",
     "use_backend",
 ]
