@@ -81,13 +81,19 @@ class LoRALinear(nn.Linear):
         """Wrap an existing ``nn.Linear``, reusing its weight and bias tensors (no copy)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        return cls._wrap(linear, linear.in_features, linear.out_features,
+                         r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, freeze_base)
+
+    @classmethod
+    def _wrap(cls, base: nn.Module, in_features: int, out_features: int, *lora_args):
+        """A new instance holding `base`'s own weight and bias Parameters (no copy), in `base`'s mode."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, freeze_base)
-        self.train(linear.training)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self._init_lora(*lora_args)
+        self.train(base.training)
         return self
 
     # ------------------------------------------------------------------------------------------

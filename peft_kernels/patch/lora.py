@@ -72,14 +72,7 @@ class LoRAConv1D(LoRALinear):
     ) -> LoRAConv1D:
         if not is_conv1d(conv):
             raise TypeError(f"LoRAConv1D.from_conv1d: expected a transformers Conv1D, got {type(conv).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = conv.nx, conv.nf
-        self.weight = conv.weight
-        self.bias = conv.bias
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, freeze_base)
-        self.train(conv.training)
-        return self
+        return cls._wrap(conv, conv.nx, conv.nf, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, freeze_base)
 
     @property
     def nf(self) -> int:
