@@ -13,10 +13,15 @@ from peft_kernels.ops import (
 )
 from peft_kernels.patch import (
     apply_lora,
+    apply_p_tuning_v2,
+    apply_prefix_tuning,
     load_lora,
+    load_prefix,
     patch_peft_model,
     remove_lora,
+    remove_prefix,
     save_lora,
+    save_prefix,
     unpatch_peft_model,
 )
 
@@ -25,17 +30,22 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "apply_lora",
+    "apply_p_tuning_v2",
+    "apply_prefix_tuning",
     "bias_only_linear",
     "bottleneck_adapter",
     "distillation_loss",
     "info",
     "load_lora",
+    "load_prefix",
     "lora_linear",
     "nn",
     "patch_peft_model",
     "prefix_attention",
     "remove_lora",
+    "remove_prefix",
     "save_lora",
+    "save_prefix",
     "soft_prompt_embed",
     "unpatch_peft_model",
     "use_backend",

@@ -1,5 +1,6 @@
 """Modules: drop-in layers built on the fused ops."""
 
 from peft_kernels.nn.lora import LoRALinear
+from peft_kernels.nn.prefix import PrefixEncoder, PrefixParameters
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "PrefixEncoder", "PrefixParameters"]

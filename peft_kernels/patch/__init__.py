@@ -8,12 +8,18 @@ from peft_kernels.patch.lora import (
     save_lora,
     unpatch_peft_model,
 )
+from peft_kernels.patch.prefix import apply_p_tuning_v2, apply_prefix_tuning, load_prefix, remove_prefix, save_prefix
 
 __all__ = [
     "apply_lora",
+    "apply_p_tuning_v2",
+    "apply_prefix_tuning",
     "load_lora",
+    "load_prefix",
     "patch_peft_model",
     "remove_lora",
+    "remove_prefix",
     "save_lora",
+    "save_prefix",
     "unpatch_peft_model",
 ]
