@@ -30,6 +30,13 @@ TORCH_LIBRARY(peft_kernels, m) {
   m.def("bias_only_linear_fwd(Tensor x, Tensor weight, Tensor bias) -> Tensor");
   m.def("bias_only_linear_bwd(Tensor dy, Tensor weight, bool[2] needs) -> (Tensor, Tensor)");
 
+  // Prefix attention forward, FlashAttention-2 style (csrc/cuda/prefix_attention.cu; CUDA only): softmax over the P
+  // prefix keys (always visible) then the real keys (causal bottom-right, key padding mask), GQA. prefix is
+  // [Hkv, P, D] (shared) or [B, Hkv, P, D]. Returns out [B, Hq, Lq, D] in q's dtype and lse fp32 (natural log).
+  m.def(
+      "prefix_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, bool causal, "
+      "Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
+
   // Which device kernels this build carries: "cpu" or "cpu,cuda".
   m.def("build_info() -> str", []() -> std::string {
 #ifdef PEFT_KERNELS_WITH_CUDA

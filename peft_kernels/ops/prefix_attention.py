@@ -119,10 +119,80 @@ def _triton_supports(q, k, v, prefix_k, prefix_v, key_padding_mask):
     return None if ok else reason
 
 
-_FORWARD = {"reference": _reference_forward, "triton": _triton_forward}
-_BACKWARD = {"reference": _reference_backward, "triton": _triton_backward}
+# The cuda backend: the CUDA C++ forward kernel in csrc/cuda/prefix_attention.cu (torch.ops.peft_kernels.
+# prefix_attention_fwd_cuda). fp16/bf16 on tensor cores (WMMA), fp32 on a SIMT path; head dim <= 128.
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CUDA_MAX_HEAD_DIM = 128
+_CUDA_MAX_LQ = 65535 * 64  # grid.y = query tiles of 64 rows
 
-_backends.register_op(OP, {"triton": _triton_supports}, preference={"cuda": ("triton", "reference")})
+
+def _probe_cuda_kernel() -> str | None:
+    """Why the loaded peft_kernels._C has no CUDA kernel for this op, or None (probed once, at import)."""
+    if not _backends.native_status()[0]:
+        return None  # _backends.backend_status already says why the native backends cannot run
+    try:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key("peft_kernels::prefix_attention_fwd_cuda", "CUDA")
+    except RuntimeError:  # the schema itself is missing: an extension built before the op existed
+        has = False
+    if has:
+        return None
+    return (
+        "peft_kernels._C has no CUDA kernel for prefix_attention_fwd_cuda (built before it existed, or "
+        "without nvcc); rebuild with `pip install -e . --no-build-isolation`"
+    )
+
+
+_CUDA_KERNEL_STATUS = _probe_cuda_kernel()
+
+
+def _cuda_why_not(q, k, v, prefix_k, prefix_v, key_padding_mask) -> str | None:
+    # Shapes, head counts, P >= 1 and the mask's dtype are validated by the public function already.
+    if _CUDA_KERNEL_STATUS is not None:
+        return _CUDA_KERNEL_STATUS
+    if q.dtype not in _CUDA_DTYPES:
+        return f"q has dtype {q.dtype}; the kernel supports float16, bfloat16 and float32"
+    D = q.shape[-1]
+    if not 1 <= D <= _CUDA_MAX_HEAD_DIM:
+        return f"head dim D = {D} is not supported (1 <= D <= {_CUDA_MAX_HEAD_DIM}; padded to 64, 80, 96 or 128)"
+    if q.shape[2] > _CUDA_MAX_LQ:
+        return f"Lq = {q.shape[2]} exceeds the launch grid ({_CUDA_MAX_LQ} queries)"
+    return None
+
+
+def _cuda_supports(q, k, v, prefix_k, prefix_v, key_padding_mask):
+    why = _cuda_why_not(q, k, v, prefix_k, prefix_v, key_padding_mask)
+    return None if why is None else f"prefix_attention[cuda]: {why}"
+
+
+def _cuda_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    # The kernel reads any strides but needs a unit-stride head dim; copy the (rare) tensor that lacks one.
+    q, k, v, prefix_k, prefix_v = (
+        t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v, prefix_k, prefix_v)
+    )
+    return torch.ops.peft_kernels.prefix_attention_fwd_cuda(
+        q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale
+    )
+
+
+def _cuda_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale):
+    # The CUDA C++ backend implements the forward only (the issue asks for the forward at least). Its backward
+    # reuses the Triton FlashAttention-2 backward when Triton can run on these tensors (it takes the same
+    # out and lse: fp32 [B, Hq, Lq], natural log), and the dense reference backward otherwise.
+    args = (do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale)
+    if (
+        _backends.backend_status("triton", q.device.type) is None
+        and _triton_supports(q, k, v, prefix_k, prefix_v, key_padding_mask) is None
+    ):
+        return _triton_backward(*args)
+    return _reference_backward(*args)
+
+
+_FORWARD = {"reference": _reference_forward, "triton": _triton_forward, "cuda": _cuda_forward}
+_BACKWARD = {"reference": _reference_backward, "triton": _triton_backward, "cuda": _cuda_backward}
+
+_backends.register_op(
+    OP, {"triton": _triton_supports, "cuda": _cuda_supports}, preference={"cuda": ("triton", "cuda", "reference")}
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +209,8 @@ def _prefix_attention_op(
 @_prefix_attention_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, backend):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+    # Every backend returns contiguous outputs, whatever q's layout ([B, H, L, D] views of [B, L, H, D]).
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype)
 
 
 @torch.library.custom_op("peft_kernels::prefix_attention_backward", mutates_args=())
@@ -153,7 +224,7 @@ def _prefix_attention_backward_op(
 
 @_prefix_attention_backward_op.register_fake
 def _(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale, backend):
-    return tuple(torch.empty_like(t) for t in (q, k, v, prefix_k, prefix_v))
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v))
 
 
 def _setup_context(ctx, inputs, output):
