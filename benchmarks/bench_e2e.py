@@ -387,16 +387,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{shape.vocab}), {args.dtype}, AdamW, {s.warmup} warm-up + {s.steps} timed steps", flush=True)
 
     rows = []
-    for name, variant in variants.items():
-        t0 = time.perf_counter()
-        rows.append(run_variant(name, variant, s))
-        print(f"  {name}: {rows[-1].status} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    interrupted = False
+    try:
+        for name, variant in variants.items():
+            t0 = time.perf_counter()
+            rows.append(run_variant(name, variant, s))
+            print(f"  {name}: {rows[-1].status} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    except KeyboardInterrupt:  # gpu_suite.sh sends SIGINT at its time limit: keep and report what finished
+        interrupted = True
+        print("  interrupted: reporting the variants that finished", flush=True)
     harness.add_ratios(rows)
     print(format_table(rows), flush=True)
 
     settings = {
         "benchmark": "e2e", "shape": vars(shape), "dtype": args.dtype, "warmup": s.warmup, "steps": s.steps,
-        "quick": args.quick, "optimizer": f"AdamW lr={s.lr}", "lora": {"r": LORA_R, "alpha": LORA_ALPHA},
+        "quick": args.quick, "interrupted": interrupted, "optimizer": f"AdamW lr={s.lr}",
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA},
         "num_virtual_tokens": NUM_VIRTUAL_TOKENS, "threads": torch.get_num_threads(),
         "timing": "CUDA events per step, median" if device == "cuda" else "perf_counter per step, median",
         "argv": list(argv) if argv is not None else sys.argv[1:],
@@ -405,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.json or (default_json_path(env) if device == "cuda" else None)
     if json_path is not None:
         print(f"json: {report.write_json(report.to_json(rows, env, settings), json_path)}")
-    return 1 if any(r.status == "error" for r in rows) else 0
+    return 1 if interrupted or any(r.status == "error" for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from ..ops.dropout_mask import normalize_seed
 __all__ = ["lora_forward", "lora_backward", "supports", "tma_compatible", "force_path"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# PEFT_KERNELS_TRITON_AUTOTUNE=0: one fixed config per kernel (GPU test runs: many shapes, no time to tune each).
+_AUTOTUNE = os.environ.get("PEFT_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_RANK = 128
 _HAS_TMA_API = hasattr(tl, "make_tensor_descriptor")
@@ -70,6 +72,8 @@ def force_path(path: str | None) -> Iterator[None]:
 def _gemm_configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
+    if not _AUTOTUNE:
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)]
     shapes = [
         # BM, BN, BK, warps, stages
         (128, 256, 64, 8, 3),
@@ -101,6 +105,8 @@ def _prune_gemm(configs, named_args, **kwargs):
 def _skinny_configs(block_names: dict[str, list[int]]) -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({k: 32 for k in block_names})]
+    if not _AUTOTUNE:
+        return [triton.Config({k: v[0] for k, v in block_names.items()}, num_warps=4, num_stages=3)]
     keys = list(block_names)
     out = []
     for vals in zip(*block_names.values()):
