@@ -1,8 +1,23 @@
-"""Shared test helpers: closeness with per-dtype tolerances, and the FlashAttention rule."""
+"""Shared test helpers: closeness with per-dtype tolerances, the FlashAttention rule, and where Triton tests run."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_device() -> str:
+    """The device a Triton test module runs on ("cuda" when present, else the CPU under TRITON_INTERPRET=1).
+    Called at module level, before importing Triton code: skips the whole module when neither is available."""
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+    pytest.importorskip("triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 # (rtol, atol) against a float64 oracle, per dtype of the tensor under test.
 TOLERANCES = {

@@ -17,6 +17,7 @@ from peft_kernels.ops.prefix_attention import (
     prefix_attention_reference,
 )
 from tests.helpers import assert_close, assert_within_eager_error
+from tests.prefix_attention_cases import eager_attention, make_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -41,47 +42,9 @@ def poison_allocator(*shapes_dtypes):
     del blocks
 
 
-def eager(q, k, v, pk, pv, causal, mask, scale):
-    """Eager attention in q's dtype over cat(prefix, real) with an explicit bool mask (what users would write)."""
-    B, Hq, Lq, _ = q.shape
-    Hkv, Lk, P = k.shape[1], k.shape[2], pk.shape[-2]
-    if pk.dim() == 3:
-        pk, pv = pk.expand(B, *pk.shape), pv.expand(B, *pv.shape)
-    K = torch.cat([pk, k], 2).repeat_interleave(Hq // Hkv, 1)
-    V = torch.cat([pv, v], 2).repeat_interleave(Hq // Hkv, 1)
-    allowed = torch.ones(B, 1, Lq, P + Lk, dtype=torch.bool, device=q.device)
-    if causal:
-        i = torch.arange(Lq, device=q.device)[:, None]
-        j = torch.arange(Lk, device=q.device)[None, :]
-        allowed[..., P:] &= j <= i + (Lk - Lq)
-    if mask is not None:
-        allowed[..., P:] &= mask[:, None, None, :]
-    s = (q @ K.transpose(-1, -2)) * scale
-    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ V
-
-
 def make(dtype, B, Hq, Hkv, Lq, Lk, P, D, shared, pad, bshd=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=DEV, dtype=dtype)
-
-    if bshd:  # HF layout [B, L, H, D] viewed as [B, H, L, D]
-        q, k, v = (rnd(B, L, H, D).transpose(1, 2) for L, H in ((Lq, Hq), (Lk, Hkv), (Lk, Hkv)))
-    else:
-        q, k, v = rnd(B, Hq, Lq, D), rnd(B, Hkv, Lk, D), rnd(B, Hkv, Lk, D)
-    pshape = (Hkv, P, D) if shared else (B, Hkv, P, D)
-    pk, pv = rnd(*pshape), rnd(*pshape)
-    mask = None
-    if pad:
-        mask = torch.ones(B, Lk, dtype=torch.bool)
-        mask[0, Lk // 3 : Lk // 2] = False  # a hole in the middle of row 0
-        for b in range(1, B):  # other rows right- and left-padded by different amounts
-            n = max(1, Lk // (b + 2))
-            mask[b, Lk - n :] = False
-            mask[b, : b * 2] = False
-        mask = mask.to(DEV)
-    return q, k, v, pk, pv, mask
+    # Padded row 0 has a hole in the middle; the other rows are right- and left-padded by different amounts.
+    return make_inputs(DEV, dtype, B, Hq, Hkv, Lq, Lk, P, D, shared, pad, bshd=bshd, seed=seed, hole_in_row0=True)
 
 
 def check(q, k, v, pk, pv, causal, mask, scale, name=""):
@@ -99,7 +62,8 @@ def check(q, k, v, pk, pv, causal, mask, scale, name=""):
     if q.dtype == F32:
         assert_close(out, oracle.float(), rtol=2e-4, atol=2e-4, name=f"{name} out")
     else:
-        assert_within_eager_error(out, eager(q, k, v, pk, pv, causal, mask, scale), oracle, name=f"{name} out")
+        eager_out, _ = eager_attention(q, k, v, pk, pv, causal, mask, scale)
+        assert_within_eager_error(out, eager_out, oracle, name=f"{name} out")
     return out, lse
 
 
@@ -149,9 +113,9 @@ def test_fully_padded_row_sees_only_the_prefix(dtype):
     mask = torch.ones(2, 33, dtype=torch.bool, device=DEV)
     mask[1] = False
     out, lse = check(q, k, v, pk, pv, True, mask, 0.3)
-    only_prefix = eager(
+    only_prefix = eager_attention(
         q[1:].double(), k[1:, :, :0].double(), v[1:, :, :0].double(), pk.double(), pv.double(), False, None, 0.3
-    )
+    )[0]
     assert_close(out[1:], only_prefix.to(dtype), dtype=dtype)
 
 
@@ -178,7 +142,7 @@ def test_odd_strides_and_misaligned_pointers(dtype):
     with _backends.use_backend("cuda", strict=True):
         out = prefix_attention(qt, k, v, pk, pv, causal=True, key_padding_mask=mask, scale=0.2)
     ref = prefix_attention_reference(qt, k, v, pk, pv, True, mask, 0.2, upcast=True)
-    assert_within_eager_error(out, eager(qt, k, v, pk, pv, True, mask, 0.2), ref)
+    assert_within_eager_error(out, eager_attention(qt, k, v, pk, pv, True, mask, 0.2)[0], ref)
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16, F32])

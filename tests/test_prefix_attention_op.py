@@ -13,6 +13,7 @@ from peft_kernels.ops.prefix_attention import (
     prefix_attention_reference,
 )
 from tests.helpers import assert_close
+from tests.prefix_attention_cases import concat_kv
 
 
 def make(B=2, Hq=4, Hkv=2, Lq=17, Lk=17, D=16, P=5, shared=True, dtype=torch.float32):
@@ -30,12 +31,9 @@ def padding_mask(B, L):
 
 
 def sdpa_oracle(q, k, v, pk, pv, causal, kpm, scale=None):
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk, P = k.shape[1], k.shape[2], pk.shape[-2]
-    pk = pk.expand(B, *pk.shape) if pk.dim() == 3 else pk
-    pv = pv.expand(B, *pv.shape) if pv.dim() == 3 else pv
-    K = torch.cat([pk, k], 2).repeat_interleave(Hq // Hkv, 1).double()
-    V = torch.cat([pv, v], 2).repeat_interleave(Hq // Hkv, 1).double()
+    B, _, Lq, _ = q.shape
+    Lk, P = k.shape[2], pk.shape[-2]
+    K, V = (t.double() for t in concat_kv(q, k, v, pk, pv))
     mask = prefix_attention_mask(B, Lq, Lk, P, causal, kpm, q.device)
     return F.scaled_dot_product_attention(q.double(), K, V, attn_mask=mask, scale=scale)
 

@@ -123,6 +123,22 @@ def _ours_cases(family: str, shape: str, device: str, module: str, name: str,
     return cases
 
 
+def _eager_cases(family: str, shape: str, device: str, build: Callable[[Callable], Workload], fn: Callable,
+                 eager_name: str = "eager", **eager_kw) -> list[Case]:
+    """The eager anchor ``build(fn)`` (Case options ``eager_kw``) and its torch.compile twin "compile" (CUDA only)."""
+
+    def variant(compiled: bool):
+        def setup():
+            if compiled:
+                _cuda_only(device, "torch.compile")
+            return build(_compile(fn) if compiled else fn)
+
+        return setup
+
+    return [Case(family, shape, eager_name, variant(False), **eager_kw),
+            Case(family, shape, "compile", variant(True), compiled=True)]
+
+
 # --------------------------------------------------------------------------------------------------
 # LoRA
 # --------------------------------------------------------------------------------------------------
@@ -383,20 +399,12 @@ def adapter_cases(device: str, quick: bool = False) -> list[Case]:
         # h * 1.0 reads and writes N·H forward and again backward: the 4 passes no adapter can avoid.
         return _step(lambda: h * 1.0, [h], dy)
 
-    def eager(compiled):
-        def setup():
-            if compiled:
-                _cuda_only(device, "torch.compile")
+    def build_with(**kwargs):
+        def build(fn):
             h, Wd, bd, Wu, bu, dy = make()
-            fn = _compile(eager_adapter) if compiled else eager_adapter
-            return _step(lambda: fn(h, Wd, bd, Wu, bu), [h, Wd, bd, Wu, bu], dy)
+            return _step(lambda: fn(h, Wd, bd, Wu, bu, **kwargs), [h, Wd, bd, Wu, bu], dy)
 
-        return setup
-
-    def build(fn):
-        h, Wd, bd, Wu, bu, dy = make()
-        return _step(lambda: fn(h, Wd, bd, Wu, bu, activation="relu", scaling=1.0, residual=True),
-                     [h, Wd, bd, Wu, bu], dy)
+        return build
 
     def support_args():
         return (torch.empty(N, H, device=device, dtype=dtype), torch.empty(m, H, device=device, dtype=dtype),
@@ -404,11 +412,11 @@ def adapter_cases(device: str, quick: bool = False) -> list[Case]:
 
     cases = [
         Case("adapter", shape, "copy_floor", floor, floor=True, note="h*1.0: 4 passes over N·H"),
-        Case("adapter", shape, "eager", eager(False)),
-        Case("adapter", shape, "compile", eager(True), compiled=True),
+        *_eager_cases("adapter", shape, device, build_with(), eager_adapter),
     ]
+    ours = build_with(activation="relu", scaling=1.0, residual=True)
     return cases + _ours_cases("adapter", shape, device, "peft_kernels.ops.adapter", "bottleneck_adapter",
-                               build, support_args)
+                               ours, support_args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,16 +443,6 @@ def prompt_cases(device: str, quick: bool = False) -> list[Case]:
         # The frozen lookup has nothing to differentiate: its fwd is the whole step.
         return _step(lambda: F.embedding(ids, emb), [])
 
-    def eager(compiled):
-        def setup():
-            if compiled:
-                _cuda_only(device, "torch.compile")
-            ids, emb, prompt, dy = make()
-            fn = _compile(eager_prompt) if compiled else eager_prompt
-            return _step(lambda: fn(ids, emb, prompt), [prompt], dy)
-
-        return setup
-
     def build(fn):
         ids, emb, prompt, dy = make()
         return _step(lambda: fn(ids, emb, prompt), [prompt], dy)
@@ -456,8 +454,7 @@ def prompt_cases(device: str, quick: bool = False) -> list[Case]:
 
     cases = [
         Case("prompt", shape, "embedding_lookup", floor, floor=True, note="frozen F.embedding, S tokens"),
-        Case("prompt", shape, "eager_cat", eager(False)),
-        Case("prompt", shape, "compile", eager(True), compiled=True),
+        *_eager_cases("prompt", shape, device, build, eager_prompt, eager_name="eager_cat"),
     ]
     return cases + _ours_cases("prompt", shape, device, "peft_kernels.ops.prompt", "soft_prompt_embed",
                                build, support_args)
@@ -489,26 +486,17 @@ def distill_cases(device: str, quick: bool = False) -> list[Case]:
         ce = F.cross_entropy(s32, labels, ignore_index=-100)
         return alpha * kd + (1.0 - alpha) * ce
 
-    def eager(compiled):
-        def setup():
-            if compiled:
-                _cuda_only(device, "torch.compile")
+    def build_with(**kwargs):
+        def build(fn):
             s, t, labels = make()
-            fn = _compile(eager_loss) if compiled else eager_loss
-            return _step(lambda: fn(s, t, labels), [s])
+            return _step(lambda: fn(s, t, labels, **kwargs), [s])
 
-        return setup
+        return build
 
-    def build(fn):
-        s, t, labels = make()
-        return _step(lambda: fn(s, t, labels, temperature=T, alpha=alpha, ignore_index=-100), [s])
-
-    cases = [
-        Case("distill", shape, "eager", eager(False), floor=True, note="no floor op: ratios are to eager"),
-        Case("distill", shape, "compile", eager(True), compiled=True),
-    ]
+    cases = _eager_cases("distill", shape, device, build_with(), eager_loss, floor=True,
+                         note="no floor op: ratios are to eager")
     return cases + _ours_cases("distill", shape, device, "peft_kernels.ops.distill", "distillation_loss",
-                               build)
+                               build_with(temperature=T, alpha=alpha, ignore_index=-100))
 
 
 FAMILIES: dict[str, Callable[[str, bool], list[Case]]] = {

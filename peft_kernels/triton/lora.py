@@ -139,6 +139,23 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _load_2d(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok):
+    """The [rows, cols] tile of a strided 2-D operand, zero outside row_ok x col_ok."""
+    return tl.load(
+        ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def _store_2d(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok, value):
+    """Store `value` (cast to the pointee type) into the [rows, cols] tile of a strided 2-D operand."""
+    ptrs = ptr + rows[:, None] * stride_row + cols[None, :] * stride_col
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _keep_mask(seed, p, rows, cols, n_cols):
     """Keep mask of the [rows, cols] tile of a [*, n_cols] activation: tl.rand(seed, (i*n_cols+j) mod 2**32)
     >= p, the definition in ops/dropout_mask.py. uint32 arithmetic wraps exactly like the mod 2**32."""
@@ -164,16 +181,8 @@ def _lora_epilogue(
         r_ok = rr < R
         rm64 = rm.to(tl.int64)
         rn64 = rn.to(tl.int64)
-        lt = tl.load(
-            l_ptr + rm64[:, None] * stride_lm + rr[None, :] * stride_lr,
-            mask=(rm < M)[:, None] & r_ok[None, :],
-            other=0.0,
-        )
-        rt = tl.load(
-            r_ptr + rr[:, None] * stride_rr + rn64[None, :] * stride_rn,
-            mask=r_ok[:, None] & (rn < N)[None, :],
-            other=0.0,
-        )
+        lt = _load_2d(l_ptr, rm64, rr, stride_lm, stride_lr, rm < M, r_ok)
+        rt = _load_2d(r_ptr, rr, rn64, stride_rr, stride_rn, r_ok, rn < N)
         if HAS_DROPOUT:
             # The mask applies to the LoRA term only: a second small accumulator, masked here.
             lo = tl.dot(lt, rt, input_precision=DOT_PREC)
@@ -295,8 +304,7 @@ def _gemm_lora_ptr_kernel(
         stride_lm, stride_lr, stride_rr, stride_rn, p, inv_keep, seed,
         HAS_BIAS, HAS_LORA, HAS_DROPOUT, R_PAD, DOT_PREC,
     )  # fmt: skip
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _store_2d(c_ptr, rm.to(tl.int64), rn.to(tl.int64), stride_cm, stride_cn, m_ok, n_ok, acc)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,16 +338,11 @@ def _lora_down_kernel(
         x = tl.load(x_rows + rk64[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(_keep_mask(seed, p, rm, rk, K), x, 0.0)
-        at = tl.load(
-            a_ptr + rr[None, :] * stride_ar + rk64[:, None] * stride_ak,
-            mask=k_ok[:, None] & r_ok[None, :],
-            other=0.0,
-        )
+        at = _load_2d(a_ptr, rk64, rr, stride_ak, stride_ar, k_ok, r_ok)
         acc = tl.dot(x, at, acc, input_precision=DOT_PREC)
     if HAS_DROPOUT:
         acc = acc * inv_keep
-    s_ptrs = s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr[None, :] * stride_sr
-    tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+    _store_2d(s_ptr, rm.to(tl.int64), rr, stride_sm, stride_sr, m_ok, r_ok, acc)
 
 
 @triton.autotune(
@@ -371,11 +374,7 @@ def _lora_dy_kernel(
     r_ok = rr < R
     rm64 = rm.to(tl.int64)
     if COMPUTE_DLB:
-        s_tile = tl.load(
-            s_ptr + rm64[:, None] * stride_sm + rr[None, :] * stride_sr,
-            mask=m_ok[:, None] & r_ok[None, :],
-            other=0.0,
-        )
+        s_tile = _load_2d(s_ptr, rm64, rr, stride_sm, stride_sr, m_ok, r_ok)
     g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     # Partial buffers are contiguous fp32 [(P,) N, R] / [(P,) N]; int64 offsets.
     if PARTIALS:
@@ -388,17 +387,9 @@ def _lora_dy_kernel(
         rn = n0 + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         rn64 = rn.to(tl.int64)
-        dy = tl.load(
-            dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn,
-            mask=m_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
+        dy = _load_2d(dy_ptr, rm64, rn64, stride_dym, stride_dyn, m_ok, n_ok)
         if COMPUTE_G:
-            bt = tl.load(
-                bs_ptr + rn64[:, None] * stride_bn + rr[None, :] * stride_br,
-                mask=n_ok[:, None] & r_ok[None, :],
-                other=0.0,
-            )
+            bt = _load_2d(bs_ptr, rn64, rr, stride_bn, stride_br, n_ok, r_ok)
             g = tl.dot(dy, bt, g, input_precision=DOT_PREC)
         if COMPUTE_DLB:
             part = tl.dot(tl.trans(dy), s_tile, input_precision=DOT_PREC) * scaling
@@ -415,8 +406,7 @@ def _lora_dy_kernel(
             else:
                 tl.atomic_add(dbias_base + rn64, colsum, mask=n_ok, sem="relaxed")
     if COMPUTE_G:
-        g_ptrs = g_ptr + rm64[:, None] * stride_gm + rr[None, :] * stride_gr
-        tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+        _store_2d(g_ptr, rm64, rr, stride_gm, stride_gr, m_ok, r_ok, g)
 
 
 @triton.autotune(
@@ -446,16 +436,8 @@ def _lora_da_kernel(
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < M
         rm64 = rm.to(tl.int64)
-        g = tl.load(
-            g_ptr + rm64[:, None] * stride_gm + rr[None, :] * stride_gr,
-            mask=m_ok[:, None] & r_ok[None, :],
-            other=0.0,
-        )
-        x = tl.load(
-            x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
+        g = _load_2d(g_ptr, rm64, rr, stride_gm, stride_gr, m_ok, r_ok)
+        x = _load_2d(x_ptr, rm64, rk64, stride_xm, stride_xk, m_ok, k_ok)
         if HAS_DROPOUT:
             x = tl.where(_keep_mask(seed, p, rm, rk, K), x, 0.0)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=DOT_PREC)

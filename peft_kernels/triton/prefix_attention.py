@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# PEFT_KERNELS_TRITON_AUTOTUNE=0: one fixed config per kernel (GPU test runs: many shapes, no time to tune each).
+_AUTOTUNE = os.environ.get("PEFT_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -103,9 +105,11 @@ def _prune(configs, named_args, **kwargs):
     return configs
 
 
-def _maybe_autotune(configs):
+def _maybe_autotune(configs, default: int):
     if _INTERPRET:
         return lambda fn: fn
+    if not _AUTOTUNE:
+        configs = [configs[default]]
     return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 
 
@@ -131,52 +135,78 @@ def _load_tile(ptrs, row_ok, d_ok, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr
 
 
 @triton.jit
-def _fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    K_base,
-    V_base,
-    stride_kn,
-    stride_vn,
-    MASK_base,
-    stride_maskn,
-    lo,
-    hi,
-    n_valid,
-    offs_m,
-    shift,
-    qk_scale,
-    d_ok,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    MASK_N: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    PREC: tl.constexpr,
+def _tile_ptrs(base, rows, stride_row, offs_d):
+    """Pointers to the [rows, offs_d] tile of a row-major [L, D] slice (int64 row offsets: L * stride can
+    exceed int32; per-step increments of BLOCK * stride fit)."""
+    return base + rows.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+
+
+@triton.jit
+def _query_block(Lq, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Coordinates of a program over query blocks (grid: query block, query head, batch)."""
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
+    off_hk = (off_h // GROUP).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return off_b, off_h, off_hk, start_m, offs_m, offs_d, offs_d < HEAD_DIM, offs_m < Lq
+
+
+@triton.jit
+def _key_ptrs(
+    K_base, V_base, MASK_base, stride_kn, stride_vn, stride_maskn, lo, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    """Online-softmax update over key rows [lo, hi) of one key source (prefix or real keys)."""
+    """Pointers to the K and V tiles and the padding-mask entries of key rows [lo, lo + BLOCK_N)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    # int64 row offsets for the start; per-step increments (BLOCK_N * stride) fit in int32.
-    k_ptrs = K_base + (lo + offs_n).to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V_base + (lo + offs_n).to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
+    rows = lo + offs_n
+    k_ptrs = _tile_ptrs(K_base, rows, stride_kn, offs_d)
+    v_ptrs = _tile_ptrs(V_base, rows, stride_vn, offs_d)
+    # Only dereferenced with HAS_PAD (otherwise dead code).
+    pad_ptrs = MASK_base + rows.to(tl.int64) * stride_maskn
+    return offs_n, k_ptrs, v_ptrs, pad_ptrs
+
+
+@triton.jit
+def _mask_scores(
+    s, cols, col_ok, offs_m, shift, pad_ptrs,
+    FILL: tl.constexpr, MASK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_PAD: tl.constexpr,
+):  # fmt: skip
+    """Set to FILL the entries of a [rows, cols] score (or probability) tile that a query may not see:
+    columns past the key source's end (MASK_N), keys right of the bottom-right diagonal (CAUSAL_MASK),
+    padded keys (HAS_PAD, mask loaded from pad_ptrs)."""
+    if MASK_N:
+        s = tl.where(col_ok[None, :], s, FILL)
+    if CAUSAL_MASK:
+        s = tl.where(cols[None, :] <= offs_m[:, None] + shift, s, FILL)
     if HAS_PAD:
-        pad_ptrs = MASK_base + (lo + offs_n).to(tl.int64) * stride_maskn
+        keep = tl.load(pad_ptrs, mask=col_ok, other=0)
+        s = tl.where(keep[None, :] != 0, s, FILL)
+    return s
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q,
+    K_base, V_base, stride_kn, stride_vn, MASK_base, stride_maskn,
+    lo, hi, n_valid, offs_m, shift, qk_scale, d_ok,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update over key rows [lo, hi) of one key source (prefix or real keys)."""
+    offs_n, k_ptrs, v_ptrs, pad_ptrs = _key_ptrs(
+        K_base, V_base, MASK_base, stride_kn, stride_vn, stride_maskn, lo, BLOCK_N, BLOCK_D
+    )
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < n_valid
         k = _load_tile(k_ptrs, col_ok, d_ok, MASK_N, EVEN_D).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        if MASK_N:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        if CAUSAL_MASK:
-            s = tl.where(cols[None, :] <= offs_m[:, None] + shift, s, float("-inf"))
+        s = _mask_scores(s, cols, col_ok, offs_m, shift, pad_ptrs, float("-inf"), MASK_N, CAUSAL_MASK, HAS_PAD)
         if HAS_PAD:
-            keep = tl.load(pad_ptrs, mask=col_ok, other=0)
-            s = tl.where(keep[None, :] != 0, s, float("-inf"))
             pad_ptrs += BLOCK_N * stride_maskn
         # m_i is finite after the first prefix tile (prefix key 0 is visible to every row).
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -212,69 +242,25 @@ def _real_key_range(start_m, Lq, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
 # --------------------------------------------------------------------------------------------------
 
 
-@_maybe_autotune(_FWD_CONFIGS)
+@_maybe_autotune(_FWD_CONFIGS, default=4)
 @triton.jit
 def _fwd_kernel(
-    Q,
-    K,
-    V,
-    PK,
-    PV,
-    MASK,
-    OUT,
-    LSE,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_pkb,
-    stride_pkh,
-    stride_pkn,
-    stride_pvb,
-    stride_pvh,
-    stride_pvn,
-    stride_maskb,
-    stride_maskn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_lb,
-    stride_lh,
-    Lq,
-    Lk,
-    P,
-    qk_scale,
-    LQ_KEY,
-    LK_KEY,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2).to(tl.int64)
-    off_hk = (off_h // GROUP).to(tl.int64)
-    off_h = off_h.to(tl.int64)
-
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < Lq
-
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm
-    q = _load_tile(q_ptrs + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    Q, K, V, PK, PV, MASK, OUT, LSE,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pkb, stride_pkh, stride_pkn,
+    stride_pvb, stride_pvh, stride_pvn,
+    stride_maskb, stride_maskn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    Lq, Lk, P, qk_scale, LQ_KEY, LK_KEY,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    off_b, off_h, off_hk, start_m, offs_m, offs_d, d_ok, row_ok = _query_block(Lq, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
+    q_ptrs = _tile_ptrs(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, offs_d)
+    q = _load_tile(q_ptrs, row_ok, d_ok, True, EVEN_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -308,8 +294,8 @@ def _fwd_kernel(
     )  # fmt: skip
 
     acc = acc / l_i[:, None]
-    o_ptrs = OUT + off_b * stride_ob + off_h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om
-    tl.store(o_ptrs + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    o_ptrs = _tile_ptrs(OUT + off_b * stride_ob + off_h * stride_oh, offs_m, stride_om, offs_d)
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse = (m_i + tl.log2(l_i)) * LN2
     tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m, lse, mask=row_ok)
 
@@ -321,72 +307,39 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    OUT,
-    DO,
-    DELTA,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_lb,
-    stride_lh,
+    OUT, DO, DELTA,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh,
     Lq,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
     d_ok = offs_d < HEAD_DIM
-    rows64 = offs_m.to(tl.int64)[:, None]
-    o = _load_tile(
-        OUT + off_b * stride_ob + off_h * stride_oh + rows64 * stride_om + offs_d[None, :],
-        row_ok, d_ok, True, EVEN_D,
-    )  # fmt: skip
-    do = _load_tile(
-        DO + off_b * stride_dob + off_h * stride_doh + rows64 * stride_dom + offs_d[None, :],
-        row_ok, d_ok, True, EVEN_D,
-    )  # fmt: skip
+    o_ptrs = _tile_ptrs(OUT + off_b * stride_ob + off_h * stride_oh, offs_m, stride_om, offs_d)
+    o = _load_tile(o_ptrs, row_ok, d_ok, True, EVEN_D)
+    do_ptrs = _tile_ptrs(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dom, offs_d)
+    do = _load_tile(do_ptrs, row_ok, d_ok, True, EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + off_b * stride_lb + off_h * stride_lh + offs_m, delta, mask=row_ok)
 
 
 @triton.jit
 def _dkdv_qloop(
-    dk,
-    dv,
-    k,
-    v,
-    Q_bh,
-    DO_bh,
-    LSE_bh,
-    DELTA_bh,
-    stride_qm,
-    stride_dom,
-    lo,
-    hi,
-    Lq,
-    offs_n,
-    shift,
-    qk_scale,
-    d_ok,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    PREC: tl.constexpr,
-):
+    dk, dv, k, v,
+    Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qm, stride_dom,
+    lo, hi, Lq, offs_n, shift, qk_scale, d_ok,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
     """Accumulate dK/dV of one key tile over query rows [lo, hi) of one query head (transposed form)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q_bh + (lo + offs_m0).to(tl.int64)[:, None] * stride_qm + offs_d[None, :]
-    do_ptrs = DO_bh + (lo + offs_m0).to(tl.int64)[:, None] * stride_dom + offs_d[None, :]
+    q_ptrs = _tile_ptrs(Q_bh, lo + offs_m0, stride_qm, offs_d)
+    do_ptrs = _tile_ptrs(DO_bh, lo + offs_m0, stride_dom, offs_d)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m0
         row_ok = rows < Lq
@@ -411,50 +364,21 @@ def _dkdv_qloop(
 
 @triton.jit
 def _dkdv_block(
-    Q_b,
-    DO_b,
-    LSE_b,
-    DELTA_b,
-    K_base,
-    V_base,
-    DK_base,
-    DV_base,
-    MASK_base,
-    stride_qh,
-    stride_qm,
-    stride_doh,
-    stride_dom,
-    stride_lh,
-    stride_kn,
-    stride_vn,
-    stride_dkn,
-    stride_dvn,
-    stride_maskn,
-    off_hk,
-    start_n,
-    n_valid,
-    Lq,
-    shift,
-    scale,
-    qk_scale,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q_b, DO_b, LSE_b, DELTA_b,
+    K_base, V_base, DK_base, DV_base, MASK_base,
+    stride_qh, stride_qm, stride_doh, stride_dom, stride_lh,
+    stride_kn, stride_vn, stride_dkn, stride_dvn, stride_maskn,
+    off_hk, start_n, n_valid, Lq, shift, scale, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """dK/dV of one key tile (prefix or real) summed over the GROUP query heads that share it."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     col_ok = offs_n < n_valid
-    cols64 = offs_n.to(tl.int64)[:, None]
-    k = _load_tile(K_base + cols64 * stride_kn + offs_d[None, :], col_ok, d_ok, True, EVEN_D)
-    v = _load_tile(V_base + cols64 * stride_vn + offs_d[None, :], col_ok, d_ok, True, EVEN_D)
+    k = _load_tile(_tile_ptrs(K_base, offs_n, stride_kn, offs_d), col_ok, d_ok, True, EVEN_D)
+    v = _load_tile(_tile_ptrs(V_base, offs_n, stride_vn, offs_d), col_ok, d_ok, True, EVEN_D)
     k = k.to(Q_b.dtype.element_ty)
     v = v.to(Q_b.dtype.element_ty)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -496,71 +420,28 @@ def _dkdv_block(
         dk = tl.where(keep[:, None], dk, 0.0)
         dv = tl.where(keep[:, None], dv, 0.0)
     st_mask = col_ok[:, None] & d_ok[None, :]
-    tl.store(DK_base + cols64 * stride_dkn + offs_d[None, :], dk.to(DK_base.dtype.element_ty), mask=st_mask)
-    tl.store(DV_base + cols64 * stride_dvn + offs_d[None, :], dv.to(DV_base.dtype.element_ty), mask=st_mask)
+    tl.store(_tile_ptrs(DK_base, offs_n, stride_dkn, offs_d), dk.to(DK_base.dtype.element_ty), mask=st_mask)
+    tl.store(_tile_ptrs(DV_base, offs_n, stride_dvn, offs_d), dv.to(DV_base.dtype.element_ty), mask=st_mask)
 
 
-@_maybe_autotune(_DKDV_CONFIGS)
+@_maybe_autotune(_DKDV_CONFIGS, default=2)
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    PK,
-    PV,
-    MASK,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    DPK,
-    DPV,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_pkb,
-    stride_pkh,
-    stride_pkn,
-    stride_pvb,
-    stride_pvh,
-    stride_pvn,
-    stride_maskb,
-    stride_maskn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_lb,
-    stride_lh,
-    stride_dkb,
-    stride_dkh,
-    stride_dkn,
-    stride_dpb,
-    stride_dph,
-    stride_dpn,
-    Lq,
-    Lk,
-    P,
-    scale,
-    qk_scale,
-    LQ_KEY,
-    LK_KEY,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, PK, PV, MASK, DO, LSE, DELTA, DK, DV, DPK, DPV,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pkb, stride_pkh, stride_pkn,
+    stride_pvb, stride_pvh, stride_pvn,
+    stride_maskb, stride_maskn,
+    stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dpb, stride_dph, stride_dpn,
+    Lq, Lk, P, scale, qk_scale, LQ_KEY, LK_KEY,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     # One launch for both key sources: program ids [0, n_prefix_blocks) take prefix tiles (the longest
     # programs under causal masking, so they start first), the rest take real-key tiles.
     pid = tl.program_id(0)
@@ -601,39 +482,16 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    K_base,
-    V_base,
-    stride_kn,
-    stride_vn,
-    MASK_base,
-    stride_maskn,
-    lo,
-    hi,
-    n_valid,
-    offs_m,
-    shift,
-    qk_scale,
-    d_ok,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    MASK_N: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    PREC: tl.constexpr,
-):
+    dq, q, do, lse2, delta,
+    K_base, V_base, stride_kn, stride_vn, MASK_base, stride_maskn,
+    lo, hi, n_valid, offs_m, shift, qk_scale, d_ok,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
     """Accumulate dQ of one query tile over key rows [lo, hi) of one key source."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs = K_base + (lo + offs_n).to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V_base + (lo + offs_n).to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
-    if HAS_PAD:
-        pad_ptrs = MASK_base + (lo + offs_n).to(tl.int64) * stride_maskn
+    offs_n, k_ptrs, v_ptrs, pad_ptrs = _key_ptrs(
+        K_base, V_base, MASK_base, stride_kn, stride_vn, stride_maskn, lo, BLOCK_N, BLOCK_D
+    )
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < n_valid
@@ -641,13 +499,8 @@ def _dq_inner(
         v = _load_tile(v_ptrs, col_ok, d_ok, MASK_N, EVEN_D).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.exp2(s - lse2[:, None])
-        if MASK_N:
-            p = tl.where(col_ok[None, :], p, 0.0)
-        if CAUSAL_MASK:
-            p = tl.where(cols[None, :] <= offs_m[:, None] + shift, p, 0.0)
+        p = _mask_scores(p, cols, col_ok, offs_m, shift, pad_ptrs, 0.0, MASK_N, CAUSAL_MASK, HAS_PAD)
         if HAS_PAD:
-            keep = tl.load(pad_ptrs, mask=col_ok, other=0)
-            p = tl.where(keep[None, :] != 0, p, 0.0)
             pad_ptrs += BLOCK_N * stride_maskn
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -657,82 +510,28 @@ def _dq_inner(
     return dq
 
 
-@_maybe_autotune(_DQ_CONFIGS)
+@_maybe_autotune(_DQ_CONFIGS, default=1)
 @triton.jit
 def _bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    PK,
-    PV,
-    MASK,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_pkb,
-    stride_pkh,
-    stride_pkn,
-    stride_pvb,
-    stride_pvh,
-    stride_pvn,
-    stride_maskb,
-    stride_maskn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_lb,
-    stride_lh,
-    stride_dqb,
-    stride_dqh,
-    stride_dqm,
-    Lq,
-    Lk,
-    P,
-    scale,
-    qk_scale,
-    LQ_KEY,
-    LK_KEY,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2).to(tl.int64)
-    off_hk = (off_h // GROUP).to(tl.int64)
-    off_h = off_h.to(tl.int64)
-
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < Lq
-    rows64 = offs_m.to(tl.int64)[:, None]
-
-    q = _load_tile(
-        Q + off_b * stride_qb + off_h * stride_qh + rows64 * stride_qm + offs_d[None, :],
-        row_ok, d_ok, True, EVEN_D,
-    )  # fmt: skip
-    do = _load_tile(
-        DO + off_b * stride_dob + off_h * stride_doh + rows64 * stride_dom + offs_d[None, :],
-        row_ok, d_ok, True, EVEN_D,
-    )  # fmt: skip
+    Q, K, V, PK, PV, MASK, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pkb, stride_pkh, stride_pkn,
+    stride_pvb, stride_pvh, stride_pvn,
+    stride_maskb, stride_maskn,
+    stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh,
+    stride_dqb, stride_dqh, stride_dqm,
+    Lq, Lk, P, scale, qk_scale, LQ_KEY, LK_KEY,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    off_b, off_h, off_hk, start_m, offs_m, offs_d, d_ok, row_ok = _query_block(Lq, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
+    q_ptrs = _tile_ptrs(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, offs_d)
+    q = _load_tile(q_ptrs, row_ok, d_ok, True, EVEN_D)
+    do_ptrs = _tile_ptrs(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dom, offs_d)
+    do = _load_tile(do_ptrs, row_ok, d_ok, True, EVEN_D)
     lse2 = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + off_b * stride_lb + off_h * stride_lh + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -762,11 +561,8 @@ def _bwd_dq_kernel(
     )  # fmt: skip
 
     dq = dq * scale
-    tl.store(
-        DQ + off_b * stride_dqb + off_h * stride_dqh + rows64 * stride_dqm + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
+    dq_ptrs = _tile_ptrs(DQ + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqm, offs_d)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,17 +5,13 @@ the interpreter), or natively when CUDA is present (bf16 added). Both GEMM paths
 persistent loop, pointer fallback) are forced in turn and checked to be the ones that ran.
 """
 
-import os
-
 import pytest
 import torch
 
-pytestmark = pytest.mark.triton
+from tests.helpers import INTERPRET, assert_close, assert_within_eager_error, triton_device
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (INTERPRET or torch.cuda.is_available()):
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
-pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
+DEV = triton_device()
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -23,9 +19,7 @@ import triton.language as tl  # noqa: E402
 from peft_kernels.ops.dropout_mask import dropout_keep_mask, normalize_seed, philox_uniform  # noqa: E402
 from peft_kernels.triton import lora as tk  # noqa: E402
 from peft_kernels.triton.lora import _keep_mask  # noqa: E402
-from tests.helpers import assert_close, assert_within_eager_error  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" and not INTERPRET else [])
 NAMES = ("y", "S", "dx", "dW", "db", "dA", "dB")
 

@@ -1,25 +1,19 @@
 """The public ops with the triton backend forced: autograd, dtypes, dropout and torch.compile end to end
 (the kernels themselves are tested in test_lora_triton.py / test_prefix_attention_triton.py)."""
 
-import os
-
 import pytest
 import torch
 
-pytestmark = pytest.mark.triton
+from tests.helpers import assert_close, assert_within_eager_error, triton_device
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (INTERPRET or torch.cuda.is_available()):
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
-pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
+DEV = triton_device()
 
 import peft_kernels  # noqa: E402
 from peft_kernels.nn import LoRALinear  # noqa: E402
 from peft_kernels.ops.lora import lora_linear, lora_linear_reference  # noqa: E402
 from peft_kernels.ops.prefix_attention import prefix_attention, prefix_attention_reference  # noqa: E402
-from tests.helpers import assert_close, assert_within_eager_error  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 LOW = [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
 
 

@@ -3,68 +3,16 @@
 Runs under TRITON_INTERPRET=1 on CPU tensors (small odd shapes), or natively when CUDA is present.
 """
 
-import os
-
 import pytest
 import torch
 
-pytestmark = pytest.mark.triton
+from tests.helpers import triton_device
 
-if not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()):
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+pytestmark = pytest.mark.triton
+DEV = triton_device()
 
 from peft_kernels.triton import prefix_attention as pa  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _reference(q, k, v, pk, pv, causal, mask, scale):
-    """Eager attention in q's dtype over cat(prefix, real) with the explicit bool mask."""
-    B, Hq, Lq, _ = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    P = pk.shape[-2]
-    if pk.dim() == 3:
-        pk, pv = pk.expand(B, *pk.shape), pv.expand(B, *pv.shape)
-    kk = torch.cat([pk.to(q.dtype), k], 2).repeat_interleave(Hq // Hkv, 1)
-    vv = torch.cat([pv.to(q.dtype), v], 2).repeat_interleave(Hq // Hkv, 1)
-    allowed = torch.ones(B, 1, Lq, P + Lk, dtype=torch.bool, device=q.device)
-    if causal:
-        i = torch.arange(Lq, device=q.device)[:, None]
-        j = torch.arange(Lk, device=q.device)[None, :]
-        allowed[..., P:] &= j <= i + (Lk - Lq)
-    if mask is not None:
-        allowed[..., P:] &= mask[:, None, None, :]
-    s = (q @ kk.transpose(-1, -2)) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s.to(torch.promote_types(s.dtype, torch.float32)), -1)
-    out = torch.softmax(s, -1) @ vv
-    return out, lse
-
-
-def _make_inputs(dtype, B, Hq, Hkv, Lq, Lk, P, D, shared, pad, bshd, prefix_dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, dt=dtype):
-        return torch.randn(*shape, generator=g).to(device=DEV, dtype=dt)
-
-    if bshd:  # HF layout [B, L, H, D] viewed as [B, H, L, D]: non-contiguous strides
-        q = rnd(B, Lq, Hq, D).transpose(1, 2)
-        k = rnd(B, Lk, Hkv, D).transpose(1, 2)
-        v = rnd(B, Lk, Hkv, D).transpose(1, 2)
-    else:
-        q, k, v = rnd(B, Hq, Lq, D), rnd(B, Hkv, Lk, D), rnd(B, Hkv, Lk, D)
-    pshape = (Hkv, P, D) if shared else (B, Hkv, P, D)
-    pk, pv = rnd(*pshape, dt=prefix_dtype or dtype), rnd(*pshape, dt=prefix_dtype or dtype)
-    mask = None
-    if pad:
-        mask = torch.ones(B, Lk, dtype=torch.bool)
-        for b in range(1, B):  # row 0 full; others right- and left-padded by different amounts
-            n = max(1, Lk // (b + 2))
-            mask[b, Lk - n :] = False
-            mask[b, : b * 2] = False
-        mask = mask.to(DEV)
-    do = rnd(B, Hq, Lq, D)
-    return q, k, v, pk, pv, mask, do
+from tests.prefix_attention_cases import eager_attention, make_inputs  # noqa: E402
 
 
 def _grads(fn, inputs, do):
@@ -78,8 +26,10 @@ def _run(
     dtype, B, Hq, Hkv, Lq, Lk, P, D, causal, shared, pad, bshd=False,
     prefix_dtype=None, seed=0,
 ):  # fmt: skip
-    shape = (B, Hq, Hkv, Lq, Lk, P, D)
-    q, k, v, pk, pv, mask, do = _make_inputs(dtype, *shape, shared, pad, bshd, prefix_dtype, seed)
+    q, k, v, pk, pv, mask, do = make_inputs(
+        DEV, dtype, B, Hq, Hkv, Lq, Lk, P, D, shared, pad,
+        bshd=bshd, prefix_dtype=prefix_dtype, seed=seed, with_grad_out=True,
+    )  # fmt: skip
     scale = D**-0.5
     out, lse = pa.prefix_attention_forward(q, k, v, pk, pv, causal, mask, scale)
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -89,7 +39,7 @@ def _run(
         assert g.dtype == t.dtype and g.shape == t.shape
 
     def ref(*t):
-        return _reference(*t, causal, mask, scale)
+        return eager_attention(*t, causal, mask, scale)
 
     ref_out, ref_lse, ref_grads = _grads(ref, [t.double() for t in (q, k, v, pk, pv)], do.double())
     names = ("out", "lse", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
