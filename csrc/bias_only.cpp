@@ -14,12 +14,13 @@ at::Tensor bias_only_linear_fwd(const at::Tensor& x, const at::Tensor& weight, c
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_only_linear_bwd(const at::Tensor& dy, const at::Tensor& weight,
-                                                        std::array<bool, 2> needs) {
+                                                        std::array<bool, 2> needs,
+                                                        std::optional<at::ScalarType> db_dtype) {
   static auto colsum = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("peft_kernels::column_sum", "")
                            .typed<at::Tensor(const at::Tensor&, std::optional<at::ScalarType>)>();
   at::Tensor dx = needs[0] ? at::mm(dy, weight.to(dy.scalar_type())) : at::Tensor();
-  at::Tensor db = needs[1] ? colsum.call(dy, std::nullopt) : at::Tensor();
+  at::Tensor db = needs[1] ? colsum.call(dy, db_dtype) : at::Tensor();
   return {dx, db};
 }
 

@@ -13,7 +13,7 @@ TORCH_LIBRARY(peft_kernels, m) {
   //   out = x * keep(seed, i*K + j) / (1 - p)
   m.def("philox_dropout(Tensor x, float p, int seed) -> Tensor");
   //   out += keep(seed, i*K + j) / (1 - p) * src   (the mask regenerated in a backward epilogue)
-  m.def("philox_dropout_add_(Tensor(a!) out, Tensor src, float p, int seed) -> Tensor(a!)");
+  m.def("philox_dropout_add_(Tensor(a!) out, Tensor src, float p, int seed) -> ()");  // in place, no return
   // Column sum of a 2-D tensor with fp32 accumulation (the bias gradient): out[j] = sum_i x[i, j].
   m.def("column_sum(Tensor x, ScalarType? out_dtype=None) -> Tensor");
 
@@ -28,7 +28,8 @@ TORCH_LIBRARY(peft_kernels, m) {
 
   // BitFit: y = x W^T + b with W frozen. Backward returns (dx, db) (either undefined when not needed).
   m.def("bias_only_linear_fwd(Tensor x, Tensor weight, Tensor bias) -> Tensor");
-  m.def("bias_only_linear_bwd(Tensor dy, Tensor weight, bool[2] needs) -> (Tensor, Tensor)");
+  // db comes back in db_dtype (the bias's own dtype, e.g. an fp32 master bias), summed in fp32 (fp64 for fp64).
+  m.def("bias_only_linear_bwd(Tensor dy, Tensor weight, bool[2] needs, ScalarType? db_dtype=None) -> (Tensor, Tensor)");
 
   // Prefix attention forward, FlashAttention-2 style (csrc/cuda/prefix_attention.cu; CUDA only): softmax over the P
   // prefix keys (always visible) then the real keys (causal bottom-right, key padding mask), GQA. prefix is

@@ -12,6 +12,13 @@
 namespace peft_kernels {
 namespace {
 
+at::Tensor column_sum(const at::Tensor& x) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("peft_kernels::column_sum", "")
+                       .typed<at::Tensor(const at::Tensor&, std::optional<at::ScalarType>)>();
+  return op.call(x, std::nullopt);
+}
+
 at::Tensor maybe_dropout(const at::Tensor& x, double p, int64_t seed) {
   if (p <= 0.0) return x;
   static auto op = c10::Dispatcher::singleton()
@@ -51,14 +58,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     if (dropout_p > 0.0) {
       static auto add_op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("peft_kernels::philox_dropout_add_", "")
-                               .typed<at::Tensor&(at::Tensor&, const at::Tensor&, double, int64_t)>();
+                               .typed<void(at::Tensor&, const at::Tensor&, double, int64_t)>();
       add_op.call(dx, at::mm(G, A), dropout_p, seed);  // mask regenerated, never stored
     } else {
       dx.addmm_(G, A);
     }
   }
   if (need_dW) dW = at::mm(dy.t(), x).to(weight.scalar_type());
-  if (need_db) db = dy.sum(0, /*keepdim=*/false, at::kFloat).to(dt);
+  if (need_db) db = column_sum(dy);  // fp32 accumulation (fp64 for fp64), in dy's dtype
   if (need_dA) dA = at::mm(G.t(), maybe_dropout(x, dropout_p, seed)).to(lora_A.scalar_type());
   if (need_dB) dB = at::mm(dy.t(), S).mul_(scaling).to(lora_B.scalar_type());
   return {dx, dW, db, dA, dB};

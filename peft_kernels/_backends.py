@@ -29,12 +29,13 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 def _load_native() -> tuple[bool, str]:
     try:
         from peft_kernels import _C  # noqa: F401  (importing registers torch.ops.peft_kernels.*)
-    except ImportError as exc:
+
+        return True, torch.ops.peft_kernels.build_info()
+    except (ImportError, OSError, AttributeError, RuntimeError) as exc:  # missing, or built for another torch
         return False, (
-            f"native extension peft_kernels._C not importable ({exc}); build it with "
+            f"native extension peft_kernels._C not usable ({exc}); build it with "
             "`pip install -e . --no-build-isolation` (needs a C++ compiler; nvcc for the CUDA kernels)"
         )
-    return True, torch.ops.peft_kernels.build_info()
 
 
 def _probe_triton() -> tuple[bool, str]:
@@ -207,6 +208,12 @@ def _time_once(run: Callable[[str], object], backend: str, device_type: str, rep
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
+def on_device(device: torch.device):
+    """Makes `device` current while Triton launches: Triton takes the current device and stream, not the
+    tensors' (a model spread over several GPUs would otherwise launch on the wrong one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _fastest(op: str, candidates: list[str], device_type: str, tune_key, tune_run) -> str:
     """Times each candidate once per (op, key) and remembers the winner; under torch.compile (no timing
     possible while tracing) a remembered winner is used, else the first candidate."""
@@ -215,8 +222,15 @@ def _fastest(op: str, candidates: list[str], device_type: str, tune_key, tune_ru
         return _TUNED[key]
     if torch.compiler.is_compiling():
         return candidates[0]
-    with torch.no_grad():
-        times = {name: _time_once(tune_run, name, device_type) for name in candidates}
+    times = {}
+    for name in candidates:
+        try:
+            with torch.no_grad():
+                times[name] = _time_once(tune_run, name, device_type)
+        except Exception as exc:  # a backend that fails here (compile error, out of resources) is not chosen
+            warnings.warn(f"peft_kernels.{op}: backend {name!r} failed while being timed ({exc!r})", stacklevel=4)
+    if not times:
+        return candidates[0]
     _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
 

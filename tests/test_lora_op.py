@@ -228,3 +228,30 @@ def test_strict_backend_refuses_and_lenient_falls_back():
     with peft_kernels.use_backend("cuda"), pytest.warns(UserWarning, match="falling back"):
         y = lora_linear(x, W, b, A, B)
     assert_close(y, lora_linear_reference(x, W, b, A, B, upcast=True))
+
+
+def test_float64_bias_gradient_keeps_float64_precision():
+    x, W, b, A, B = make_inputs(7, 6, 3, 2, dtype=torch.float64, adapter_dtype=torch.float64)
+    dy = torch.randn(7, 3, dtype=torch.float64) + 1e-9
+    for backend in CPU_BACKENDS:
+        b_ = b.clone().requires_grad_(True)
+        with peft_kernels.use_backend(backend, strict=True):
+            lora_linear(x, W, b_, A, B).backward(dy)
+        assert torch.allclose(b_.grad, dy.sum(0), rtol=1e-14, atol=1e-14), backend
+
+
+def test_measured_dispatch_survives_a_failing_backend(monkeypatch):
+    calls = []
+
+    def run(name):
+        calls.append(name)
+        if name == "cpu":
+            raise RuntimeError("out of resources")
+
+    monkeypatch.setenv("PEFT_KERNELS_TUNE_DISPATCH", "1")
+    monkeypatch.setattr(_backends, "backend_status", lambda backend, device: None)
+    _backends.clear_tuning_cache()
+    with pytest.warns(UserWarning, match="failed while being timed"):
+        chosen = _backends._fastest("lora_linear", ["cpu", "triton"], "cpu", ("k",), run)
+    assert chosen == "triton"
+    _backends.clear_tuning_cache()

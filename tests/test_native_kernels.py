@@ -68,3 +68,14 @@ def test_cuda_kernels_match_cpu(shape):
     torch.ops.peft_kernels.philox_dropout_add_(ref, src.cpu(), 0.2, 8)
     torch.ops.peft_kernels.philox_dropout_add_(out, src, 0.2, 8)
     assert_close(out.cpu(), ref)
+
+
+def test_opcheck_native_ops():
+    x = torch.randn(9, 7)
+    torch.library.opcheck(torch.ops.peft_kernels.philox_dropout.default, (x, 0.25, 3))
+    torch.library.opcheck(torch.ops.peft_kernels.philox_dropout_add_.default, (torch.randn(9, 7), x, 0.25, 3))
+    torch.library.opcheck(torch.ops.peft_kernels.column_sum.default, (x,))
+    torch.library.opcheck(torch.ops.peft_kernels.column_sum.default, (x.bfloat16(), torch.float32))
+    W, A, B = torch.randn(5, 7), torch.randn(3, 7), torch.randn(5, 3)
+    torch.library.opcheck(torch.ops.peft_kernels.lora_linear_fwd.default, (x, W, torch.randn(5), A, B, 2.0, 0.1, 4))
+    torch.library.opcheck(torch.ops.peft_kernels.bias_only_linear_fwd.default, (x, W, torch.randn(5)))

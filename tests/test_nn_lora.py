@@ -112,3 +112,14 @@ def test_compiles_fullgraph():
     x = torch.randn(4, 16)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     assert_close(compiled(x), layer(x))
+
+
+def test_disabling_a_merged_adapter_gives_the_base_output():
+    layer = LoRALinear(16, 8, r=4)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 16)
+    base = torch.nn.functional.linear(x, layer.weight, layer.bias).detach()
+    layer.merge()
+    layer.adapter_enabled = False
+    assert_close(layer(x).detach(), base)
+    assert not layer.merged

@@ -138,3 +138,10 @@ def test_validation(change, exc, match):
     t.update(change)
     with pytest.raises(exc, match="prefix_attention: .*" + match):
         prefix_attention(t["q"], t["k"], t["v"], t["pk"], t["pv"], key_padding_mask=t["kpm"], scale=t["scale"])
+
+
+def test_per_batch_prefix_single_batch_and_head_backward():
+    """dprefix and dk are slices of one buffer when B * Hkv == 1: they must come back as separate tensors."""
+    q, k, v, pk, pv = (t.requires_grad_(True) for t in make(B=1, Hq=1, Hkv=1, Lq=5, Lk=5, D=8, P=3, shared=False))
+    prefix_attention(q, k, v, pk, pv, causal=True).sum().backward()
+    assert pk.grad.shape == pk.shape and k.grad.shape == k.shape

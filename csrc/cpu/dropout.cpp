@@ -32,7 +32,7 @@ at::Tensor philox_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
   return out;
 }
 
-at::Tensor& philox_dropout_add_cpu(at::Tensor& out, const at::Tensor& src, double p, int64_t seed) {
+void philox_dropout_add_cpu(at::Tensor& out, const at::Tensor& src, double p, int64_t seed) {
   PK_CHECK(out.dim() == 2 && src.sizes() == out.sizes(), "philox_dropout_add_: out and src must be equal 2-D");
   PK_CHECK(out.is_contiguous(), "philox_dropout_add_: out must be contiguous");
   auto sc = src.contiguous();
@@ -55,7 +55,6 @@ at::Tensor& philox_dropout_add_cpu(at::Tensor& out, const at::Tensor& src, doubl
       }
     });
   });
-  return out;
 }
 
 at::Tensor column_sum_cpu(const at::Tensor& x, std::optional<at::ScalarType> out_dtype) {

@@ -22,7 +22,7 @@ inline int blocks_for(int64_t n) {
 
 template <typename scalar_t>
 __global__ void philox_dropout_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t n,
-                                      uint64_t seed, float p, float scale) {
+                                      uint64_t seed, float p, double scale) {
   using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -34,7 +34,7 @@ __global__ void philox_dropout_kernel(const scalar_t* __restrict__ in, scalar_t*
 
 template <typename scalar_t>
 __global__ void philox_dropout_add_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ src, int64_t n,
-                                          uint64_t seed, float p, float scale) {
+                                          uint64_t seed, float p, double scale) {
   using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -52,7 +52,7 @@ at::Tensor philox_dropout_cuda(const at::Tensor& x, double p, int64_t seed) {
   auto out = at::empty_like(xc);
   const int64_t n = xc.numel();
   if (n == 0) return out;
-  const float scale = p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.f;
+  const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;  // cast to the op's math type in the kernel
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "philox_dropout_cuda", [&] {
     philox_dropout_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
@@ -63,14 +63,14 @@ at::Tensor philox_dropout_cuda(const at::Tensor& x, double p, int64_t seed) {
   return out;
 }
 
-at::Tensor& philox_dropout_add_cuda(at::Tensor& out, const at::Tensor& src, double p, int64_t seed) {
+void philox_dropout_add_cuda(at::Tensor& out, const at::Tensor& src, double p, int64_t seed) {
   PK_CHECK(out.dim() == 2 && src.sizes() == out.sizes(), "philox_dropout_add_: out and src must be equal 2-D");
   PK_CHECK(out.is_contiguous(), "philox_dropout_add_: out must be contiguous");
   const c10::cuda::CUDAGuard guard(out.device());
   auto sc = src.to(out.scalar_type()).contiguous();
   const int64_t n = out.numel();
-  if (n == 0) return out;
-  const float scale = p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.f;
+  if (n == 0) return;
+  const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;  // cast to the op's math type in the kernel
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "philox_dropout_add_cuda", [&] {
     philox_dropout_add_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
@@ -78,7 +78,6 @@ at::Tensor& philox_dropout_add_cuda(at::Tensor& out, const at::Tensor& src, doub
         static_cast<float>(p), scale);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
 }  // namespace

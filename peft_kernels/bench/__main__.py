@@ -130,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"json: {report.write_json(data, json_path)}")
         if args.plot is not None:
             title = f"{env['device']} | torch {env['torch']} | {env['date_utc'][:10]}"
-            written = report.write_plot(rows, args.plot, title)
-            print(f"plot: {written}" if written else "plot: nothing to plot (no ratios)")
+            try:
+                written = report.write_plot(rows, args.plot, title)
+                print(f"plot: {written}" if written else "plot: nothing to plot (no ratios)")
+            except ImportError as exc:  # the table and JSON are the results; the picture is optional
+                print(f"plot: skipped ({exc})")
         if any(r.status == "error" or r.reason == "interrupted" for r in rows):
             rc = 1
     if "e2e" in ops:

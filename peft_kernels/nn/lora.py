@@ -123,14 +123,21 @@ class LoRALinear(nn.Linear):
             self.weight.copy_((self.weight.to(torch.float32) - self.delta_weight()).to(self.weight.dtype))
         self.merged = False
 
+    def base_weight(self) -> Tensor:
+        """W as [out_features, in_features] (subclasses that store it transposed return a view)."""
+        return self.weight
+
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.weight, self.bias
+        weight, bias = self.base_weight(), self.bias
         if torch.is_autocast_enabled(x.device.type):
             # Custom ops are not autocast: do what autocast does for F.linear (activation and weight in
             # the autocast dtype); the fp32 adapter weights are cast inside the op.
             dt = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
+        if self.merged and not self.adapter_enabled:
+            self.unmerge()  # a disabled adapter must not stay folded into W (as peft unmerges on disable)
+            weight = self.base_weight().to(weight.dtype)
         if self.merged or not self.adapter_enabled:
             return F.linear(x, weight, bias)
         p = self.lora_dropout if self.training else 0.0

@@ -1,5 +1,6 @@
 """The ops, one module per family: reference math, torch.library registration, backend dispatch."""
 
+from peft_kernels.ops import _native_fakes  # noqa: F401  (fake kernels of the csrc ops)
 from peft_kernels.ops.adapter import bottleneck_adapter, bottleneck_adapter_reference
 from peft_kernels.ops.bias_only import bias_only_linear, bias_only_linear_reference
 from peft_kernels.ops.distill import distillation_loss, distillation_loss_reference

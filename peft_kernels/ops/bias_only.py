@@ -25,11 +25,11 @@ def _reference_forward(x, weight, bias):
     return torch.addmm(bias.to(x.dtype), x, weight.t())
 
 
-def _reference_backward(dy, weight, needs):
+def _reference_backward(dy, weight, needs, db_dtype):
     dx = dy @ weight.to(dy.dtype) if needs[0] else None
     db = None
-    if needs[1]:
-        db = dy.sum(0) if dy.dtype == torch.float64 else dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    if needs[1]:  # summed in fp32 (fp64 for fp64) and returned in the bias's own dtype (an fp32 master bias)
+        db = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(db_dtype)
     return dx, db
 
 
@@ -37,8 +37,8 @@ def _native_forward(x, weight, bias):
     return torch.ops.peft_kernels.bias_only_linear_fwd(x, weight, bias)
 
 
-def _native_backward(dy, weight, needs):
-    dx, db = torch.ops.peft_kernels.bias_only_linear_bwd(dy, weight, list(needs))
+def _native_backward(dy, weight, needs, db_dtype):
+    dx, db = torch.ops.peft_kernels.bias_only_linear_bwd(dy, weight, list(needs), db_dtype)
     return (dx if needs[0] else None), (db if needs[1] else None)
 
 
@@ -63,15 +63,17 @@ def _(x, weight, bias, backend):
 
 
 @torch.library.custom_op("peft_kernels::bias_only_linear_backward", mutates_args=())
-def _bias_only_linear_backward_op(dy: Tensor, weight: Tensor, backend: str, needs: list[bool]) -> tuple[Tensor, Tensor]:
-    dx, db = _BACKWARD[backend](dy, weight, needs)
+def _bias_only_linear_backward_op(
+    dy: Tensor, weight: Tensor, db_dtype: torch.dtype, backend: str, needs: list[bool]
+) -> tuple[Tensor, Tensor]:
+    dx, db = _BACKWARD[backend](dy, weight, needs, db_dtype)
     return (dx if dx is not None else dy.new_empty(0)), (db if db is not None else dy.new_empty(0))
 
 
 @_bias_only_linear_backward_op.register_fake
-def _(dy, weight, backend, needs):
+def _(dy, weight, db_dtype, backend, needs):
     dx = dy.new_empty(dy.shape[0], weight.shape[1]) if needs[0] else dy.new_empty(0)
-    db = dy.new_empty(weight.shape[0]) if needs[1] else dy.new_empty(0)
+    db = dy.new_empty(weight.shape[0], dtype=db_dtype) if needs[1] else dy.new_empty(0)
     return dx, db
 
 
@@ -91,8 +93,8 @@ def _backward(ctx, dy):
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
     if not any(needs):
         return None, None, None, None
-    dx, db = _bias_only_linear_backward_op(dy.contiguous(), weight, ctx.backend, needs)
-    return (dx if needs[0] else None), None, (db.to(ctx.bias_dtype) if needs[1] else None), None
+    dx, db = _bias_only_linear_backward_op(dy.contiguous(), weight, ctx.bias_dtype, ctx.backend, needs)
+    return (dx if needs[0] else None), None, (db if needs[1] else None), None
 
 
 _bias_only_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -89,22 +89,26 @@ def _native_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed,
 def _triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     from peft_kernels.triton import lora as tk
 
-    return tk.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    with _backends.on_device(x.device):
+        return tk.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def _triton_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
     from peft_kernels.triton import lora as tk
 
-    return tk.lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, *needs)
+    with _backends.on_device(dy.device):
+        return tk.lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, *needs)
 
 
-def _native_supports(x, weight, lora_A):
+def _native_supports(x, weight, lora_A, lora_B):
     return None
 
 
-def _triton_supports(x, weight, lora_A):
+def _triton_supports(x, weight, lora_A, lora_B):
     from peft_kernels.triton import lora as tk
 
+    if lora_B.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"lora_B has dtype {lora_B.dtype}; the Triton kernels take fp16/bf16/fp32 adapters"
     ok, reason = tk.supports(x, weight, lora_A)
     return None if ok else reason
 
@@ -234,7 +238,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     K = x.shape[-1]
     x2d = x.reshape(-1, K).contiguous()
     backend = _backends.select(
-        OP, x.device.type, x2d, weight, lora_A,
+        OP, x.device.type, x2d, weight, lora_A, lora_B,
         tune_key=_tune_key(x2d, weight, bias, lora_A, dropout_p),
         tune_run=lambda name: _run_once(name, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p),
     )

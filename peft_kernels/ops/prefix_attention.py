@@ -100,16 +100,18 @@ def _reference_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_p
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype))
 
 
-def _triton_forward(*args):
+def _triton_forward(q, *args):
     from peft_kernels.triton import prefix_attention as tk
 
-    return tk.prefix_attention_forward(*args)
+    with _backends.on_device(q.device):
+        return tk.prefix_attention_forward(q, *args)
 
 
-def _triton_backward(*args):
+def _triton_backward(do, *args):
     from peft_kernels.triton import prefix_attention as tk
 
-    return tk.prefix_attention_backward(*args)
+    with _backends.on_device(do.device):
+        return tk.prefix_attention_backward(do, *args)
 
 
 def _triton_supports(q, k, v, prefix_k, prefix_v, key_padding_mask):
@@ -219,7 +221,9 @@ def _prefix_attention_backward_op(
     causal: bool, key_padding_mask: Tensor | None, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _BACKWARD[backend](do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale)
-    return tuple(g.contiguous() for g in grads)
+    # Outputs of a custom op may not alias each other: slices of one buffer (the reference's prefix/real split)
+    # are copied out.
+    return tuple(g.clone() if g._is_view() else g.contiguous() for g in grads)
 
 
 @_prefix_attention_backward_op.register_fake

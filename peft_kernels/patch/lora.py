@@ -23,7 +23,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peft_kernels.nn.lora import LoRALinear
@@ -86,16 +85,8 @@ class LoRAConv1D(LoRALinear):
         # merge()/unmerge() add this to the stored weight, which is [in, out] here.
         return super().delta_weight().t()
 
-    def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.weight.t(), self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
-        if self.merged or not self.adapter_enabled:
-            return F.linear(x, weight, bias)
-        p = self.lora_dropout if self.training else 0.0
-        return lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling, p)
+    def base_weight(self) -> Tensor:
+        return self.weight.t()  # a view: the op reads it with its strides
 
     def to_conv1d(self) -> nn.Module:
         """A plain Conv1D around the same weight and bias Parameters (merge or unmerge first)."""

@@ -235,6 +235,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     state.seen.add(layer)
     where = f"layer {layer}, {type(module).__name__}"
     prefix_k, prefix_v = state.prefix[layer]
+    # A model split over devices (device_map) runs layers away from the encoder; the prefix is tiny to move.
+    prefix_k, prefix_v = prefix_k.to(query.device), prefix_v.to(query.device)
     is_causal = kwargs.get("is_causal")
     hint = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     B, Lq, Lk = query.shape[0], query.shape[2], key.shape[2]

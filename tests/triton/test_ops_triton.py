@@ -86,3 +86,14 @@ def test_prefix_attention_triton_matches_reference(causal, shared):
     assert_close(ours[0], ref[0], rtol=5e-4, atol=5e-4, name="out")
     for name, got, want in zip(["dq", "dk", "dv", "dprefix_k", "dprefix_v"], ours[1], ref[1]):
         assert_close(got, want, rtol=1e-3, atol=1e-3, name=name)
+
+
+def test_lora_triton_refuses_float64_adapters_and_auto_falls_back():
+    x = torch.randn(8, 16, device=DEV)
+    W = torch.randn(12, 16, device=DEV)
+    A, B = torch.randn(4, 16, device=DEV), torch.randn(12, 4, device=DEV, dtype=torch.float64)
+    with peft_kernels.use_backend("triton", strict=True), pytest.raises(NotImplementedError, match="lora_B"):
+        lora_linear(x, W, None, A, B)
+    with peft_kernels.use_backend("triton"), pytest.warns(UserWarning, match="falling back"):
+        y = lora_linear(x, W, None, A, B)
+    assert_close(y, lora_linear_reference(x, W, None, A, B, upcast=True), rtol=1e-4, atol=1e-4)
