@@ -42,7 +42,8 @@ class LoRALinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, freeze_base)
 
-    def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, freeze_base) -> None:
+    def _init_lora(self, r=8, lora_alpha=8.0, lora_dropout=0.0, use_rslora=False, adapter_dtype=torch.float32,
+                   freeze_base=True) -> None:
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
@@ -81,18 +82,19 @@ class LoRALinear(nn.Linear):
         """Wrap an existing ``nn.Linear``, reusing its weight and bias tensors (no copy)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
-        return cls._wrap(linear, linear.in_features, linear.out_features,
-                         r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, freeze_base)
+        return cls._wrap(linear, linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha,
+                         lora_dropout=lora_dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
+                         freeze_base=freeze_base)
 
     @classmethod
-    def _wrap(cls, base: nn.Module, in_features: int, out_features: int, *lora_args):
+    def _wrap(cls, base: nn.Module, in_features: int, out_features: int, **lora_kwargs):
         """A new instance holding `base`'s own weight and bias Parameters (no copy), in `base`'s mode."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
         self.weight = base.weight
         self.bias = base.bias
-        self._init_lora(*lora_args)
+        self._init_lora(**lora_kwargs)
         self.train(base.training)
         return self
 

@@ -59,19 +59,11 @@ class LoRAConv1D(LoRALinear):
     fan_in_fan_out = True
 
     @classmethod
-    def from_conv1d(
-        cls,
-        conv: nn.Module,
-        r: int = 8,
-        lora_alpha: float = 8.0,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        adapter_dtype: torch.dtype | None = torch.float32,
-        freeze_base: bool = True,
-    ) -> LoRAConv1D:
+    def from_conv1d(cls, conv: nn.Module, **lora_kwargs) -> LoRAConv1D:
+        """Wrap a GPT-2 Conv1D, reusing its Parameters; takes LoRALinear.from_linear's keyword arguments."""
         if not is_conv1d(conv):
             raise TypeError(f"LoRAConv1D.from_conv1d: expected a transformers Conv1D, got {type(conv).__name__}")
-        return cls._wrap(conv, conv.nx, conv.nf, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, freeze_base)
+        return cls._wrap(conv, conv.nx, conv.nf, **lora_kwargs)
 
     @property
     def nf(self) -> int:
