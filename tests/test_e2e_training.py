@@ -134,3 +134,29 @@ def test_bench_e2e_reports_missing_dependencies_as_skipped(tmp_path, monkeypatch
     for name in LORA_VARIANTS:
         assert rows[name]["status"] == "skipped", rows[name]
     assert "peft" in rows["peft_lora_fp32"]["reason"] and "peft_kernels.patch" in rows["apply_lora"]["reason"]
+
+
+# --------------------------------------------------------------------------------------------------
+# examples/prefix_tuning.py and examples/patch_peft_model.py
+# --------------------------------------------------------------------------------------------------
+def test_prefix_tuning_example_trains_and_generates():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        ex = _load("examples/prefix_tuning.py", "prefix_tuning_example")
+        model, first, last, n = ex.train(steps=6, batch_size=4, seq_len=64, progress=False)
+        assert last < first and 0 < n
+        assert len(ex.generate(model, "anna ", max_new_tokens=5)) > 0
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+
+
+@pytest.mark.skipif(not _has_peft(), reason="needs peft")
+def test_patch_peft_model_example_runs(capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        ex = _load("examples/patch_peft_model.py", "patch_peft_model_example")
+        assert ex.main(["--steps", "2", "--device", "cpu"]) == 0
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    out = capsys.readouterr().out
+    assert "14 LoRA layers fused, 0 left to peft" in out and "adapter_model.safetensors" in out
