@@ -212,6 +212,16 @@ def lora_cases(device: str, quick: bool = False) -> list[Case]:
 
             return setup
 
+        def cublas_addmm(make=make):
+            # TARGETS.md's anchor "cuBLAS addmm_ autograd" (Unsloth's design): two GEMMs, the low-rank term
+            # accumulated in place, autograd for the backward; fp32 adapters cast to the activation dtype.
+            x, W, A, B, dy = make()
+
+            def fwd():
+                return (x @ W.t()).addmm_(x @ A.to(dtype).t(), B.to(dtype).t(), alpha=alpha / r)
+
+            return _step(fwd, [x, A, B], dy, note="adapters float32, cast per step")
+
         def ours_build(dropout_p, make=make):
             def build(fn):
                 x, W, A, B, dy = make()
@@ -223,13 +233,15 @@ def lora_cases(device: str, quick: bool = False) -> list[Case]:
         def support_args(K=K, N=N):
             return (torch.empty(M, K, device=device, dtype=dtype),
                     torch.empty(N, K, device=device, dtype=dtype),
-                    torch.empty(r, K, device=device, dtype=torch.float32))
+                    torch.empty(r, K, device=device, dtype=torch.float32),
+                    torch.empty(N, r, device=device, dtype=torch.float32))
 
         cases += [
             Case("lora", shape, "frozen_base", frozen_base, floor=True, note="F.linear, frozen W, dX only"),
             Case("lora", shape, "peft_fp32_adapters", peft_variant(torch.float32)),
             Case("lora", shape, "peft_bf16_adapters", peft_variant(torch.bfloat16)),
             Case("lora", shape, "peft_compile", peft_variant(torch.float32, compiled=True), compiled=True),
+            Case("lora", shape, "cublas_addmm_autograd", cublas_addmm),
         ]
         cases += _ours_cases("lora", shape, device, "peft_kernels.ops.lora", "lora_linear", ours_build(0.0),
                              support_args, extra=[("dropout0.05", ours_build(0.05))])
