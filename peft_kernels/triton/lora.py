@@ -73,7 +73,10 @@ def _gemm_configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
     if not _AUTOTUNE:
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)]
+        # The fast config, plus a small one that fits shared memory where it does not (fp32 at r = 128): the
+        # autotuner drops a config that fails with out-of-resources.
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2)]
     shapes = [
         # BM, BN, BK, warps, stages
         (128, 256, 64, 8, 3),
