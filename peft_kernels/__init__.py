@@ -18,10 +18,12 @@ from peft_kernels.patch import (
     load_lora,
     load_prefix,
     patch_peft_model,
+    print_trainable_parameters,
     remove_lora,
     remove_prefix,
     save_lora,
     save_prefix,
+    trainable_parameters,
     unpatch_peft_model,
 )
 
@@ -42,11 +44,13 @@ __all__ = [
     "nn",
     "patch_peft_model",
     "prefix_attention",
+    "print_trainable_parameters",
     "remove_lora",
     "remove_prefix",
     "save_lora",
     "save_prefix",
     "soft_prompt_embed",
+    "trainable_parameters",
     "unpatch_peft_model",
     "use_backend",
 ]

@@ -1,5 +1,6 @@
 """Patching transformers / HF peft models in place with the fused ops."""
 
+from peft_kernels.patch._methods import print_trainable_parameters, trainable_parameters
 from peft_kernels.patch.lora import (
     apply_lora,
     load_lora,
@@ -17,9 +18,11 @@ __all__ = [
     "load_lora",
     "load_prefix",
     "patch_peft_model",
+    "print_trainable_parameters",
     "remove_lora",
     "remove_prefix",
     "save_lora",
     "save_prefix",
+    "trainable_parameters",
     "unpatch_peft_model",
 ]
