@@ -1,26 +1,20 @@
-"""Loads the native extension and Triton, and decides which backend serves each op.
+"""Loads the native extension and probes Triton (never failing the import of peft_kernels), and says what a
+backend kind needs to run: ``availability(requires, device_type)``. Forcing a backend: ``use_backend``.
 
-Four backends: ``reference`` (plain PyTorch, any device), ``cpu`` (C++ in csrc/cpu), ``cuda`` (csrc/cuda),
-``triton`` (peft_kernels/triton; on the GPU, or on CPU tensors under TRITON_INTERPRET=1). Each op family
-registers, per backend, a function that says why it cannot serve given inputs (or None when it can).
-Selection is automatic (the first backend in the op's preference order for the device that can serve), or
-forced with ``PEFT_KERNELS_BACKEND=name`` or ``with peft_kernels.use_backend(name):``.
+The backends themselves are declared per op family (peft_kernels/_op.py); this module knows only the kinds:
+``native`` (peft_kernels._C loaded), ``native_cuda`` (built with its CUDA sources), ``triton`` (installed; CUDA
+tensors, or CPU tensors under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib.metadata
 import importlib.util
-import os
-import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+from peft_kernels import _config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,7 +58,82 @@ def triton_status() -> tuple[bool, str]:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _config.SETTINGS.triton_interpret
+
+
+def availability(requires: str | None, device_type: str) -> str | None:
+    """Why a backend needing `requires` cannot run on `device_type` tensors (None: it can, as far as loading goes)."""
+    if requires is None:
+        return None
+    if requires in ("native", "native_cuda"):
+        ok, detail = native_status()
+        if not ok:
+            return detail
+        if requires == "native_cuda":
+            if "cuda" not in detail.split(","):
+                return "peft_kernels._C was built without CUDA (nvcc not found or PEFT_KERNELS_CUDA=0 at build time)"
+            if device_type != "cuda":
+                return f"CUDA C++ kernels run on CUDA tensors, got {device_type} tensors"
+        return None
+    if requires == "triton":
+        ok, detail = triton_status()
+        if not ok:
+            return detail
+        if device_type == "cuda" or (device_type == "cpu" and triton_interpreting()):
+            return None
+        return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device_type} tensors"
+    raise ValueError(f"unknown backend requirement {requires!r}")
+
+
+def check_backend_name(name: str) -> None:
+    from peft_kernels._op import known_backends
+
+    known = known_backends()
+    if name not in known:
+        raise ValueError(f"unknown backend {name!r}; the op families declare: {', '.join(sorted(known))} (or 'auto')")
+
+
+def use_backend(name: str | None, strict: bool = False):
+    """Force a backend for the ops called inside the block (inside or outside ``torch.compile``).
+
+    ``strict=False``: where the forced backend cannot serve an input, the op falls back to the next backend
+    in its preference order (with a warning once). ``strict=True``: it raises NotImplementedError instead.
+    ``None`` (or ``"auto"``) restores automatic selection.
+    """
+    if name == "auto":
+        name = None
+    if name is not None:
+        if not isinstance(name, str):
+            raise TypeError(f"use_backend: name must be a str or None, got {type(name).__name__}")
+        check_backend_name(name)
+    if not isinstance(strict, bool):
+        raise TypeError(f"use_backend: strict must be a bool, got {type(strict).__name__}")
+    return _config.force_backend(name, strict)
+
+
+def on_device(device: torch.device):
+    """Makes `device` current while Triton launches: Triton takes the current device and stream, not the
+    tensors' (a model spread over several GPUs would otherwise launch on the wrong one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# LEGACY (removed when the last op family is ported to peft_kernels/_op.py): the old per-op registry.
+# --------------------------------------------------------------------------------------------------
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+_TUNED = _config.TUNED
+
+
+def forced_backend():
+    return _config.forced_backend()
+
+
+def tuning_enabled(device_type: str) -> bool:
+    return _config.tune_dispatch(device_type)
 
 
 def backend_status(backend: str, device_type: str) -> str | None:
@@ -92,9 +161,6 @@ def backend_status(backend: str, device_type: str) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Per-op registry
-# --------------------------------------------------------------------------------------------------
 Supports = Callable[..., "str | None"]
 
 
@@ -130,41 +196,6 @@ def registered_ops() -> dict[str, OpEntry]:
     return dict(_REGISTRY)
 
 
-# --------------------------------------------------------------------------------------------------
-# Forcing a backend
-# --------------------------------------------------------------------------------------------------
-_forced: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar("peft_kernels_backend", default=None)
-
-
-@contextlib.contextmanager
-def use_backend(name: str | None, strict: bool = False) -> Iterator[None]:
-    """Force a backend for the ops called inside the block.
-
-    ``strict=False``: where the forced backend cannot serve an input, the op falls back to the next backend
-    in its preference order (with a warning once). ``strict=True``: it raises NotImplementedError instead.
-    ``None`` restores automatic selection.
-    """
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"use_backend: unknown backend {name!r}; choose one of {BACKENDS}")
-    token = _forced.set(None if name is None else (name, strict))
-    try:
-        yield
-    finally:
-        _forced.reset(token)
-
-
-def forced_backend() -> tuple[str, bool] | None:
-    forced = _forced.get()
-    if forced is not None:
-        return forced
-    env = os.environ.get("PEFT_KERNELS_BACKEND", "").strip().lower()
-    if env and env != "auto":
-        if env not in BACKENDS:
-            raise ValueError(f"PEFT_KERNELS_BACKEND={env!r} is not one of {BACKENDS} (or 'auto')")
-        return env, os.environ.get("PEFT_KERNELS_STRICT", "0") == "1"
-    return None
-
-
 _warned: set[tuple[str, str]] = set()
 
 
@@ -176,18 +207,6 @@ def why_not(op: str, backend: str, device_type: str, *args, **kwargs) -> str | N
     if reason is None:
         reason = entry.supports[backend](*args, **kwargs)
     return reason
-
-
-def tuning_enabled(device_type: str) -> bool:
-    """Measured dispatch: on by default for CUDA tensors, off for CPU; PEFT_KERNELS_TUNE_DISPATCH=0/1 overrides."""
-    env = os.environ.get("PEFT_KERNELS_TUNE_DISPATCH", "").strip()
-    if env in ("0", "1"):
-        return env == "1"
-    return device_type == "cuda"
-
-
-# (op, tune key) -> the backend that measured fastest for inputs of that key.
-_TUNED: dict[tuple, str] = {}
 
 
 def _time_once(run: Callable[[str], object], backend: str, device_type: str, reps: int = 3) -> float:
@@ -208,7 +227,7 @@ def _time_once(run: Callable[[str], object], backend: str, device_type: str, rep
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
-def on_device(device: torch.device):
+def _unused_on_device(device):
     """Makes `device` current while Triton launches: Triton takes the current device and stream, not the
     tensors' (a model spread over several GPUs would otherwise launch on the wrong one)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -233,14 +252,6 @@ def _fastest(op: str, candidates: list[str], device_type: str, tune_key, tune_ru
         return candidates[0]
     _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
-
-
-def clear_tuning_cache() -> None:
-    _TUNED.clear()
-
-
-def tuned_choices() -> dict[tuple, str]:
-    return dict(_TUNED)
 
 
 def select(op: str, device_type: str, *args, tune_key=None, tune_run=None, **kwargs) -> str:
@@ -276,19 +287,3 @@ def select(op: str, device_type: str, *args, tune_key=None, tune_run=None, **kwa
     return candidates[0]
 
 
-def table(device_type: str | None = None) -> list[dict[str, str]]:
-    """One row per (op, backend): whether it can run on the device type at all, and why not."""
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
-    for op, entry in sorted(_REGISTRY.items()):
-        order = entry.preference.get(device_type, ())
-        for backend in BACKENDS:
-            if backend not in entry.supports:
-                status = "not implemented"
-            else:
-                reason = backend_status(backend, device_type)
-                status = "ok" if reason is None else f"unavailable: {reason}"
-            rank = str(order.index(backend) + 1) if backend in order and backend in entry.supports else "-"
-            rows.append({"op": op, "backend": backend, "device": device_type, "preference": rank, "status": status})
-    return rows

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from peft_kernels import _backends
+from peft_kernels import _backends, _config, _op
 
 
 def versions() -> dict[str, str]:
@@ -35,20 +35,22 @@ def device_description() -> str:
 
 
 def info(file=None) -> str:
-    """Print (and return) the versions, the device and the backend table for CPU and, if present, CUDA."""
-    import peft_kernels.ops  # noqa: F401  (registers every op family)
-
+    """Print (and return) the versions, the device, the environment and, for CPU and CUDA tensors, every op's
+    forward and backward backends: where they run, what they take, and why one cannot run here."""
     lines = ["peft_kernels info", ""]
     lines += [f"  {k:<16} {v}" for k, v in versions().items()]
     lines += [f"  {'device':<16} {device_description()}", ""]
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for dev in devices:
-        lines.append(f"backends for {dev} tensors (preference: 1 = tried first):")
-        lines.append(f"  {'op':<22} {'backend':<10} {'pref':<5} status")
-        for row in _backends.table(dev):
-            lines.append(f"  {row['op']:<22} {row['backend']:<10} {row['preference']:<5} {row['status']}")
+    settings = _config.SETTINGS
+    lines.append("environment: " + ", ".join(f"{k}={getattr(settings, k)}" for k in settings.__dataclass_fields__))
+    lines.append("")
+    for dev in ("cpu", "cuda"):
+        lines.append(f"backends for {dev} tensors (pref: 1 = tried first; the reference is the last resort):")
+        lines.append(f"  {'op':<24} {'dir':<4} {'backend':<10} {'pref':<5} {'dtypes':<28} status")
+        for row in _op.table(dev):
+            status = row["status"] + (f" ({row['note']})" if row["note"] else "")
+            lines.append(f"  {row['op']:<24} {row['direction'][:3]:<4} {row['backend']:<10} {row['preference']:<5} "
+                         f"{row['dtypes']:<28} {status}")
         lines.append("")
     text = "\n".join(lines)
     print(text, file=file)
     return text
-

@@ -6,17 +6,16 @@ import torch
 import torch.nn.functional as F
 
 import peft_kernels
-from peft_kernels import _backends
+from peft_kernels import _backends, _config
 from peft_kernels.ops.dropout_mask import dropout_keep_mask
 from peft_kernels.ops.lora import (
-    _lora_linear_backward_op,
-    _lora_linear_op,
+    FAMILY,
     lora_linear,
     lora_linear_reference,
 )
 from tests.helpers import assert_close, assert_within_eager_error
 
-CPU_BACKENDS = ["reference", "cpu"]
+CPU_BACKENDS = ["reference", "aten"]
 
 
 def make_inputs(M, K, N, r, dtype=torch.float32, bias=True, adapter_dtype=torch.float32, lead=None, device="cpu"):
@@ -161,12 +160,13 @@ def test_opcheck(backend):
     seed = torch.tensor(5, dtype=torch.int64)
     A.requires_grad_(True)
     B.requires_grad_(True)
-    torch.library.opcheck(_lora_linear_op, (x, W, b, A, B, 2.0, 0.1, seed, backend))
+    forward_op, backward_op = FAMILY.custom_ops
+    torch.library.opcheck(forward_op, (x, W, b, A, B, 2.0, 0.1, seed, backend, backend))
     dy = torch.randn(9, 10)
     S = torch.randn(9, 4)
     torch.library.opcheck(
-        _lora_linear_backward_op,
-        (dy, x, W, A.detach(), B.detach(), S, 2.0, 0.1, seed, backend, [True, False, True, True, True]),
+        backward_op,
+        (dy, x, W, A.detach(), B.detach(), S, 2.0, 0.1, seed, [True, False, True, True, True], backend),
     )
 
 
@@ -223,9 +223,9 @@ def test_validation_errors(mutate, exc, match):
 
 def test_strict_backend_refuses_and_lenient_falls_back():
     x, W, b, A, B = make_inputs(4, 8, 8, 2)
-    with peft_kernels.use_backend("cuda", strict=True), pytest.raises(NotImplementedError, match="lora_linear"):
+    with peft_kernels.use_backend("triton", strict=True), pytest.raises(NotImplementedError, match="lora_linear"):
         lora_linear(x, W, b, A, B)
-    with peft_kernels.use_backend("cuda"), pytest.warns(UserWarning, match="falling back"):
+    with peft_kernels.use_backend("triton"), pytest.warns(UserWarning, match="falling back"):
         y = lora_linear(x, W, b, A, B)
     assert_close(y, lora_linear_reference(x, W, b, A, B, upcast=True))
 
@@ -243,15 +243,15 @@ def test_float64_bias_gradient_keeps_float64_precision():
 def test_measured_dispatch_survives_a_failing_backend(monkeypatch):
     calls = []
 
-    def run(name):
-        calls.append(name)
-        if name == "cpu":
-            raise RuntimeError("out of resources")
+    def failing(*args):
+        calls.append("aten")
+        raise RuntimeError("out of resources")
 
-    monkeypatch.setenv("PEFT_KERNELS_TUNE_DISPATCH", "1")
-    monkeypatch.setattr(_backends, "backend_status", lambda backend, device: None)
-    _backends.clear_tuning_cache()
+    x, W, b, A, B = make_inputs(4, 8, 8, 2)
+    inputs = FAMILY.Inputs(x, W, b, A, B, 1.0, 0.0, torch.zeros((), dtype=torch.int64))
+    monkeypatch.setattr(FAMILY.forward_backends["aten"], "run", failing)
+    _config.clear_tuning_cache()
     with pytest.warns(UserWarning, match="failed while being timed"):
-        chosen = _backends._fastest("lora_linear", ["cpu", "triton"], "cpu", ("k",), run)
-    assert chosen == "triton"
-    _backends.clear_tuning_cache()
+        chosen = FAMILY._fastest(["aten", "reference"], inputs)
+    assert calls and chosen == "reference"
+    _config.clear_tuning_cache()

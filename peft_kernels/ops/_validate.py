@@ -59,17 +59,32 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
     return device
 
 
+def check_nonzero(op: str, name: str, t: torch.Tensor, dim: int, what: str) -> None:
+    if t.shape[dim] == 0:
+        raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} has {what} = 0; it must be >= 1")
+
+
+def _number(op: str, name: str, value, what: str = "a number") -> bool:
+    """Type-checks a scalar argument; True when its value can be checked now. While torch.compile traces, a
+    float argument that changes between calls is symbolic (its value is known only when the graph runs), and
+    value checks on it would break the graph: they are skipped there (the first, eager-or-specialized call
+    checked the kind of value it is)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
+    return not (torch.compiler.is_compiling() or isinstance(value, (torch.SymInt, torch.SymFloat)))
+
+
 def check_probability(op: str, name: str, p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"{op}: {name} must be a float, got {type(p).__name__}")
+    if not _number(op, name, p, "a float"):
+        return p
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{op}: {name} must be in [0, 1), got {p}")
     return float(p)
 
 
 def check_finite(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    if not _number(op, name, value):
+        return value
     if not math.isfinite(value):
         raise ValueError(f"{op}: {name} must be finite, got {value}")
     return float(value)
@@ -77,6 +92,8 @@ def check_finite(op: str, name: str, value) -> float:
 
 def check_positive(op: str, name: str, value) -> float:
     value = check_finite(op, name, value)
+    if not _number(op, name, value):
+        return value
     if value <= 0:
         raise ValueError(f"{op}: {name} must be > 0, got {value}")
     return value

@@ -8,10 +8,13 @@ accumulation, and dA/dB come back in the adapters' own dtype.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from peft_kernels import _backends
+from peft_kernels._op import OpFamily
 from peft_kernels.ops import _validate as v
 from peft_kernels.ops._seed import as_seed_tensor, seed_value
 from peft_kernels.ops.dropout_mask import dropout_keep_mask
@@ -43,17 +46,69 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_
 
 
 # --------------------------------------------------------------------------------------------------
-# Backends: forward (x2d, ...) -> (y, S); backward -> (dx, dW, db, dA, dB) with None where not needed.
+# The family: one input record for every backend; saved for backward: x, W, A, B, S and the seed.
 # --------------------------------------------------------------------------------------------------
+class LoraInputs(NamedTuple):
+    x: Tensor  # [M, K], contiguous
+    weight: Tensor  # [N, K]
+    bias: Tensor | None  # [N]
+    lora_A: Tensor  # [r, K]
+    lora_B: Tensor  # [N, r]
+    scaling: float
+    dropout_p: float
+    seed: Tensor  # int64 CPU scalar (a graph value under torch.compile: a fresh mask every step)
+
+
+def _fake(inp: LoraInputs):
+    x = inp.x
+    return x.new_empty(x.shape[0], inp.weight.shape[0]), x.new_empty(x.shape[0], inp.lora_A.shape[0])
+
+
+def _backward_fake(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
+    metas = [(x.shape, dy.dtype), (weight.shape, weight.dtype), ((weight.shape[0],), dy.dtype),
+             (lora_A.shape, lora_A.dtype), (lora_B.shape, lora_B.dtype)]
+    return tuple(dy.new_empty(s, dtype=d) if n else None for (s, d), n in zip(metas, needs))
+
+
+def _tune_key(inp: LoraInputs):
+    # Token counts vary from batch to batch: measure once per power-of-two bucket of M.
+    x, weight, bias, lora_A = inp.x, inp.weight, inp.bias, inp.lora_A
+    m_bucket = 1 << max(0, (x.shape[0] - 1).bit_length())
+    grads = tuple(t is not None and t.requires_grad for t in (x, weight, bias, lora_A))
+    return (m_bucket, *weight.shape, lora_A.shape[0], x.dtype, lora_A.dtype, bias is not None, inp.dropout_p > 0, grads)
+
+
+FAMILY = OpFamily(
+    OP,
+    LoraInputs,
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, "
+    "Tensor seed) -> (Tensor, Tensor)",
+    backward_schema="(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor S, float scaling, "
+    "float dropout_p, Tensor seed)",
+    differentiable=("x", "weight", "bias", "lora_A", "lora_B"),
+    save=lambda i, out: (i.x, i.weight, i.lora_A, i.lora_B, out[1], i.scaling, i.dropout_p, i.seed),
+    fake=_fake,
+    backward_fake=_backward_fake,
+    public_outputs=1,
+    preference={"cuda": ("triton", "aten"), "cpu": ("aten",)},
+    tune_key=_tune_key,
+    doc="y = x W^T + b + s (drop(x) A^T) B^T",
+)
+
+
+@FAMILY.forward("reference")
 def _reference_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """Plain PyTorch (cuBLAS / MKL GEMMs): the oracle and the fallback."""
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    S = dropout_reference(x, dropout_p, seed) @ A.t()
+    S = dropout_reference(x, dropout_p, seed_value(seed)) @ A.t()
     y = torch.addmm(bias.to(x.dtype), x, weight.t()) if bias is not None else x @ weight.t()
     return y.addmm_(S, B.t(), alpha=scaling), S
 
 
+@FAMILY.backward("reference")
 def _reference_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
     need_dx, need_dW, need_db, need_dA, need_dB = needs
+    seed = seed_value(seed)
     A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
     G = (dy @ B) * scaling if (need_dx or need_dA) else None
     dx = dW = db = dA = dB = None
@@ -75,109 +130,50 @@ def _reference_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, se
     return dx, dW, db, dA, dB
 
 
-def _native_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return torch.ops.peft_kernels.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+@FAMILY.forward("aten")
+def _aten_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """C++ composing ATen GEMMs (cuBLAS/MKL) with the library's Philox dropout kernels (csrc/lora.cpp): the
+    portable fallback, not a fused kernel (it is the design of the cuBLAS addmm_ anchor)."""
+    return torch.ops.peft_kernels.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                                  seed_value(seed))
 
 
-def _native_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
+@FAMILY.backward("aten")
+def _aten_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
     outs = torch.ops.peft_kernels.lora_linear_bwd(
-        dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, list(needs)
+        dy.contiguous(), x, weight, lora_A, lora_B, S, scaling, dropout_p, seed_value(seed), list(needs)
     )
     return tuple(o if n else None for o, n in zip(outs, needs))
 
 
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@FAMILY.forward("triton", dtypes=_TRITON_DTYPES)
 def _triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """TMA persistent GEMM with the low-rank term as a second phase into its accumulator (triton/lora.py)."""
     from peft_kernels.triton import lora as tk
 
     with _backends.on_device(x.device):
-        return tk.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        return tk.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed))
 
 
+@FAMILY.backward("triton", dtypes=_TRITON_DTYPES)
 def _triton_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
     from peft_kernels.triton import lora as tk
 
     with _backends.on_device(dy.device):
-        return tk.lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, *needs)
+        return tk.lora_backward(dy.contiguous(), x, weight, lora_A, lora_B, S, scaling, dropout_p,
+                                seed_value(seed), *needs)
 
 
-def _native_supports(x, weight, lora_A, lora_B):
-    return None
-
-
-def _triton_supports(x, weight, lora_A, lora_B):
+@FAMILY.why_not("triton", both=True)
+def _triton_why_not(inp: LoraInputs) -> str | None:
     from peft_kernels.triton import lora as tk
 
-    if lora_B.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"lora_B has dtype {lora_B.dtype}; the Triton kernels take fp16/bf16/fp32 adapters"
-    ok, reason = tk.supports(x, weight, lora_A)
-    return None if ok else reason
-
-
-_FORWARD = {"reference": _reference_forward, "cpu": _native_forward, "cuda": _native_forward,
-            "triton": _triton_forward}
-_BACKWARD = {"reference": _reference_backward, "cpu": _native_backward, "cuda": _native_backward,
-             "triton": _triton_backward}
-
-_backends.register_op(
-    OP,
-    {"cpu": _native_supports, "cuda": _native_supports, "triton": _triton_supports},
-    preference={"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
-)
-
-
-# --------------------------------------------------------------------------------------------------
-# torch.library registration: opaque to torch.compile, with fake kernels and autograd.
-# --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("peft_kernels::lora_linear", mutates_args=())
-def _lora_linear_op(
-    x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-    scaling: float, dropout_p: float, seed: Tensor, backend: str,
-) -> tuple[Tensor, Tensor]:
-    return _FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed))
-
-
-@_lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
-
-
-@torch.library.custom_op("peft_kernels::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(
-    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, S: Tensor,
-    scaling: float, dropout_p: float, seed: Tensor, backend: str, needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _BACKWARD[backend](dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed_value(seed), needs)
-    # custom ops cannot return None: a gradient not asked for comes back as an empty tensor.
-    return tuple(g if g is not None else dy.new_empty(0) for g in grads)
-
-
-@_lora_linear_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, backend, needs):
-    shapes = [(x.shape, dy.dtype), (weight.shape, weight.dtype), ((weight.shape[0],), dy.dtype),
-              (lora_A.shape, lora_A.dtype), (lora_B.shape, lora_B.dtype)]
-    return tuple(dy.new_empty(s, dtype=d) if n else dy.new_empty(0) for (s, d), n in zip(shapes, needs))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scaling, ctx.dropout_p, ctx.backend, ctx.has_bias = scaling, dropout_p, backend, bias is not None
-
-
-def _backward(ctx, dy, dS):
-    x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[2] and ctx.has_bias, n[3], n[4]]
-    if not any(needs):
-        return (None,) * 9
-    grads = _lora_linear_backward_op(
-        dy.contiguous(), x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, seed, ctx.backend, needs
-    )
-    dx, dW, db, dA, dB = (g if want else None for g, want in zip(grads, needs))
-    return dx, dW, db, dA, dB, None, None, None, None
-
-
-_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+    if inp.lora_B.dtype not in _TRITON_DTYPES:
+        return f"lora_B has dtype {inp.lora_B.dtype}; the Triton kernels take fp16/bf16/fp32 adapters"
+    return tk.why_not(inp.x, inp.weight, inp.lora_A)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,6 +189,8 @@ def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple[float
     v.check_same_dtype(OP, "x", x, weight=weight)
     v.check_same_device(OP, x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     K, N, r = x.shape[-1], weight.shape[0], lora_A.shape[0]
+    v.check_nonzero(OP, "x", x, -1, "in_features")
+    v.check_nonzero(OP, "weight", weight, 0, "out_features")
     v.check_size(OP, "weight", weight, 1, K, "in_features = x.shape[-1]")
     if r == 0:
         raise ValueError(f"{OP}: lora_A has rank 0 (shape {tuple(lora_A.shape)}); r must be >= 1")
@@ -204,21 +202,7 @@ def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple[float
     return v.check_finite(OP, "scaling", scaling), v.check_probability(OP, "dropout_p", dropout_p)
 
 
-def _tune_key(x2d, weight, bias, lora_A, dropout_p):
-    # Token counts vary from batch to batch: measure once per power-of-two bucket of M.
-    m_bucket = 1 << max(0, (x2d.shape[0] - 1).bit_length())
-    grads = tuple(t is not None and t.requires_grad for t in (x2d, weight, bias, lora_A))
-    return (m_bucket, *weight.shape, lora_A.shape[0], x2d.dtype, lora_A.dtype, bias is not None, dropout_p > 0, grads)
-
-
-def _run_once(backend, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p):
-    """One forward (and backward, when anything needs a gradient) of `backend`, for measured dispatch."""
-    needs = [t is not None and t.requires_grad for t in (x2d, weight, bias, lora_A, lora_B)]
-    x2d, weight, lora_A, lora_B = (t.detach() for t in (x2d, weight, lora_A, lora_B))
-    bias = bias.detach() if bias is not None else None
-    y, S = _FORWARD[backend](x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, 0)
-    if any(needs):
-        _BACKWARD[backend](y, x2d, weight, lora_A, lora_B, S, scaling, dropout_p, 0, needs)
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # no dropout: the seed is unused (one shared tensor, no allocation)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -234,13 +218,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         seed: int or int tensor for the dropout mask; None draws one from torch's generator.
     """
     scaling, dropout_p = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    seed_t = as_seed_tensor(OP, seed) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    seed_t = as_seed_tensor(OP, seed) if dropout_p > 0 else _NO_SEED
     K = x.shape[-1]
     x2d = x.reshape(-1, K).contiguous()
-    backend = _backends.select(
-        OP, x.device.type, x2d, weight, lora_A, lora_B,
-        tune_key=_tune_key(x2d, weight, bias, lora_A, dropout_p),
-        tune_run=lambda name: _run_once(name, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p),
-    )
-    y, _ = _lora_linear_op(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t, backend)
+    y = FAMILY(LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t))
     return y.reshape(*x.shape[:-1], weight.shape[0])
