@@ -198,6 +198,248 @@ _backends.register_op(
 
 
 # --------------------------------------------------------------------------------------------------
+# Composites on PyTorch's own attention kernels: `sdpa` (LSE merge) and `concat` (one SDPA call)
+# --------------------------------------------------------------------------------------------------
+# `sdpa`: attention over the real keys through PyTorch's fused SDPA op that returns the log-sum-exp (the aten flash
+# op on CUDA, the CPU flash op on CPU), then the P prefix keys and the exact merge of the two partial softmaxes in
+# one small pass (Triton on CUDA, PyTorch below on CPU). Backward: SDPA's own backward op called with the *merged*
+# O and LSE, which recomputes P = exp(s - lse) and rowsum(dO * O) and so is exact for the real keys, plus the prefix
+# part's dQ (added in place) and its batch-summed dPK/dPV.
+# `concat`: one SDPA call over [prefix; k] (a concatenation copy), the prefix always visible; dPK/dPV are the first
+# P rows of dK/dV summed over the batch.
+# Both return outputs and gradients in the inputs' own layout (transformers' [B, L, H, D]-strided views).
+_FLASH_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` in ``ref``'s layout (the op's contract: outputs and grads are laid out like the inputs); a copy only
+    where the aten op chose another layout (the CPU flash op for [B, H, L, D]-contiguous inputs)."""
+    if _same_layout(t, ref):
+        return t
+    return torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and all(n <= 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
+def _allowed_keys(B, Lq, Lk, n_always, causal, key_padding_mask, device) -> Tensor:
+    """Bool [B or 1, 1, Lq, Lk]: keys [0, n_always) always visible, the rest bottom-right causal / padded."""
+    allowed = torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(Lq, device=device)[:, None]
+        j = torch.arange(Lk, device=device)[None, :]
+        allowed = allowed & ((j <= i + (Lk - Lq)) | (j < n_always))
+    if key_padding_mask is not None:
+        keep = key_padding_mask
+        if n_always:
+            keep = torch.cat([keep.new_ones(B, n_always), keep], 1)
+        allowed = allowed & keep[:, None, None, :]
+    return allowed
+
+
+def _dead_rows(B, Lq, Lk, causal, key_padding_mask, device) -> Tensor | None:
+    """Bool [B or 1, 1, Lq]: query rows that see no real key (their SDPA lse is 0 or +inf, not -inf), or None."""
+    if key_padding_mask is None and not (causal and Lq > Lk):
+        return None
+    last = torch.arange(Lq, device=device) + (Lk - Lq) if causal else torch.full((Lq,), Lk - 1, device=device)
+    if key_padding_mask is None:
+        return (last < 0)[None, None]
+    seen = key_padding_mask.cumsum(-1)[:, last.clamp(0, Lk - 1)]  # real keys visible to each row
+    return ((seen == 0) | (last < 0))[:, None]
+
+
+def _aten_attention(q, k, v, n_always, causal, key_padding_mask, scale):
+    """(out, lse) of attention over k/v through PyTorch's fused SDPA op; keys [0, n_always) always visible."""
+    B, _, Lq, _ = q.shape
+    Lk = k.shape[2]
+    if q.device.type == "cuda":
+        # FlashAttention-2 aligns causal masks bottom-right, the prefix convention (PyTorch's sdpa front end
+        # refuses is_causal with Lq != Lk for that reason; the aten op itself runs it).
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, bool(causal) and Lq > 1, False, scale=scale
+        )[:2]
+        return out, lse
+    mask, is_causal = _cpu_attention_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
+    )
+
+
+def _cpu_attention_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask):
+    """(additive float mask in q's dtype or None, is_causal) for the CPU flash op (top-left is_causal only)."""
+    causal = bool(causal) and Lq > 1
+    aligned = causal and Lq == Lk and n_always == 0
+    if not causal or aligned:
+        if key_padding_mask is None:
+            return None, aligned
+        keep = key_padding_mask
+        if n_always:
+            keep = torch.cat([keep.new_ones(B, n_always), keep], 1)
+        mask = torch.zeros(B, 1, 1, Lk, dtype=q.dtype, device=q.device).masked_fill_(~keep[:, None, None, :], -math.inf)
+        return mask, aligned
+    allowed = _allowed_keys(B, Lq, Lk, n_always, True, key_padding_mask, q.device)
+    return torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf), False
+
+
+def _aten_attention_backward(do, q, k, v, out, lse, n_always, causal, key_padding_mask, scale):
+    B, _, Lq, _ = q.shape
+    Lk = k.shape[2]
+    if q.device.type == "cuda":
+        seed = torch.empty((), dtype=torch.int64, device=q.device)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            do, q, k, v, out, lse, None, None, Lq, Lk, 0.0, bool(causal) and Lq > 1, seed, seed, scale=scale
+        )
+    mask, is_causal = _cpu_attention_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale
+    )
+
+
+def _aten_why_not(q, k, key_padding_mask) -> str | None:
+    """What the fused SDPA ops used here cannot take (shared by `sdpa` and `concat`)."""
+    if k.shape[2] == 0:
+        return "k has no real keys (Lk = 0); the SDPA kernels need at least one"
+    if any(t.stride(-1) != 1 for t in (q, k)):
+        return "q/k/v need a unit stride in the head dim"
+    if q.device.type == "cuda":
+        if q.dtype not in _FLASH_CUDA_DTYPES:
+            return f"q has dtype {q.dtype}; the aten flash op on CUDA runs float16/bfloat16"
+        D = q.shape[-1]
+        if D % 8 or D > 256:
+            return f"head dim D = {D}; the aten flash op needs D % 8 == 0 and D <= 256"
+        if key_padding_mask is not None:
+            return ("key_padding_mask is set; the aten flash op takes no mask (the memory-efficient op that does pads "
+                    "its lse and aligns is_causal top-left: not wired)")
+    return None
+
+
+# --- the prefix part and the merge, in PyTorch (CPU, and the oracle of the Triton kernels) -------------------------
+def _grouped(t: Tensor, Hkv: int) -> Tensor:
+    return t.unflatten(1, (Hkv, t.shape[1] // Hkv))  # [B, Hkv, g, L, D]: a view, any strides
+
+
+def _prefix_scores(q, prefix_k, scale, acc):
+    Hkv = prefix_k.shape[-3]
+    pk = prefix_k.to(acc)
+    pk = pk[None, :, None] if pk.dim() == 3 else pk[:, :, None]  # [B or 1, Hkv, 1, P, D]
+    return (_grouped(q, Hkv).to(acc) @ pk.transpose(-1, -2)) * scale, pk  # [B, Hkv, g, Lq, P]
+
+
+def prefix_merge_torch(q, prefix_k, prefix_v, out_c, lse_c, scale):
+    """The prefix part merged into (out_c, lse_c) by log-sum-exp; writes out_c in place, returns the merged lse.
+    lse_c must be -inf in rows that see no real key."""
+    acc = _acc_dtype(q.dtype)
+    Hkv = prefix_k.shape[-3]
+    s, _ = _prefix_scores(q, prefix_k, scale, acc)
+    lse_p = torch.logsumexp(s, -1)                                        # [B, Hkv, g, Lq]
+    lse_cg = _grouped(lse_c.to(acc).unsqueeze(-1), Hkv).squeeze(-1)
+    lse = torch.logaddexp(lse_cg, lse_p)
+    pv = prefix_v.to(acc)
+    pv = pv[None, :, None] if pv.dim() == 3 else pv[:, :, None]
+    o_p = torch.exp(s - lse[..., None]) @ pv                              # e^(lse_p - lse) * O_p
+    w_c = torch.exp(lse_cg - lse)[..., None]                              # 0 where lse_c = -inf
+    o_c = _grouped(out_c, Hkv)
+    merged = torch.where(w_c > 0, o_c.to(acc) * w_c, 0.0) + o_p
+    o_c.copy_(merged)
+    return lse.flatten(1, 2).to(torch.float64 if acc == torch.float64 else torch.float32)
+
+
+def prefix_merge_backward_torch(do, q, prefix_k, prefix_v, out, lse, dq, scale):
+    """Adds the prefix part's dQ into dq in place; returns (dprefix_k, dprefix_v) in the accumulation dtype."""
+    acc = _acc_dtype(q.dtype)
+    Hkv = prefix_k.shape[-3]
+    s, pk = _prefix_scores(q, prefix_k, scale, acc)
+    lse_g = _grouped(lse.to(acc).unsqueeze(-1), Hkv)                    # [B, Hkv, g, Lq, 1]
+    p = torch.exp(s - lse_g)
+    do_g = _grouped(do, Hkv).to(acc)
+    delta = (do_g * _grouped(out, Hkv).to(acc)).sum(-1, keepdim=True)
+    pv = prefix_v.to(acc)
+    pv = pv[None, :, None] if pv.dim() == 3 else pv[:, :, None]
+    ds = p * (do_g @ pv.transpose(-1, -2) - delta)
+    dq_g = _grouped(dq, Hkv)
+    dq_g.add_((ds @ pk * scale).to(dq.dtype))
+    dpk = (ds.transpose(-1, -2) @ _grouped(q, Hkv).to(acc)).sum(2) * scale  # [B, Hkv, P, D]
+    dpv = (p.transpose(-1, -2) @ do_g).sum(2)
+    if prefix_k.dim() == 3:
+        dpk, dpv = dpk.sum(0), dpv.sum(0)
+    return dpk, dpv
+
+
+def _prefix_merge(q, prefix_k, prefix_v, out_c, lse_c, scale):
+    if q.is_cuda:
+        from peft_kernels.triton.prefix_merge import prefix_merge_forward
+
+        with _backends.on_device(q.device):
+            return prefix_merge_forward(q, prefix_k, prefix_v, out_c, lse_c, scale)
+    return prefix_merge_torch(q, prefix_k, prefix_v, out_c, lse_c, scale)
+
+
+def _prefix_merge_backward(do, q, prefix_k, prefix_v, out, lse, dq, scale):
+    if q.is_cuda:
+        from peft_kernels.triton.prefix_merge import prefix_merge_backward
+
+        with _backends.on_device(q.device):
+            return prefix_merge_backward(do, q, prefix_k, prefix_v, out, lse, dq, scale)
+    return prefix_merge_backward_torch(do, q, prefix_k, prefix_v, out, lse, dq, scale)
+
+
+def _sdpa_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    B, _, Lq, _ = q.shape
+    Lk = k.shape[2]
+    out, lse_c = _aten_attention(q, k, v, 0, causal, key_padding_mask, scale)
+    dead = _dead_rows(B, Lq, Lk, causal, key_padding_mask, q.device)
+    if dead is not None:
+        lse_c = lse_c.masked_fill(dead, -math.inf)
+    out = _like(out, q)
+    lse = _prefix_merge(q, prefix_k, prefix_v, out, lse_c, scale)
+    return out, lse
+
+
+def _sdpa_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale):
+    lse_in = lse.to(torch.float32) if q.dtype != torch.float64 else lse
+    dq, dk, dv = _aten_attention_backward(do, q, k, v, out, lse_in, 0, causal, key_padding_mask, scale)
+    dq, dk, dv = _like(dq, q), _like(dk, k), _like(dv, v)
+    dpk, dpv = _prefix_merge_backward(do, q, prefix_k, prefix_v, out, lse, dq, scale)
+    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+
+
+def _concat_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    K, V = _concat_kv_heads(k, prefix_k), _concat_kv_heads(v, prefix_v)
+    out, lse = _aten_attention(q, K, V, prefix_k.shape[-2], causal, key_padding_mask, scale)
+    return _like(out, q), lse.contiguous()
+
+
+def _concat_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale):
+    P = prefix_k.shape[-2]
+    K, V = _concat_kv_heads(k, prefix_k), _concat_kv_heads(v, prefix_v)
+    dq, dK, dV = _aten_attention_backward(do, q, K, V, out, lse, P, causal, key_padding_mask, scale)
+    acc = _acc_dtype(q.dtype)
+    if prefix_k.dim() == 3:
+        dpk, dpv = dK[:, :, :P].sum(0, dtype=acc), dV[:, :, :P].sum(0, dtype=acc)
+    else:  # copied out of dK/dV (outputs may not alias), in the prefix's layout and dtype
+        dpk, dpv = torch.empty_like(prefix_k).copy_(dK[:, :, :P]), torch.empty_like(prefix_v).copy_(dV[:, :, :P])
+    return _like(dq, q), _like(dK[:, :, P:], k), _like(dV[:, :, P:], v), dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+
+
+def _concat_kv_heads(t, prefix):
+    """[prefix; t] along the sequence in t's physical layout (so dK/dV come back in it), prefix cast to t's dtype."""
+    B, H, Lk, D = t.shape
+    P = prefix.shape[-2]
+    pre = prefix.to(t.dtype)
+    pre = pre.expand(B, H, P, D) if pre.dim() == 3 else pre
+    order = sorted(range(4), key=lambda d: -t.stride(d)) if t.stride(-1) == 1 else [0, 1, 2, 3]
+    buf = torch.empty_permuted((B, H, P + Lk, D), order, dtype=t.dtype, device=t.device)
+    buf[:, :, :P] = pre
+    buf[:, :, P:] = t
+    return buf
+
+
+# --------------------------------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("peft_kernels::prefix_attention", mutates_args=())
