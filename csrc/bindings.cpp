@@ -30,6 +30,10 @@ TORCH_LIBRARY(peft_kernels, m) {
   m.def("bias_only_linear_fwd(Tensor x, Tensor weight, Tensor bias) -> Tensor");
   // db comes back in db_dtype (the bias's own dtype, e.g. an fp32 master bias), summed in fp32 (fp64 for fp64).
   m.def("bias_only_linear_bwd(Tensor dy, Tensor weight, bool[2] needs, ScalarType? db_dtype=None) -> (Tensor, Tensor)");
+  // The same on CUDA (csrc/cuda/bias_only.cu): the deterministic column sum on a side stream beside the cuBLAS dx GEMM.
+  m.def(
+      "bias_only_linear_bwd_cuda(Tensor dy, Tensor weight, bool[2] needs, ScalarType? db_dtype=None) -> "
+      "(Tensor, Tensor)");
 
   // Prefix attention forward, FlashAttention-2 style (csrc/cuda/prefix_attention.cu; CUDA only): softmax over the P
   // prefix keys (always visible) then the real keys (causal bottom-right, key padding mask), GQA. prefix is
@@ -37,6 +41,15 @@ TORCH_LIBRARY(peft_kernels, m) {
   m.def(
       "prefix_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, bool causal, "
       "Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
+
+  // Soft-prompt embedding (csrc/cuda/prompt.cu; CUDA only): out [B, P + S, H] in weight's dtype, each row either
+  // weight[input_ids[b, s]] or prompt[(b,) p], from slots [1 or B, P + S] int32 (s >= 0 token, -(p + 1) virtual)
+  // or, without slots, the prompt in front. Backward returns the prompt's gradient only ([P, H] summed over the
+  // batch in fp32, or [B, P, H]), read at vpos [1 or B, P] int32 (None: the first P rows).
+  m.def("soft_prompt_embed_fwd_cuda(Tensor input_ids, Tensor weight, Tensor prompt, Tensor? slots) -> Tensor");
+  m.def(
+      "soft_prompt_embed_bwd_cuda(Tensor dout, Tensor? vpos, int num_prompt, bool batched, ScalarType prompt_dtype) "
+      "-> Tensor");
 
   // Which device kernels this build carries: "cpu" or "cpu,cuda".
   m.def("build_info() -> str", []() -> std::string {

@@ -33,11 +33,33 @@ def _register() -> None:
     def _(x, weight, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    def _bias_only_bwd_fake(dy, weight, needs, db_dtype=None):
+        dx = dy.new_empty(dy.shape[0], weight.shape[1]) if needs[0] else None
+        db = dy.new_empty(weight.shape[0], dtype=db_dtype or dy.dtype) if needs[1] else None
+        return dx, db
+
+    torch.library.register_fake(lib + "bias_only_linear_bwd", _bias_only_bwd_fake)
+    if hasattr(torch.ops.peft_kernels, "bias_only_linear_bwd_cuda") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        lib + "bias_only_linear_bwd_cuda", "CUDA"
+    ):
+        torch.library.register_fake(lib + "bias_only_linear_bwd_cuda", _bias_only_bwd_fake)
+
     if torch._C._dispatch_has_kernel_for_dispatch_key(lib + "prefix_attention_fwd_cuda", "CUDA"):
 
         @torch.library.register_fake(lib + "prefix_attention_fwd_cuda")
         def _(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
             return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+    if hasattr(torch.ops.peft_kernels, "soft_prompt_embed_fwd_cuda"):  # absent from an extension built before it
+
+        @torch.library.register_fake(lib + "soft_prompt_embed_fwd_cuda")
+        def _(input_ids, weight, prompt, slots):
+            return weight.new_empty(input_ids.shape[0], prompt.shape[-2] + input_ids.shape[1], weight.shape[1])
+
+        @torch.library.register_fake(lib + "soft_prompt_embed_bwd_cuda")
+        def _(dout, vpos, num_prompt, batched, prompt_dtype):
+            B, _, H = dout.shape
+            return dout.new_empty((B, num_prompt, H) if batched else (num_prompt, H), dtype=prompt_dtype)
 
 
 _register()

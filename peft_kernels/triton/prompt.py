@@ -1,0 +1,163 @@
+"""Triton kernels for the soft-prompt embedding (prompt tuning, P-tuning).
+
+Forward, one pass: each program owns BLOCK_T output rows of one example and, for every row, reads either the
+token's embedding row or the virtual token's prompt row (both loads are masked per row, so each output row is
+read once and written once) and writes it into ``out[b, t]``. The row's source comes from ``slots[b, t]``
+(``s >= 0``: token s of the example; ``-(p + 1)``: virtual token p) or, for a plain prefix, from ``t`` itself
+(``t < P``: virtual token t, else token ``t - P``), so the prefix case reads no map at all.
+
+Backward, prompt only: ``dprompt[p] = sum_b dout[b, vpos[b, p]]`` (shared prompt, summed in fp32 in batch
+order: deterministic, no atomics) or ``dprompt[b, p] = dout[b, vpos[b, p]]`` (per-example prompt). The frozen
+vocabulary gets no gradient buffer (a trainable one is the op's business, not these kernels').
+
+Ids outside [0, V) were refused before the launch; the kernels still mask them (the row is written as zeros)
+so that no input can read out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from peft_kernels import _config
+
+_INTERPRET = _config.SETTINGS.triton_interpret
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _soft_prompt_fwd_kernel(
+    ids_ptr, w_ptr, prompt_ptr, slots_ptr, out_ptr,
+    S, T, P, H, V,
+    stride_ib, stride_is, stride_wv, stride_pb, stride_pp, stride_sb, stride_ob, stride_ot,
+    HAS_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_in = t < T
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + b * stride_sb + t, mask=t_in, other=0).to(tl.int64)
+    else:
+        slot = tl.where(t < P, -(t + 1), t - P).to(tl.int64)
+    is_tok = slot >= 0
+    s = tl.maximum(slot, 0)
+    p = tl.maximum(-slot - 1, 0)
+    tok = tl.load(ids_ptr + b * stride_ib + s * stride_is, mask=t_in & is_tok, other=0).to(tl.int64)
+    tok_ok = t_in & is_tok & (tok >= 0) & (tok < V)
+    virt = t_in & (slot < 0) & (p < P)
+    w_rows = w_ptr + tok[:, None] * stride_wv
+    p_rows = prompt_ptr + b * stride_pb + p[:, None] * stride_pp
+    o_rows = out_ptr + b * stride_ob + t.to(tl.int64)[:, None] * stride_ot
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        h_in = (h < H)[None, :]
+        w = tl.load(w_rows + h[None, :], mask=tok_ok[:, None] & h_in, other=0.0)
+        pv = tl.load(p_rows + h[None, :], mask=virt[:, None] & h_in, other=0.0)
+        val = tl.where(is_tok[:, None], w, pv.to(w.dtype))
+        tl.store(o_rows + h[None, :], val.to(out_ptr.dtype.element_ty), mask=t_in[:, None] & h_in)
+
+
+@triton.jit
+def _soft_prompt_bwd_kernel(
+    dout_ptr, vpos_ptr, dprompt_ptr,
+    B, P, H,
+    stride_ob, stride_ot, stride_vb, stride_db, stride_dp,
+    HAS_VPOS: tl.constexpr, BATCHED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (p < P)[:, None] & (h < H)[None, :]
+    if BATCHED:
+        b = tl.program_id(2).to(tl.int64)
+        if HAS_VPOS:
+            t = tl.load(vpos_ptr + b * stride_vb + p, mask=p < P, other=0).to(tl.int64)
+        else:
+            t = p.to(tl.int64)
+        g = tl.load(dout_ptr + b * stride_ob + t[:, None] * stride_ot + h[None, :], mask=mask, other=0.0)
+        dst = dprompt_ptr + b * stride_db + p.to(tl.int64)[:, None] * stride_dp + h[None, :]
+        tl.store(dst, g.to(dprompt_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
+        dout_b, vpos_b = dout_ptr, vpos_ptr  # advanced per example: pointer arithmetic is 64-bit
+        for _ in range(0, B):
+            if HAS_VPOS:
+                t = tl.load(vpos_b + p, mask=p < P, other=0).to(tl.int64)
+            else:
+                t = p.to(tl.int64)
+            g = tl.load(dout_b + t[:, None] * stride_ot + h[None, :], mask=mask, other=0.0)
+            acc += g.to(tl.float32)
+            dout_b += stride_ob
+            vpos_b += stride_vb
+        dst = dprompt_ptr + p.to(tl.int64)[:, None] * stride_dp + h[None, :]
+        tl.store(dst, acc.to(dprompt_ptr.dtype.element_ty), mask=mask)
+
+
+def _fwd_blocks(H: int, elem: int) -> tuple[int, int, int]:
+    if _INTERPRET:
+        return _config.interpret_blocks("prompt_fwd", (4, 32)) + (1,)
+    # 16-byte vectors per thread, rows of up to 4 KiB per loop step; 8 rows per program keeps ~32 KiB in flight.
+    block_h = min(triton.next_power_of_2(H), 4096 // elem)
+    return 8, block_h, 4
+
+
+def _bwd_blocks(H: int) -> tuple[int, int, int]:
+    if _INTERPRET:
+        return _config.interpret_blocks("prompt_bwd", (4, 32)) + (1,)
+    return 8, min(triton.next_power_of_2(H), 256), 4
+
+
+def soft_prompt_forward(input_ids, embedding_weight, prompt_embeds, slots):
+    """out [B, T, H] in embedding_weight's dtype; T = P + S. ``slots``: int32 [1 or B, T] or None (prefix)."""
+    B, S = input_ids.shape
+    V, H = embedding_weight.shape
+    P = prompt_embeds.shape[-2]
+    T = P + S
+    out = embedding_weight.new_empty(B, T, H)
+    if _config.poison_outputs():
+        out.fill_(float("nan"))
+    if out.numel() == 0:
+        return out
+    w = embedding_weight if embedding_weight.stride(1) == 1 else embedding_weight.contiguous()
+    pr = prompt_embeds if prompt_embeds.stride(-1) == 1 else prompt_embeds.contiguous()
+    stride_pb = pr.stride(0) if pr.dim() == 3 else 0
+    if slots is not None:
+        stride_sb = slots.stride(0) if slots.shape[0] > 1 else 0
+        slots_arg = slots
+    else:
+        stride_sb, slots_arg = 0, input_ids
+    block_t, block_h, warps = _fwd_blocks(H, out.element_size())
+    grid = (triton.cdiv(T, block_t), B)
+    _soft_prompt_fwd_kernel[grid](
+        input_ids, w, pr, slots_arg, out,
+        S, T, P, H, V,
+        input_ids.stride(0), input_ids.stride(1), w.stride(0), stride_pb, pr.stride(-2), stride_sb,
+        out.stride(0), out.stride(1),
+        HAS_SLOTS=slots is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=warps,
+    )
+    return out
+
+
+def soft_prompt_backward_prompt(dout, vpos, num_prompt: int, prompt_batched: bool, prompt_dtype):
+    """dprompt [P, H] (summed over the batch in fp32) or [B, P, H]; ``vpos``: int32 [1 or B, P] or None."""
+    B, T, H = dout.shape
+    P = num_prompt
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    shape = (B, P, H) if prompt_batched else (P, H)
+    dprompt = torch.empty(shape, device=dout.device, dtype=prompt_dtype)
+    if _config.poison_outputs():
+        dprompt.fill_(float("nan"))
+    if dprompt.numel() == 0:
+        return dprompt.zero_()
+    stride_vb = 0 if vpos is None or vpos.shape[0] == 1 else vpos.stride(0)
+    block_p, block_h, warps = _bwd_blocks(H)
+    grid = (triton.cdiv(P, block_p), triton.cdiv(H, block_h), B if prompt_batched else 1)
+    _soft_prompt_bwd_kernel[grid](
+        dout, vpos if vpos is not None else dout, dprompt,
+        B, P, H,
+        dout.stride(0), dout.stride(1), stride_vb, dprompt.stride(0) if prompt_batched else 0, dprompt.stride(-2),
+        HAS_VPOS=vpos is not None, BATCHED=prompt_batched, BLOCK_P=block_p, BLOCK_H=block_h, num_warps=warps,
+    )
+    return dprompt
