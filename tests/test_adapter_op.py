@@ -10,9 +10,10 @@ from torch import nn
 from peft_kernels.ops import bottleneck_adapter, bottleneck_adapter_reference
 from peft_kernels.ops.adapter import (
     ACTIVATIONS,
-    _bottleneck_adapter_backward_op,
-    _bottleneck_adapter_op,
+    FAMILY,
+    MIXED_FAMILY,
     activation_derivative,
+    bottleneck_adapter_mixed,
 )
 from tests.helpers import assert_close, assert_within_eager_error, rel_err
 
@@ -234,19 +235,20 @@ def test_gradcheck(activation, residual):
 @pytest.mark.parametrize("bias", [(True, True), (False, False)])
 def test_opcheck_forward(activation, bias):
     h, W_down, b_down, W_up, b_up = make_inputs(lead=(7,), H=12, m=4, bias=bias)
-    op = _bottleneck_adapter_op
-    torch.library.opcheck(op, (h, W_down, b_down, W_up, b_up, activation, 0.5, True, "reference"))
-    torch.library.opcheck(op, (h.detach(), W_down, b_down, W_up, b_up, activation, 0.5, False, "reference"))
+    op, _ = FAMILY.custom_ops
+    ref = ("reference", "reference")
+    torch.library.opcheck(op, (h, W_down, b_down, W_up, b_up, activation, 0.5, True, *ref))
+    torch.library.opcheck(op, (h.detach(), W_down, b_down, W_up, b_up, activation, 0.5, False, *ref))
 
 
 @pytest.mark.parametrize("needs", [[True] * 5, [False, True, False, True, False],
                                    [True, False, True, False, True]])
 def test_opcheck_backward(needs):
     h, W_down, b_down, W_up, b_up = make_inputs(lead=(7,), H=12, m=4, requires_grad=False)
-    _, z = _bottleneck_adapter_op(h, W_down, b_down, W_up, b_up, "silu", 0.5, True, "reference")
+    fwd, bwd = FAMILY.custom_ops
+    _, z = fwd(h, W_down, b_down, W_up, b_up, "silu", 0.5, True, "reference", "reference")
     dy = torch.randn_like(h)
-    torch.library.opcheck(_bottleneck_adapter_backward_op,
-                          (dy, h, W_down, b_down, W_up, b_up, z, "silu", 0.5, True, "reference", needs))
+    torch.library.opcheck(bwd, (dy, h, W_down, b_down, W_up, b_up, z, "silu", 0.5, True, needs, "reference"))
 
 
 def test_torch_compile_fullgraph():
@@ -313,3 +315,99 @@ def test_validation_scaling(scaling, exc):
 def test_validation_residual():
     with pytest.raises(TypeError, match=f"{OP}: residual must be a bool"):
         bottleneck_adapter(**_good(), residual=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixed-adapter batch (reference backend here; the Triton kernel in tests/triton/test_adapter_triton.py)
+# --------------------------------------------------------------------------------------------------
+def make_stacked(A=3, H=24, m=8, dtype=torch.float64, bias=True):
+    W_down = (torch.randn(A, m, H, dtype=dtype) / H**0.5).requires_grad_(True)
+    W_up = (torch.randn(A, H, m, dtype=dtype) / m**0.5).requires_grad_(True)
+    b_down = (torch.randn(A, m, dtype=dtype) * 0.5).requires_grad_(True) if bias else None
+    b_up = (torch.randn(A, H, dtype=dtype) * 0.5).requires_grad_(True) if bias else None
+    return W_down, b_down, W_up, b_up
+
+
+def per_row(h, W_down, b_down, W_up, b_up, ids, activation, scalings, residual=True):
+    """Each row with its own adapter through the single-adapter reference (the definition)."""
+    rows = [bottleneck_adapter_reference(h[i: i + 1], W_down[a], None if b_down is None else b_down[a], W_up[a],
+                                         None if b_up is None else b_up[a], activation, scalings[a], residual)
+            for i, a in enumerate(ids.tolist())]
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mixed_batch_equals_per_row(activation, bias):
+    A, H = 3, 24
+    stacked = make_stacked(A, H, bias=bias)
+    h = torch.randn(17, H, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, A, (17,))
+    ids[:3] = torch.tensor([2, 0, 2])
+    scalings = (1.0, 0.5, 2.0)
+    y = bottleneck_adapter_mixed(h, *stacked, ids, activation, scalings)
+    y_ref = per_row(h, *stacked, ids, activation, scalings)
+    assert_close(y, y_ref, name="y")
+    dy = torch.randn_like(y)
+    params = [h, *stacked]
+    for g, r, name in zip(grads_of(y, params, dy), grads_of(y_ref, params, dy), NAMES):
+        if r is None:
+            assert g is None
+        else:
+            assert_close(g, r, name=f"d{name}")
+
+
+def test_mixed_batch_one_id_per_sequence_and_unused_adapter():
+    stacked = make_stacked(A=4, H=16, m=4)
+    h = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([1, 3, 1])  # adapters 0 and 2 unused: zero gradients
+    y = bottleneck_adapter_mixed(h, *stacked, ids, "tanh", 0.7, residual=False)
+    ref = torch.stack([bottleneck_adapter_reference(h[b], stacked[0][a], stacked[1][a], stacked[2][a], stacked[3][a],
+                                                    "tanh", 0.7, False) for b, a in enumerate(ids.tolist())])
+    assert_close(y, ref)
+    y.sum().backward()
+    assert stacked[0].grad[0].abs().sum() == 0 and stacked[0].grad[2].abs().sum() == 0
+    assert stacked[0].grad[1].abs().sum() > 0
+
+
+def test_mixed_gradcheck():
+    stacked = make_stacked(A=2, H=5, m=3)
+    h = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([1, 0, 1, 1])
+    assert torch.autograd.gradcheck(lambda *a: bottleneck_adapter_mixed(*a, ids, "gelu_tanh", (0.5, 2.0)),
+                                    (h, *stacked))
+
+
+def test_mixed_opcheck_and_compile():
+    W_down, b_down, W_up, b_up = (t.detach().float() for t in make_stacked(A=2, H=12, m=4))
+    h = torch.randn(6, 12)
+    ids = torch.tensor([0, 1, 1, 0, 1, 0])
+    fwd, _ = MIXED_FAMILY.custom_ops
+    torch.library.opcheck(fwd, (h, W_down, b_down, W_up, b_up, ids, "relu", [1.0, 0.5], True, "reference",
+                                "reference"))
+    params = [t.requires_grad_(True) for t in (h, W_down, b_down, W_up, b_up)]
+
+    def f(h, W_down, b_down, W_up, b_up):
+        return bottleneck_adapter_mixed(h, W_down, b_down, W_up, b_up, ids, "relu", (1.0, 0.5))
+
+    y = f(*params)
+    y_c = torch.compile(f, fullgraph=True, backend="aot_eager")(*params)
+    assert_close(y_c, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(ids=torch.tensor([0, 3, 1])), ValueError, r"adapter_ids must lie in \[0, 3\)"),
+    (dict(ids=torch.tensor([0.0, 1.0, 1.0])), TypeError, "adapter_ids must be an integer tensor"),
+    (dict(ids=torch.tensor([0, 1])), ValueError, "adapter_ids has shape"),
+    (dict(scalings=(1.0, 2.0)), ValueError, "scalings has 2 entries"),
+    (dict(W_up=torch.randn(2, 16, 4, dtype=torch.float64)), ValueError, "W_up .* expected 3"),
+    (dict(W_down=torch.randn(4, 16, dtype=torch.float64)), ValueError, "W_down must be 3-D"),
+])
+def test_mixed_validation(over, exc, match):
+    W_down, b_down, W_up, b_up = make_stacked(A=3, H=16, m=4)
+    args = dict(h=torch.randn(3, 16, dtype=torch.float64), W_down=W_down, b_down=b_down, W_up=W_up, b_up=b_up,
+                ids=torch.tensor([0, 2, 1]), scalings=1.0)
+    args.update(over)
+    with pytest.raises(exc, match=f"bottleneck_adapter_mixed: {match}"):
+        bottleneck_adapter_mixed(args["h"], args["W_down"], args["b_down"], args["W_up"], args["b_up"], args["ids"],
+                                 "relu", args["scalings"])

@@ -3,6 +3,11 @@
 Saved for backward: h and the pre-activation z = h W_downᵀ + b_down of shape [N, m] (m is the small
 bottleneck width). The post-activation act(z) is recomputed from z in the backward rather than stored, and
 every activation's derivative is written out explicitly, so a fused kernel can do the same.
+
+Two op families, defined through peft_kernels/_op.py:
+- ``bottleneck_adapter``: one adapter (backends: reference, triton, cuda).
+- ``bottleneck_adapter_mixed``: a batch whose rows each choose one of A stacked adapters by an id, in one fused
+  kernel (triton), for training and inference; the reference loops over the adapters.
 The adapter weights may be fp32 master weights while h is bf16/fp16: the math runs in h's dtype (activation
 and its derivative in fp32 for half types), and the weight gradients come back in each weight's own dtype.
 """
@@ -10,15 +15,18 @@ and its derivative in fp32 for half types), and the weight gradients come back i
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from peft_kernels import _backends
+from peft_kernels._op import OpFamily
 from peft_kernels.ops import _validate as v
 
 OP = "bottleneck_adapter"
+OP_MIXED = "bottleneck_adapter_mixed"
+MAX_FUSED_BOTTLENECK = 256  # the widest bottleneck the fused kernels keep on chip
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "identity")
 
@@ -106,10 +114,51 @@ def bottleneck_adapter_reference(h, W_down, b_down, W_up, b_up, activation="relu
 
 
 # --------------------------------------------------------------------------------------------------
-# Backends: forward (h2d, ...) -> (y, z); backward -> (dh, dW_down, db_down, dW_up, db_up), None where not
-# needed.
+# One adapter: the op family
 # --------------------------------------------------------------------------------------------------
+class AdapterInputs(NamedTuple):
+    """The input record (2-D h, validated by the public function)."""
+
+    h: Tensor
+    W_down: Tensor
+    b_down: Tensor | None
+    W_up: Tensor
+    b_up: Tensor | None
+    activation: str
+    scaling: float
+    residual: bool
+
+
+def _grads_fake(h, W_down, b_down, W_up, b_up, needs):
+    like = (h, W_down, b_down, W_up, b_up)
+    return tuple(torch.empty_like(t) if n and t is not None else None for t, n in zip(like, needs))
+
+
+FAMILY = OpFamily(
+    OP,
+    Inputs=AdapterInputs,
+    schema="(Tensor h, Tensor W_down, Tensor? b_down, Tensor W_up, Tensor? b_up, str activation, float scaling, "
+    "bool residual) -> (Tensor, Tensor)",
+    backward_schema="(Tensor dy, Tensor h, Tensor W_down, Tensor? b_down, Tensor W_up, Tensor? b_up, Tensor z, "
+    "str activation, float scaling, bool residual)",
+    differentiable=("h", "W_down", "b_down", "W_up", "b_up"),
+    # h and z ([N, m]) are the saved activations; the weights and biases are parameters (no memory), the
+    # biases kept for their dtypes (each gradient comes back in its parameter's dtype).
+    save=lambda inp, out: (inp.h, inp.W_down, inp.b_down, inp.W_up, inp.b_up, out[1], inp.activation,
+                           inp.scaling, inp.residual),
+    fake=lambda inp: (inp.h.new_empty(inp.h.shape), inp.h.new_empty(inp.h.shape[0], inp.W_down.shape[0])),
+    backward_fake=lambda dy, h, Wd, bd, Wu, bu, z, act, s, res, needs: _grads_fake(h, Wd, bd, Wu, bu, needs),
+    public_outputs=1,
+    primary="h",
+    preference={"cuda": ("triton", "cuda"), "cpu": ("reference",)},
+    autocast=("h",),
+    doc="out = [h +] s · (act(h W_downᵀ + b_down) W_upᵀ + b_up)",
+)
+
+
+@FAMILY.forward("reference", devices=("cpu", "cuda"))
 def _reference_forward(h, W_down, b_down, W_up, b_up, activation, scaling, residual):
+    """Plain PyTorch: addmm, activation, addmm, add."""
     dt = h.dtype
     Wd, Wu = W_down.to(dt), W_up.to(dt)
     z = torch.addmm(b_down.to(dt), h, Wd.t()) if b_down is not None else h @ Wd.t()
@@ -119,8 +168,12 @@ def _reference_forward(h, W_down, b_down, W_up, b_up, activation, scaling, resid
     return y, z
 
 
+@FAMILY.backward("reference")
 def _reference_backward(dy, h, W_down, b_down, W_up, b_up, z, activation, scaling, residual, needs):
+    """Plain PyTorch, act(z) recomputed from the saved z."""
     need_dh, need_dWd, need_dbd, need_dWu, need_dbu = needs
+    need_dbd = need_dbd and b_down is not None
+    need_dbu = need_dbu and b_up is not None
     dt = dy.dtype
     Wd, Wu = W_down.to(dt), W_up.to(dt)
     dh = dWd = dbd = dWu = dbu = None
@@ -142,101 +195,217 @@ def _reference_backward(dy, h, W_down, b_down, W_up, b_up, z, activation, scalin
     return dh, dWd, dbd, dWu, dbu
 
 
-_FORWARD = {"reference": _reference_forward}
-_BACKWARD = {"reference": _reference_backward}
+def _triton():
+    from peft_kernels.triton import adapter as kernels
 
-# Only the reference backend for now; native and Triton kernels register here when they land.
-_backends.register_op(OP, {})
-
-
-# --------------------------------------------------------------------------------------------------
-# torch.library registration: opaque to torch.compile, with fake kernels and autograd.
-# --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("peft_kernels::bottleneck_adapter", mutates_args=())
-def _bottleneck_adapter_op(
-    h: Tensor, W_down: Tensor, b_down: Tensor | None, W_up: Tensor, b_up: Tensor | None,
-    activation: str, scaling: float, residual: bool, backend: str,
-) -> tuple[Tensor, Tensor]:
-    return _FORWARD[backend](h, W_down, b_down, W_up, b_up, activation, scaling, residual)
+    return kernels
 
 
-@_bottleneck_adapter_op.register_fake
-def _(h, W_down, b_down, W_up, b_up, activation, scaling, residual, backend):
-    return h.new_empty(h.shape), h.new_empty(h.shape[0], W_down.shape[0])
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@torch.library.custom_op("peft_kernels::bottleneck_adapter_backward", mutates_args=())
-def _bottleneck_adapter_backward_op(
-    dy: Tensor, h: Tensor, W_down: Tensor, b_down: Tensor | None, W_up: Tensor, b_up: Tensor | None,
-    z: Tensor, activation: str, scaling: float, residual: bool, backend: str, needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _BACKWARD[backend](dy, h, W_down, b_down, W_up, b_up, z, activation, scaling, residual, needs)
-    # custom ops cannot return None: a gradient not asked for comes back as an empty tensor.
-    return tuple(g if g is not None else dy.new_empty(0) for g in grads)
+@FAMILY.forward("triton", devices=("cuda",), dtypes=_TRITON_DTYPES)
+def _triton_forward(h, W_down, b_down, W_up, b_up, activation, scaling, residual):
+    """One fused kernel: z and act(z) stay on chip between the two thin GEMMs."""
+    return _triton().adapter_forward(h, W_down, b_down, W_up, b_up, activation, scaling, residual)
 
 
-@_bottleneck_adapter_backward_op.register_fake
-def _(dy, h, W_down, b_down, W_up, b_up, z, activation, scaling, residual, backend, needs):
-    like = [h, W_down, b_down, W_up, b_up]
-    return tuple(torch.empty_like(t) if n else dy.new_empty(0) for t, n in zip(like, needs))
+@FAMILY.backward("triton", devices=("cuda",), dtypes=_TRITON_DTYPES)
+def _triton_backward(dy, h, W_down, b_down, W_up, b_up, z, activation, scaling, residual, needs):
+    """A row pass over dout (dz), a column pass over dout and h (dh and every weight/bias gradient)."""
+    needs = _bias_needs(needs, b_down, b_up)
+    return _triton().adapter_backward(dy.contiguous(), h, W_down, b_down, W_up, b_up, z, activation, scaling,
+                                      residual, needs)
 
 
-def _setup_context(ctx, inputs, output):
-    h, W_down, b_down, W_up, b_up, activation, scaling, residual, backend = inputs
-    # The biases only for their dtypes (each gradient comes back in its parameter's dtype); they are
-    # parameters, so saving them costs no memory.
-    ctx.save_for_backward(h, W_down, b_down, W_up, b_up, output[1])
-    ctx.activation, ctx.scaling, ctx.residual, ctx.backend = activation, scaling, residual, backend
+def _bias_needs(needs, b_down, b_up):
+    n = list(needs)
+    n[2] = n[2] and b_down is not None
+    n[4] = n[4] and b_up is not None
+    return n
 
 
-def _backward(ctx, dy, dz):
-    h, W_down, b_down, W_up, b_up, z = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[2] and b_down is not None, n[3], n[4] and b_up is not None]
-    if not any(needs):
-        return (None,) * 9
-    grads = _bottleneck_adapter_backward_op(
-        dy.contiguous(), h, W_down, b_down, W_up, b_up, z, ctx.activation, ctx.scaling, ctx.residual,
-        ctx.backend, needs,
-    )
-    dh, dWd, dbd, dWu, dbu = (g if want else None for g, want in zip(grads, needs))
-    return dh, dWd, dbd, dWu, dbu, None, None, None, None
+def _why_not_fused(inp) -> str | None:
+    m = inp.W_down.shape[-2]
+    if m > MAX_FUSED_BOTTLENECK:
+        return f"bottleneck width m = W_down.shape[-2] = {m} exceeds {MAX_FUSED_BOTTLENECK} (kept on chip)"
+    if not inp.h.is_contiguous():
+        return "h is not contiguous"
+    return None
 
 
-_bottleneck_adapter_op.register_autograd(_backward, setup_context=_setup_context)
+FAMILY.why_not("triton", both=True)(_why_not_fused)
 
 
 # --------------------------------------------------------------------------------------------------
-# Public entry point
+# Mixed-adapter batch: rows choose among A stacked adapters by id
 # --------------------------------------------------------------------------------------------------
-def validate(h, W_down, b_down, W_up, b_up, activation, scaling, residual) -> float:
-    v.check_tensor(OP, "h", h, min_ndim=1)
-    v.check_tensor(OP, "W_down", W_down, ndim=2)
-    v.check_tensor(OP, "W_up", W_up, ndim=2)
-    if b_down is not None:
-        v.check_tensor(OP, "b_down", b_down, ndim=1)
-    if b_up is not None:
-        v.check_tensor(OP, "b_up", b_up, ndim=1)
-    v.check_same_device(OP, h=h, W_down=W_down, b_down=b_down, W_up=W_up, b_up=b_up)
-    H, m = h.shape[-1], W_down.shape[0]
-    if m == 0:
-        raise ValueError(
-            f"{OP}: W_down has 0 rows (shape {tuple(W_down.shape)}); the bottleneck width m must be >= 1"
-        )
-    v.check_size(OP, "W_down", W_down, 1, H, "hidden size H = h.shape[-1]")
-    v.check_size(OP, "W_up", W_up, 0, H, "hidden size H = h.shape[-1]")
-    v.check_size(OP, "W_up", W_up, 1, m, "bottleneck width m = W_down.shape[0]")
-    if b_down is not None:
-        v.check_size(OP, "b_down", b_down, 0, m, "bottleneck width m = W_down.shape[0]")
-    if b_up is not None:
-        v.check_size(OP, "b_up", b_up, 0, H, "hidden size H = h.shape[-1]")
+class MixedAdapterInputs(NamedTuple):
+    """h [N, H]; W_down [A, m, H]; b_down [A, m] or None; W_up [A, H, m]; b_up [A, H] or None; adapter_ids
+    (integer [N], each in [0, A)); scalings: one per adapter."""
+
+    h: Tensor
+    W_down: Tensor
+    b_down: Tensor | None
+    W_up: Tensor
+    b_up: Tensor | None
+    adapter_ids: Tensor
+    activation: str
+    scalings: tuple
+    residual: bool
+
+
+def _route(adapter_ids: Tensor, num_adapters: int):
+    """(order, sorted ids, segment starts): the rows sorted (stably) by adapter id."""
+    ids = adapter_ids.reshape(-1)
+    sorted_ids, order = torch.sort(ids.to(torch.int32), stable=True)
+    counts = torch.bincount(ids.to(torch.int64), minlength=num_adapters)
+    seg = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
+    return order, sorted_ids.contiguous(), seg
+
+
+def _mixed_fake(inp):
+    N, m, A = inp.h.shape[0], inp.W_down.shape[-2], inp.W_down.shape[0]
+    ids = inp.adapter_ids
+    return (inp.h.new_empty(inp.h.shape), inp.h.new_empty(N, m), ids.new_empty(N, dtype=torch.int64),
+            ids.new_empty(N, dtype=torch.int32), ids.new_empty(A + 1, dtype=torch.int32))
+
+
+MIXED_FAMILY = OpFamily(
+    OP_MIXED,
+    Inputs=MixedAdapterInputs,
+    schema="(Tensor h, Tensor W_down, Tensor? b_down, Tensor W_up, Tensor? b_up, Tensor adapter_ids, "
+    "str activation, float[] scalings, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    backward_schema="(Tensor dy, Tensor h, Tensor W_down, Tensor? b_down, Tensor W_up, Tensor? b_up, Tensor z, "
+    "Tensor order, Tensor sorted_ids, Tensor seg, str activation, float[] scalings, bool residual)",
+    differentiable=("h", "W_down", "b_down", "W_up", "b_up"),
+    # Saved: h, z [N, m] and the routing (order, sorted ids, segment starts: computed once in the forward).
+    save=lambda inp, out: (inp.h, inp.W_down, inp.b_down, inp.W_up, inp.b_up, out[1], out[2], out[3], out[4],
+                           inp.activation, inp.scalings, inp.residual),
+    fake=_mixed_fake,
+    backward_fake=lambda dy, h, Wd, bd, Wu, bu, z, o, i, s, act, sc, res, needs: _grads_fake(h, Wd, bd, Wu, bu, needs),
+    public_outputs=1,
+    primary="h",
+    preference={"cuda": ("triton",), "cpu": ("reference",)},
+    autocast=("h",),
+    doc="row i: out_i = [h_i +] s_a · (act(h_i W_down[a]ᵀ + b_down[a]) W_up[a]ᵀ + b_up[a]), a = adapter_ids[i]",
+)
+
+
+def _per_adapter(b, a):
+    return None if b is None else b[a]
+
+
+@MIXED_FAMILY.forward("reference", devices=("cpu", "cuda"))
+def _mixed_reference_forward(h, W_down, b_down, W_up, b_up, adapter_ids, activation, scalings, residual):
+    """A loop over the adapters: gather each one's rows, run the single-adapter reference, scatter back."""
+    order, sorted_ids, seg = _route(adapter_ids, W_down.shape[0])
+    y = torch.empty_like(h)
+    z = h.new_empty(h.shape[0], W_down.shape[-2])
+    bounds = seg.tolist()
+    for a in range(W_down.shape[0]):
+        rows = order[bounds[a]: bounds[a + 1]]
+        if rows.numel():
+            ya, za = _reference_forward(h[rows], W_down[a], _per_adapter(b_down, a), W_up[a],
+                                        _per_adapter(b_up, a), activation, float(scalings[a]), residual)
+            y[rows], z[rows] = ya, za
+    return y, z, order, sorted_ids, seg
+
+
+@MIXED_FAMILY.backward("reference")
+def _mixed_reference_backward(dy, h, W_down, b_down, W_up, b_up, z, order, sorted_ids, seg, activation, scalings,
+                              residual, needs):
+    """The same loop over the adapters."""
+    needs = _bias_needs(needs, b_down, b_up)
+    A = W_down.shape[0]
+    like = (h, W_down, b_down, W_up, b_up)
+    out = [torch.zeros_like(t) if n else None for t, n in zip(like, needs)]
+    if out[0] is not None:
+        out[0] = torch.empty_like(h)
+    bounds = seg.tolist()
+    for a in range(A):
+        rows = order[bounds[a]: bounds[a + 1]]
+        if not rows.numel():
+            continue
+        g = _reference_backward(dy[rows], h[rows], W_down[a], _per_adapter(b_down, a), W_up[a],
+                                _per_adapter(b_up, a), z[rows], activation, float(scalings[a]), residual, needs)
+        if g[0] is not None:
+            out[0][rows] = g[0]
+        for k in range(1, 5):
+            if g[k] is not None:
+                out[k][a] = g[k]
+    return tuple(out)
+
+
+def _scaling_arg(scalings, device):
+    # One float when every adapter has the same scaling (no device tensor per call), else fp32 [A].
+    s = [float(x) for x in scalings]
+    return s[0] if all(x == s[0] for x in s) else torch.tensor(s, dtype=torch.float32, device=device)
+
+
+@MIXED_FAMILY.forward("triton", devices=("cuda",), dtypes=_TRITON_DTYPES)
+def _mixed_triton_forward(h, W_down, b_down, W_up, b_up, adapter_ids, activation, scalings, residual):
+    """The fused single-adapter kernel over rows sorted by id; each row block loops over the ids it holds."""
+    k = _triton()
+    r = k.Routing(*_route(adapter_ids, W_down.shape[0]))
+    y, z = k.adapter_forward(h, W_down, b_down, W_up, b_up, activation, _scaling_arg(scalings, h.device), residual,
+                             routing=r)
+    return y, z, r.order, r.ids, r.seg
+
+
+@MIXED_FAMILY.backward("triton", devices=("cuda",), dtypes=_TRITON_DTYPES)
+def _mixed_triton_backward(dy, h, W_down, b_down, W_up, b_up, z, order, sorted_ids, seg, activation, scalings,
+                           residual, needs):
+    """The fused backward; the column pass walks each adapter's segment of the sorted rows."""
+    k = _triton()
+    return k.adapter_backward(dy.contiguous(), h, W_down, b_down, W_up, b_up, z, activation,
+                              _scaling_arg(scalings, h.device), residual, _bias_needs(needs, b_down, b_up),
+                              routing=k.Routing(order, sorted_ids, seg))
+
+
+MIXED_FAMILY.why_not("triton", both=True)(_why_not_fused)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------
+def _check_activation(activation) -> None:
     if not isinstance(activation, str):
         raise TypeError(f"{OP}: activation must be a str, got {type(activation).__name__}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{OP}: unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+
+
+def validate(h, W_down, b_down, W_up, b_up, activation, scaling, residual, *, op=OP, stacked=False) -> None:
+    """Shapes, devices, types; raises TypeError/ValueError naming the op and the argument."""
+    nd = 3 if stacked else 2
+    v.check_tensor(op, "h", h, min_ndim=1)
+    v.check_tensor(op, "W_down", W_down, ndim=nd)
+    v.check_tensor(op, "W_up", W_up, ndim=nd)
+    if b_down is not None:
+        v.check_tensor(op, "b_down", b_down, ndim=nd - 1)
+    if b_up is not None:
+        v.check_tensor(op, "b_up", b_up, ndim=nd - 1)
+    v.check_same_device(op, h=h, W_down=W_down, b_down=b_down, W_up=W_up, b_up=b_up)
+    H, m = h.shape[-1], W_down.shape[-2]
+    if m == 0:
+        raise ValueError(f"{op}: W_down has 0 rows (shape {tuple(W_down.shape)}); the bottleneck width m must be >= 1")
+    last = nd - 1
+    v.check_size(op, "W_down", W_down, last, H, "hidden size H = h.shape[-1]")
+    v.check_size(op, "W_up", W_up, last - 1, H, "hidden size H = h.shape[-1]")
+    v.check_size(op, "W_up", W_up, last, m, "bottleneck width m = W_down.shape[-2]")
+    if b_down is not None:
+        v.check_size(op, "b_down", b_down, nd - 2, m, "bottleneck width m = W_down.shape[-2]")
+    if b_up is not None:
+        v.check_size(op, "b_up", b_up, nd - 2, H, "hidden size H = h.shape[-1]")
+    if stacked:
+        A = W_down.shape[0]
+        for name, t in (("W_up", W_up), ("b_down", b_down), ("b_up", b_up)):
+            if t is not None:
+                v.check_size(op, name, t, 0, A, "number of adapters A = W_down.shape[0]")
+    _check_activation(activation)
     if not isinstance(residual, bool):
-        raise TypeError(f"{OP}: residual must be a bool, got {type(residual).__name__}")
-    return v.check_finite(OP, "scaling", scaling)
+        raise TypeError(f"{op}: residual must be a bool, got {type(residual).__name__}")
 
 
 def bottleneck_adapter(h: Tensor, W_down: Tensor, b_down: Tensor | None, W_up: Tensor, b_up: Tensor | None,
@@ -253,9 +422,52 @@ def bottleneck_adapter(h: Tensor, W_down: Tensor, b_down: Tensor | None, W_up: T
         scaling: scale of the adapter branch.
         residual: add h (Houlsby/Pfeiffer place the adapter inside a residual connection).
     """
-    scaling = validate(h, W_down, b_down, W_up, b_up, activation, scaling, residual)
+    validate(h, W_down, b_down, W_up, b_up, activation, scaling, residual)
+    scaling = v.check_finite(OP, "scaling", scaling)
     H = h.shape[-1]
     h2d = h.reshape(-1, H).contiguous()
-    backend = _backends.select(OP, h.device.type, h2d, W_down, W_up)
-    y, _ = _bottleneck_adapter_op(h2d, W_down, b_down, W_up, b_up, activation, scaling, residual, backend)
+    y = FAMILY(AdapterInputs(h2d, W_down, b_down, W_up, b_up, activation, scaling, residual))
+    return y.reshape(h.shape)
+
+
+def bottleneck_adapter_mixed(h: Tensor, W_down: Tensor, b_down: Tensor | None, W_up: Tensor, b_up: Tensor | None,
+                             adapter_ids: Tensor, activation: str = "relu", scalings=1.0,
+                             residual: bool = True) -> Tensor:
+    """Several bottleneck adapters in one batch: row i of h (over its leading dims) uses adapter
+    ``adapter_ids[i]`` of the stacked weights, in one fused kernel (forward and backward).
+
+    Args:
+        h: [..., H]; adapter_ids: integer tensor with h's leading shape (one id per row), or [B] for h [B, T, H]
+            (one id per sequence), each in [0, A).
+        W_down: [A, m, H]; b_down: [A, m] or None; W_up: [A, H, m]; b_up: [A, H] or None.
+        scalings: a float for every adapter, or a sequence of A floats.
+    """
+    validate(h, W_down, b_down, W_up, b_up, activation, 1.0, residual, op=OP_MIXED, stacked=True)
+    A = W_down.shape[0]
+    if isinstance(scalings, (int, float)):
+        scalings = (float(scalings),) * A
+    scalings = tuple(v.check_finite(OP_MIXED, "scalings", s) for s in scalings)
+    if len(scalings) != A:
+        raise ValueError(f"{OP_MIXED}: scalings has {len(scalings)} entries for A = {A} adapters")
+    if not isinstance(adapter_ids, Tensor) or adapter_ids.dtype.is_floating_point or adapter_ids.is_complex() \
+            or adapter_ids.dtype == torch.bool:
+        raise TypeError(f"{OP_MIXED}: adapter_ids must be an integer tensor")
+    if adapter_ids.device != h.device:
+        raise ValueError(f"{OP_MIXED}: adapter_ids is on {adapter_ids.device}, h on {h.device}")
+    lead = h.shape[:-1]
+    if adapter_ids.shape != lead:
+        if h.dim() >= 2 and adapter_ids.dim() == 1 and adapter_ids.shape[0] == lead[0]:
+            adapter_ids = adapter_ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
+        else:
+            raise ValueError(f"{OP_MIXED}: adapter_ids has shape {tuple(adapter_ids.shape)}; expected h's leading "
+                             f"shape {tuple(lead)} (one id per row) or [{lead[0] if lead else 1}] (one per sequence)")
+    ids = adapter_ids.reshape(-1)
+    if not torch.compiler.is_compiling() and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= A:
+            raise ValueError(f"{OP_MIXED}: adapter_ids must lie in [0, {A}), got values in [{lo}, {hi}]")
+    H = h.shape[-1]
+    h2d = h.reshape(-1, H).contiguous()
+    y = MIXED_FAMILY(MixedAdapterInputs(h2d, W_down, b_down, W_up, b_up, ids.contiguous(), activation, scalings,
+                                        residual))
     return y.reshape(h.shape)
