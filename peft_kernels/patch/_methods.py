@@ -29,6 +29,10 @@ METHODS: dict[str, tuple[str, str]] = {
     "bitfit": ("apply_bitfit", "remove_bitfit"),
 }
 
+# How messages name a method.
+DISPLAY = {"lora": "LoRA", "prefix": "prefix tuning", "p_tuning_v2": "P-Tuning v2", "p_tuning": "P-Tuning",
+           "prompt": "prompt tuning", "adapters": "bottleneck adapters", "bitfit": "BitFit"}
+
 # Unordered pairs of methods that may be applied to one model together (the later one keeps the earlier
 # one's parameters trainable). Empty until a method is written to compose; add pairs with a test.
 COMPOSES: set[frozenset[str]] = set()
@@ -80,6 +84,7 @@ def check_compatible(model: nn.Module, method: str, *, owner: str | None = None)
     apply_fn, _ = METHODS.get(method, (f"apply_{method}", f"remove_{method}"))
     owner = owner or apply_fn
     m = _unwrap(model)
+    this = DISPLAY.get(method, method)
     peft_cls = _peft_wrapper(m)
     if peft_cls is not None:
         hint = (
@@ -90,16 +95,17 @@ def check_compatible(model: nn.Module, method: str, *, owner: str | None = None)
             "peft_model.unload(), or the model before get_peft_model)"
         )
         raise ValueError(f"{owner}: {type(model).__name__} is already an HF peft model ({peft_cls}); applying "
-                         f"peft_kernels' {method} to it would wrap peft's own adapter layers: {hint}")
+                         f"peft_kernels' {this} to it would wrap peft's own adapter layers: {hint}")
     for other in m.__dict__.get(RECORD_ATTR, {}):
         _, remove_other = METHODS.get(other, (f"apply_{other}", f"remove_{other}"))
+        that = DISPLAY.get(other, other)
         if other == method:
-            raise ValueError(f"{owner}: {type(m).__name__} already has {method} applied by peft_kernels; "
+            raise ValueError(f"{owner}: {type(m).__name__} already has {this} applied by peft_kernels; "
                              f"call {remove_other}(model) first (or load into a fresh model)")
         if frozenset((other, method)) not in COMPOSES:
             raise ValueError(
-                f"{owner}: {type(m).__name__} already has {other} applied by peft_kernels, and {method} does not "
-                f"compose with it (each freezes all parameters but its own, so {other}'s weights would stop "
+                f"{owner}: {type(m).__name__} already has {that} applied by peft_kernels, and {this} does not "
+                f"compose with it (each freezes all parameters but its own, so the {that} weights would stop "
                 f"training); call {remove_other}(model) first, or use one method per model"
             )
 

@@ -8,22 +8,64 @@ is every ``nn.Linear`` / GPT-2 ``Conv1D`` except the output head.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
-try:  # transformers is a dependency, but keep the matching usable on plain torch models without it.
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None
+from peft_kernels.nn.lora_conv1d import _conv1d_class, is_conv1d
 
+Conv1D = _conv1d_class()
 ALL_LINEAR = "all-linear"
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
 
+# nn.Linear subclasses whose own forward computes exactly ``x @ W.T + b`` (so the fused op may replace it),
+# by qualified class name: checked by reading their source, listed here rather than guessed at run time.
+LINEAR_MAP_CLASSES = {
+    "transformers.models.falcon.modeling_falcon.FalconLinear",
+}
 
-def is_conv1d(module: nn.Module) -> bool:
-    return Conv1D is not None and isinstance(module, Conv1D)
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _forward_is_linear_map(cls: type) -> bool:
+    """The first class in the MRO that defines ``forward`` is nn.Linear (or Conv1D), or a listed subclass."""
+    for klass in cls.__mro__:
+        if "forward" in klass.__dict__:
+            return klass is nn.Linear or klass is Conv1D or _qualname(klass) in LINEAR_MAP_CLASSES
+    return False
+
+
+def linear_kind(module: nn.Module) -> str | None:
+    """"linear" / "conv1d" when the module computes exactly what the fused op does, else None."""
+    if is_conv1d(module):
+        kind = "conv1d"
+    elif isinstance(module, nn.Linear):
+        kind = "linear"
+    else:
+        return None
+    if not _forward_is_linear_map(type(module)):
+        return None
+    w = getattr(module, "weight", None)
+    return kind if isinstance(w, Tensor) and w.is_floating_point() and w.dim() == 2 else None
+
+
+def why_not_linear(module: nn.Module) -> str:
+    """Why :func:`linear_kind` refuses ``module`` (the real reason, for the error message)."""
+    name = type(module).__name__
+    w = getattr(module, "weight", None)
+    if not isinstance(w, Tensor):
+        return f"a {name} with no weight tensor (quantized or a custom layer)"
+    if not w.is_floating_point():
+        return f"a {name} whose weight has dtype {w.dtype} (quantized: the fused layers need a float weight)"
+    if w.dim() != 2:
+        return f"a {name} whose weight has shape {tuple(w.shape)} (not a 2-D linear weight)"
+    return (f"a {name} that overrides forward ({_qualname(type(module))}), so the fused op cannot stand in for "
+            "it; if that forward is exactly x @ W.T + b, add the class to "
+            "peft_kernels.patch._targets.LINEAR_MAP_CLASSES")
 
 
 def normalize_targets(owner: str, arg: str, value) -> str | tuple[str, ...] | None:
@@ -31,6 +73,8 @@ def normalize_targets(owner: str, arg: str, value) -> str | tuple[str, ...] | No
     if value is None or isinstance(value, str):
         if isinstance(value, str) and value == "":
             raise ValueError(f"{owner}: {arg} must not be an empty string")
+        if isinstance(value, str) and value.lower() != ALL_LINEAR:
+            check_regex(owner, arg, value)
         return value
     if isinstance(value, Iterable):
         names = tuple(value)
@@ -41,10 +85,67 @@ def normalize_targets(owner: str, arg: str, value) -> str | tuple[str, ...] | No
 
 
 def name_matches(name: str, pattern: str | tuple[str, ...]) -> bool:
-    """peft's rule (``check_target_module_exists``): regex full match, or name / ``.name`` suffix match."""
+    """peft's rule (``check_target_module_exists``): regex full match, or name / ``.name`` suffix match.
+    A regex must have passed :func:`check_regex` (normalize_targets does that)."""
     if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
+        return _compiled(pattern).fullmatch(name) is not None
     return name in pattern or any(name.endswith("." + p) for p in pattern)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+# Python's re backtracks: a quantifier inside a quantifier ("(.*.*)*", "(a+)+") takes exponential time on a
+# name that does not match, and many unbounded quantifiers in a row take a high power of the name's length.
+# target_modules regexes come from adapter_config.json files too, so such patterns are refused up front; the
+# patterns peft users write (".*\.(q|v)_proj", "model\.layers\.\d+\.mlp\..*") have none of these.
+MAX_UNBOUNDED_QUANTIFIERS = 4
+
+
+def _walk(items, depth: int, stats: dict) -> None:
+    from re import _constants as c
+
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            lo, hi, body = av
+            repeats = hi > 1
+            if repeats and depth > 0:
+                stats["nested"] = True
+            if hi == c.MAXREPEAT or hi > 64:
+                stats["unbounded"] += 1
+            _walk(body, depth + repeats, stats)
+        elif op in (c.GROUPREF, c.GROUPREF_EXISTS):
+            stats["backref"] = True
+        else:
+            for part in av if isinstance(av, (tuple, list)) else (av,):
+                if isinstance(part, re._parser.SubPattern):
+                    _walk(part, depth, stats)
+                elif isinstance(part, list) and part and isinstance(part[0], re._parser.SubPattern):
+                    for sub in part:
+                        _walk(sub, depth, stats)
+
+
+def check_regex(owner: str, arg: str, pattern: str) -> None:
+    """Refuse a regex that is invalid or could take super-linear time to match (see above)."""
+    try:
+        parsed = re._parser.parse(pattern)
+    except re.error as exc:
+        raise ValueError(f"{owner}: {arg}={_short(pattern)} is not a valid regular expression ({exc})") from exc
+    stats = {"nested": False, "unbounded": 0, "backref": False}
+    _walk(parsed, 0, stats)
+    why = None
+    if stats["nested"]:
+        why = "it repeats a group that itself contains a repetition (e.g. '(.*.*)*' or '(a+)+')"
+    elif stats["backref"]:
+        why = "it uses a backreference"
+    elif stats["unbounded"] > MAX_UNBOUNDED_QUANTIFIERS:
+        why = f"it has {stats['unbounded']} unbounded repetitions (at most {MAX_UNBOUNDED_QUANTIFIERS})"
+    if why:
+        raise ValueError(f"{owner}: {arg}={_short(pattern)} is refused: {why}, which can make matching module "
+                         "names take exponential time; write it without nested repetition (e.g. "
+                         "'.*\\.(q|v)_proj') or pass a list of module names")
 
 
 def output_embedding_name(model: nn.Module) -> str | None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from peft_kernels.nn import LoRALinear
-from peft_kernels.patch.lora import LoRAConv1D, apply_lora, remove_lora
+from peft_kernels.nn import LoRAConv1D, LoRALinear
+from peft_kernels.patch import apply_lora, remove_lora
 from tests.helpers import assert_close
 
 peft = pytest.importorskip("peft")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from peft_kernels.nn import LoRALinear
-from peft_kernels.patch.lora import apply_lora, load_lora, save_lora
+from peft_kernels.patch import apply_lora, load_lora, save_lora
 from tests.helpers import assert_close
 from tests.patch.test_apply_lora import batch, build
 
@@ -155,7 +155,7 @@ def test_load_lora_rejects_dora_and_leaves_model_alone(tmp_path):
     "edit, match",
     [
         ({"peft_type": "IA3"}, "only LORA"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"modules_to_save": ["no_such_head"]}, "modules_to_save"),  # supported, but must match a module
         ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
         ({"layers_to_transform": [0]}, "layers_to_transform"),
         ({"some_future_variant": {"x": 1}}, "unknown key 'some_future_variant'"),

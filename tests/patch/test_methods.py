@@ -20,9 +20,9 @@ def test_record_and_guard():
     _methods.check_compatible(m, "lora")
     _methods.register_method(m, "lora", {"r": 4})
     assert _methods.applied_methods(m) == {"lora": {"r": 4}}
-    with pytest.raises(ValueError, match=r"apply_lora: Sequential already has lora .*remove_lora\(model\) first"):
+    with pytest.raises(ValueError, match=r"apply_lora: Sequential already has LoRA .*remove_lora\(model\) first"):
         _methods.check_compatible(m, "lora")
-    with pytest.raises(ValueError, match=r"apply_prefix_tuning: .*already has lora.*does not compose.*remove_lora"):
+    with pytest.raises(ValueError, match=r"apply_prefix_tuning: .*LoRA.*prefix tuning does not compose.*remove_lora"):
         _methods.check_compatible(m, "prefix")
     with pytest.raises(ValueError, match=r"apply_frob: .*remove_lora"):  # methods this file does not list
         _methods.check_compatible(m, "frob")
@@ -36,7 +36,7 @@ def test_composable_pairs(monkeypatch):
     _methods.register_method(m, "bitfit")
     monkeypatch.setattr(_methods, "COMPOSES", {frozenset(("bitfit", "lora"))})
     _methods.check_compatible(m, "lora")
-    with pytest.raises(ValueError, match="already has bitfit"):
+    with pytest.raises(ValueError, match="already has BitFit"):
         _methods.check_compatible(m, "bitfit")
 
 
@@ -45,7 +45,7 @@ def test_compiled_model_shares_the_record():
     c = torch.compile(m)
     _methods.register_method(c, "lora")
     assert _methods.applied_methods(m) == {"lora": None}
-    with pytest.raises(ValueError, match="already has lora"):
+    with pytest.raises(ValueError, match="already has LoRA"):
         _methods.check_compatible(c, "lora")
 
 

@@ -9,8 +9,8 @@ import pickle
 import pytest
 import torch
 
-import peft_kernels.patch.lora as lora_patch
-from peft_kernels.patch.lora import patch_peft_model, unpatch_peft_model
+import peft_kernels.patch.peft_model as lora_patch
+from peft_kernels.patch import patch_peft_model, unpatch_peft_model
 from tests.helpers import assert_close
 from tests.patch.test_apply_lora import ARCHS, CASES, aot_eager_recording, batch, build, loss_and_grads
 

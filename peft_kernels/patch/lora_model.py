@@ -1,0 +1,440 @@
+"""LoRA on a transformers model: ``apply_lora`` / ``remove_lora`` and the peft-style calls around them
+(``add_adapter``, ``set_adapter``, ``delete_adapter``, ``disable_adapter()``, ``merge_and_unload``, ``unload``).
+
+``apply_lora`` swaps the targeted ``nn.Linear`` (and GPT-2 ``Conv1D``) modules for
+:class:`~peft_kernels.nn.LoRALinear` (:class:`~peft_kernels.nn.LoRAConv1D` for Conv1D), reusing the base
+weight tensors, and trains the ``modules_to_save`` heads whole (peft's task-type defaults: the classifier of
+a sequence-classification model). It is all or nothing: every new layer is built before the model is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peft_kernels.nn.lora import (
+    DEFAULT_ADAPTER,
+    LoRALinear,
+    check_adapter_name,
+    check_lora_hparams,
+)
+from peft_kernels.nn.lora_conv1d import LoRAConv1D
+from peft_kernels.patch import _methods
+from peft_kernels.patch._targets import (
+    ALL_LINEAR,
+    is_conv1d,
+    linear_kind,
+    name_matches,
+    normalize_targets,
+    resolve_targets,
+    set_module,
+    why_not_linear,
+)
+
+BIAS_MODES = ("none", "all", "lora_only")
+TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# peft's PeftModelFor<Task> adds these heads to modules_to_save (peft_model.py).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+CONFIG_ATTR = "peft_kernels_lora_config"
+
+
+@dataclass
+class LoraApplyConfig:
+    """One adapter as ``apply_lora`` / ``add_adapter`` made it; the active one is also
+    ``model.peft_kernels_lora_config`` (save_lora writes it as adapter_config.json).
+
+    ``target_modules`` / ``exclude_modules`` are in the form peft should see: as given for a name list or a
+    regex (peft matches them the same way), and for ``"all-linear"`` the resolved qualified names (what peft
+    itself writes to adapter_config.json). ``modules`` lists the replaced modules, ``modules_to_save`` the
+    module names (as given, peft's form) whose every parameter trains, ``saved_modules`` the modules they
+    matched.
+    """
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    bias: str
+    use_rslora: bool
+    target_modules: str | list[str]
+    exclude_modules: str | list[str] | None
+    adapter_dtype: str | None
+    modules: list[str]
+    modules_to_save: list[str] | None = None
+    saved_modules: list[str] = field(default_factory=list)
+    task_type: str | None = None
+    adapter_name: str = DEFAULT_ADAPTER
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LoraState:
+    """The record of ``apply_lora`` on a model (``_methods.applied_methods(model)["lora"]``)."""
+
+    adapters: dict[str, LoraApplyConfig]
+    active: str
+    # requires_grad of every parameter before apply_lora, the replaced module objects (they share their
+    # weight Parameters with the LoRA layers) and untrained copies of the modules_to_save heads.
+    original_requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
+    original_modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    original_heads: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule shares the modules
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_state(model: nn.Module, owner: str) -> LoraState:
+    state = _methods.applied_methods(model).get("lora")
+    if state is None:
+        raise ValueError(f"{owner}: {type(unwrap(model)).__name__} has no LoRA applied by apply_lora/load_lora "
+                         "(for an HF peft PeftModel, use its own method)")
+    return state
+
+
+def _check_choice(owner: str, arg: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}: {arg} must be one of {choices} (as in peft.LoraConfig), got {value!r}")
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """peft's task_type for a transformers model class (from the auto mappings), else None."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:  # pragma: no cover
+        return None
+
+    def names(mapping) -> set[str]:
+        out = set()
+        for v in mapping.values():
+            out.update(v if isinstance(v, (tuple, list)) else (v,))
+        return out
+
+    cls = type(model).__name__
+    for task, mapping in (
+        ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+        ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+        ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+        ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+        ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ):
+        if cls in names(getattr(auto, mapping, {})):
+            return task
+    return None
+
+
+def _resolve_heads(owner: str, model: nn.Module, given: tuple[str, ...] | None, task_type: str | None):
+    """(modules_to_save as peft writes it, the qualified names it matches): peft's suffix rule."""
+    defaults = TASK_HEADS.get(task_type, ())
+    if given is None and not defaults:
+        return None, []
+    names = list(dict.fromkeys([*(given or ()), *defaults]))
+    matched = [n for n, _ in model.named_modules() if n and name_matches(n, tuple(names))]
+    matched = [n for n in matched if not any(n.startswith(o + ".") for o in matched)]  # outermost only
+    # peft writes its task defaults into modules_to_save ("classifier" and "score"): only one need exist.
+    missing = [g for g in (given or ()) if g not in defaults and not any(name_matches(n, (g,)) for n in matched)]
+    if missing:
+        raise ValueError(f"{owner}: modules_to_save entries {missing} match no module of {type(model).__name__}")
+    return names, matched
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules: str | list[str] = ALL_LINEAR,
+    r: int = 8,
+    lora_alpha: float = 8,
+    lora_dropout: float = 0.0,
+    bias: str = "none",
+    use_rslora: bool = False,
+    adapter_dtype: torch.dtype | None = torch.float32,
+    exclude_modules: str | list[str] | None = None,
+    *,
+    modules_to_save: list[str] | None = None,
+    task_type: str | None = "auto",
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> nn.Module:
+    """Replace the targeted ``nn.Linear`` / ``Conv1D`` modules of ``model`` with fused LoRA layers, in place.
+
+    Args mirror ``peft.LoraConfig``: ``target_modules`` is a list of names (a module matches when its
+    qualified name equals an entry or ends with ``"." + entry``), a regex that must match the whole qualified
+    name, or ``"all-linear"`` (every Linear/Conv1D except ``model.get_output_embeddings()``);
+    ``exclude_modules`` takes the same forms. Every parameter other than the LoRA A/B matrices is frozen,
+    except the biases that ``bias`` ("none" | "all" | "lora_only") makes trainable and the modules of
+    ``modules_to_save``, trained whole. ``task_type`` is peft's (``"SEQ_CLS"``, ...); ``"auto"`` takes it from
+    the model's class, so a sequence-classification head trains (peft's default ``modules_to_save`` for the
+    task) instead of getting LoRA; ``None`` adds no head. Base weights are reused, never copied. Returns
+    ``model``. All or nothing: on any error the model is unchanged.
+    """
+    owner = "apply_lora"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
+    r, lora_alpha, lora_dropout, use_rslora, adapter_dtype = check_lora_hparams(
+        owner, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
+    _check_choice(owner, "bias", bias, BIAS_MODES)
+    check_adapter_name(owner, adapter_name)
+    targets = normalize_targets(owner, "target_modules", target_modules)
+    if targets is None:
+        raise ValueError(f"{owner}: target_modules must be given (a list of names, a regex or {ALL_LINEAR!r})")
+    excludes = normalize_targets(owner, "exclude_modules", exclude_modules)
+    heads_given = normalize_targets(owner, "modules_to_save", modules_to_save)
+    if isinstance(heads_given, str):
+        raise TypeError(f"{owner}: modules_to_save must be a list of module names, got {modules_to_save!r}")
+    model = unwrap(model)
+    if task_type == "auto":
+        task_type = infer_task_type(model)
+    elif task_type is not None:
+        _check_choice(owner, "task_type", task_type, (*TASK_TYPES, "auto", None))
+    _methods.check_compatible(model, "lora", owner=owner)
+    if lora_modules(model):
+        raise ValueError(f"{owner}: {type(model).__name__} already has LoRA layers; call remove_lora(model) first")
+
+    heads_saved, heads = _resolve_heads(owner, model, heads_given, task_type)
+    in_head = tuple(h + "." for h in heads)
+    found = [(n, m) for n, m in resolve_targets(model, targets, excludes, owner=owner)
+             if n not in heads and not n.startswith(in_head)]  # peft trains a saved head whole, no LoRA in it
+    if not found:
+        raise ValueError(f"{owner}: target_modules={target_modules!r} only matched modules_to_save heads {heads}")
+    for name, module in found:
+        if linear_kind(module) is None:
+            raise ValueError(f"{owner}: target_modules={target_modules!r} selects {name!r}, "
+                             f"{why_not_linear(module)}; leave it out with exclude_modules")
+
+    # Build everything first (allocations can fail): the model is touched only once nothing else can.
+    kw = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+              adapter_dtype=adapter_dtype, freeze_base=False)
+    new = [(name, LoRAConv1D.from_conv1d(m, **kw) if is_conv1d(m) else LoRALinear.from_linear(m, **kw))
+           for name, m in found]
+    original_heads = {h: copy.deepcopy(model.get_submodule(h)) for h in heads}
+
+    original = {n: p.requires_grad for n, p in model.named_parameters()}
+    for name, layer in new:
+        layer.adapter_name = layer.active_adapter = adapter_name
+        set_module(model, name, layer)
+    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    cfg = LoraApplyConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias, use_rslora=use_rslora,
+        target_modules=sorted(n for n, _ in found) if all_linear else _as_saved(targets),
+        exclude_modules=None if all_linear else _as_saved(excludes),
+        adapter_dtype=None if adapter_dtype is None else str(adapter_dtype).removeprefix("torch."),
+        modules=[n for n, _ in found], modules_to_save=heads_saved, saved_modules=heads, task_type=task_type,
+        adapter_name=adapter_name,
+    )
+    state = LoraState(adapters={adapter_name: cfg}, active=adapter_name, original_requires_grad=original,
+                      original_modules=dict(found), original_heads=original_heads)
+    _set_trainable(model, state)
+    _methods.register_method(model, "lora", state)
+    model.__dict__[CONFIG_ATTR] = cfg
+    from peft_kernels.patch.lora_transformers import install_save_pretrained
+
+    install_save_pretrained(model)
+    return model
+
+
+def _as_saved(value):
+    return sorted(value) if isinstance(value, tuple) else value
+
+
+def _set_trainable(model: nn.Module, state: LoraState) -> None:
+    """Freeze everything but the active adapter's A/B, its biases (peft's ``bias``) and the saved heads."""
+    cfg = state.adapters[state.active]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = lora_modules(model)
+    for _, m in layers:
+        A, B, _, _ = m.adapter_weights(state.active)
+        A.requires_grad_(True)
+        B.requires_grad_(True)
+    if cfg.bias == "all":  # peft's rule: every parameter named "bias"
+        for n, p in model.named_parameters():
+            if n == "bias" or n.endswith(".bias"):
+                p.requires_grad_(True)
+    elif cfg.bias == "lora_only":
+        for _, m in layers:
+            if m.bias is not None:
+                m.bias.requires_grad_(True)
+    for h in cfg.saved_modules:
+        model.get_submodule(h).requires_grad_(True)
+
+
+def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Put the plain ``nn.Linear`` / ``Conv1D`` modules back (the original objects where possible), around the
+    same weight Parameters.
+
+    ``merge=True`` folds the active adapter's ``s·BA`` into the weights; ``merge=False`` restores the original
+    weights (unmerging first if needed). Trained ``modules_to_save`` heads stay (as peft's unload keeps them).
+    Parameters get back the ``requires_grad`` they had before ``apply_lora``. A model without LoRA layers is
+    returned unchanged.
+    """
+    if not isinstance(merge, bool):
+        raise TypeError(f"remove_lora: merge must be a bool, got {merge!r}")
+    model = unwrap(model)
+    state = _methods.unregister_method(model, "lora")
+    model.__dict__.pop(CONFIG_ATTR, None)
+    from peft_kernels.patch.lora_transformers import uninstall_save_pretrained
+
+    uninstall_save_pretrained(model)
+    originals = state.original_modules if state is not None else {}
+    for name, m in lora_modules(model):
+        if merge:
+            m.merge(keep_original=False)
+        else:
+            m.unmerge()
+        m._unmerged_weight = None
+        plain = originals.get(name)
+        # The original module (its class, attributes, hooks) if it still holds this layer's Parameters, which
+        # are updated in place by merge/unmerge; a fresh plain module otherwise (e.g. parameters reassigned).
+        if plain is None or plain.weight is not m.weight or plain.bias is not m.bias:
+            plain = _to_plain(m)
+        plain.train(m.training)
+        set_module(model, name, plain)
+    if state is not None:
+        for n, p in model.named_parameters():
+            if n in state.original_requires_grad:
+                p.requires_grad_(state.original_requires_grad[n])
+    return model
+
+
+def _to_plain(module: LoRALinear) -> nn.Module:
+    if isinstance(module, LoRAConv1D):
+        return module.to_conv1d()
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = module.in_features, module.out_features
+    linear.weight, linear.bias = module.weight, module.bias
+    linear.train(module.training)
+    return linear
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """peft's name: fold the active adapter into the base weights and put plain layers back."""
+    lora_state(model, "merge_and_unload")
+    return remove_lora(model, merge=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """peft's name: put the plain layers back without merging (the base model as it was)."""
+    lora_state(model, "unload")
+    return remove_lora(model, merge=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Several named adapters
+# --------------------------------------------------------------------------------------------------
+def add_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    r: int = 8,
+    lora_alpha: float = 8,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    adapter_dtype: torch.dtype | None = torch.float32,
+    *,
+    bias: str | None = None,
+    target_modules=None,
+) -> nn.Module:
+    """Add another named adapter to every LoRA layer of an ``apply_lora`` model (peft's ``add_adapter``).
+
+    The new adapter starts as a no-op (B = 0) and is not active: :func:`set_adapter` makes it the one that
+    runs and trains. All adapters of a model share its LoRA layers, ``bias`` mode and ``modules_to_save``:
+    ``target_modules`` / ``bias``, when given, must select the same.
+    """
+    owner = "add_adapter"
+    state = lora_state(model, owner)
+    check_adapter_name(owner, adapter_name)
+    hp = check_lora_hparams(owner, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
+    first = state.adapters[next(iter(state.adapters))]
+    if adapter_name in state.adapters:
+        raise ValueError(f"{owner}: adapter {adapter_name!r} already exists (adapters: {list(state.adapters)})")
+    if bias is not None and bias != first.bias:
+        raise ValueError(f"{owner}: bias={bias!r} differs from the model's bias={first.bias!r}; the adapters of "
+                         "one model share their biases")
+    model = unwrap(model)
+    layers = lora_modules(model)
+    if target_modules is not None:
+        targets = normalize_targets(owner, "target_modules", target_modules)
+        chosen = {n for n, _ in resolve_targets(model, targets, owner=owner, types=(LoRALinear,))}
+        if chosen != {n for n, _ in layers}:
+            raise ValueError(f"{owner}: target_modules={target_modules!r} selects {sorted(chosen)[:4]}..., not the "
+                             f"model's {len(layers)} LoRA layers; every adapter adapts the same layers")
+    added = []
+    try:
+        for _, m in layers:
+            m.add_adapter(adapter_name, *hp)
+            added.append(m)
+    except BaseException:
+        for m in added:
+            m.delete_adapter(adapter_name)
+        raise
+    state.adapters[adapter_name] = dataclasses.replace(
+        first, r=hp[0], lora_alpha=hp[1], lora_dropout=hp[2], use_rslora=hp[3],
+        adapter_dtype=None if hp[4] is None else str(hp[4]).removeprefix("torch."), adapter_name=adapter_name)
+    _set_trainable(model, state)
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Make ``adapter_name`` the adapter every LoRA layer runs and the only one that trains (peft's)."""
+    state = lora_state(model, "set_adapter")
+    if adapter_name not in state.adapters:
+        raise ValueError(f"set_adapter: no adapter {adapter_name!r} (adapters: {list(state.adapters)})")
+    model = unwrap(model)
+    for _, m in lora_modules(model):
+        m.set_adapter(adapter_name)
+    state.active = adapter_name
+    model.__dict__[CONFIG_ATTR] = state.adapters[adapter_name]
+    _set_trainable(model, state)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove a named adapter other than the first (remove the first with :func:`unload`)."""
+    state = lora_state(model, "delete_adapter")
+    if adapter_name not in state.adapters:
+        raise ValueError(f"delete_adapter: no adapter {adapter_name!r} (adapters: {list(state.adapters)})")
+    if adapter_name == next(iter(state.adapters)):
+        raise ValueError(f"delete_adapter: {adapter_name!r} is the model's first adapter; call unload(model) or "
+                         "remove_lora(model) to remove LoRA")
+    if state.active == adapter_name:
+        set_adapter(model, next(iter(state.adapters)))
+    for _, m in lora_modules(unwrap(model)):
+        m.delete_adapter(adapter_name)
+    del state.adapters[adapter_name]
+    return model
+
+
+def active_adapter(model: nn.Module) -> str:
+    return lora_state(model, "active_adapter").active
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """``with disable_adapter(model):`` runs the base model: LoRA off, the untrained heads of
+    ``modules_to_save`` in place of the trained ones (peft's ``disable_adapter()``)."""
+    state = lora_state(model, "disable_adapter")
+    model = unwrap(model)
+    layers = [m for _, m in lora_modules(model)]
+    before = [m.adapter_enabled for m in layers]
+    trained = {h: model.get_submodule(h) for h in state.original_heads}
+    try:
+        for m in layers:
+            m.adapter_enabled = False
+        for h, original in state.original_heads.items():
+            set_module(model, h, original)
+        yield model
+    finally:
+        for m, enabled in zip(layers, before):
+            m.adapter_enabled = enabled
+        for h, head in trained.items():
+            set_module(model, h, head)

@@ -1,0 +1,69 @@
+"""``save_pretrained`` / ``Trainer`` on an ``apply_lora`` model keep the adapter.
+
+``apply_lora`` gives a transformers ``PreTrainedModel`` an instance-level ``save_pretrained`` that writes, in
+the same directory:
+
+* what transformers writes (``config.json`` and the full state dict, LoRA tensors included), so that
+  ``Trainer``'s resume-from-checkpoint (``load_state_dict`` of ``model.safetensors``) restores the adapter;
+* the adapter in HF peft's format (``adapter_config.json`` + ``adapter_model.safetensors``, see
+  :func:`~peft_kernels.patch.save_lora`; further named adapters in ``<dir>/<name>/`` as peft lays them out),
+  so ``AutoModel*.from_pretrained(dir)`` loads the base and then the adapter through transformers' PEFT
+  integration (``load_adapter``), and ``load_lora(base, dir)`` or ``PeftModel.from_pretrained`` load it too.
+
+A state it cannot save faithfully (LoRA merged into the weights) raises instead of writing a model that
+would reload different.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from peft_kernels.patch.lora_model import lora_modules, lora_state, unwrap
+
+_ATTR = "save_pretrained"
+
+
+class _SavePretrainedWithLoRA:
+    """The instance-level ``save_pretrained`` of an apply_lora model (a plain object: copies and pickles)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        from peft_kernels.patch.lora_checkpoint import save_lora
+
+        model = self.model
+        owner = f"{type(model).__name__}.save_pretrained (with peft_kernels LoRA)"
+        state = lora_state(model, owner)
+        merged = [n for n, m in lora_modules(model) if m.merged]
+        if merged:
+            raise ValueError(f"{owner}: {len(merged)} LoRA layers are merged into their weights (e.g. {merged[0]!r}); "
+                             "saving them would apply the adapter twice on reload: unmerge them, or call "
+                             "merge_and_unload(model) first to save a plain merged model")
+        if kwargs.get("save_peft_format") is False:
+            raise ValueError(f"{owner}: save_peft_format=False would save no adapter that from_pretrained loads")
+        type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        first = next(iter(state.adapters))
+        for name in state.adapters:  # peft's layout: the first adapter at the top, the others in subfolders
+            save_lora(model, save_directory if name == first else os.path.join(save_directory, name),
+                      adapter_name=name)
+
+
+def install_save_pretrained(model: nn.Module) -> None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return
+    model = unwrap(model)
+    if isinstance(model, PreTrainedModel):
+        model.__dict__[_ATTR] = _SavePretrainedWithLoRA(model)
+
+
+def uninstall_save_pretrained(model: nn.Module) -> None:
+    model = unwrap(model)
+    if isinstance(model.__dict__.get(_ATTR), _SavePretrainedWithLoRA):
+        del model.__dict__[_ATTR]

@@ -1,0 +1,196 @@
+"""``patch_peft_model``: serve an existing HF peft model's LoRA layers with the fused op, in place.
+
+It keeps the ``PeftModel`` exactly as it is (modules, Parameter objects, state_dict keys) and only changes
+the class of each servable ``peft.tuners.lora.layer.Linear`` to a subclass whose ``forward`` runs
+``peft_kernels.lora_linear`` and falls back to peft's own forward for any state it does not serve (merged,
+adapters disabled, several active adapters, mixed-batch ``adapter_names``, DoRA and other variants, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from peft_kernels.ops.lora import lora_linear
+from peft_kernels.patch._targets import linear_kind, why_not_linear
+from peft_kernels.patch.lora_model import unwrap as _unwrap
+
+
+@dataclass
+class PeftPatchReport:
+    """What :func:`patch_peft_model` did: the LoRA layers now served by the fused op, and the ones left to
+    peft with the reason (module name -> reason)."""
+
+    patched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"patch_peft_model: {len(self.patched)} LoRA layers fused, {len(self.skipped)} left to peft"]
+        lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    # accelerate's offload hooks replace ``forward`` on the instance; plain hooks live in these dicts.
+    return "forward" in m.__dict__ or any(getattr(m, h, None) for h in _HOOK_DICTS)
+
+
+def _base_kind(base: nn.Module) -> str | None:
+    return None if _has_hooks(base) else linear_kind(base)
+
+
+def _base_reason(base: nn.Module) -> str | None:
+    if _base_kind(base) is not None:
+        return None
+    if _has_hooks(base):
+        return f"base layer {type(base).__name__} has hooks or an overridden forward (e.g. accelerate offload)"
+    return f"base layer is {why_not_linear(base)}"
+
+
+def _adapter_reason(layer: nn.Module, name: str) -> str | None:
+    """Why the fused op cannot compute adapter ``name`` of a peft lora.Linear, or None when it can."""
+    if name not in layer.lora_A:
+        return f"adapter {name!r} has no LoRA weights on this layer"
+    if layer.use_dora.get(name, False) or name in layer.lora_magnitude_vector:
+        return f"adapter {name!r} uses DoRA (use_dora=True)"
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None:
+        return f"adapter {name!r} is a LoRA variant ({type(variant).__name__})"
+    A, B, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    if layer.lora_bias.get(name, False) or getattr(B, "bias", None) is not None:
+        return f"adapter {name!r} has lora_bias=True"
+    if type(A) is not nn.Linear or type(B) is not nn.Linear or _has_hooks(A) or _has_hooks(B):
+        return f"adapter {name!r} has custom or hooked lora_A / lora_B modules"
+    if type(drop) not in (nn.Dropout, nn.Identity) or _has_hooks(drop):
+        return f"adapter {name!r} has lora_dropout {type(drop).__name__} (only nn.Dropout / nn.Identity)"
+    return None
+
+
+def _layer_reason(layer: nn.Module) -> str | None:
+    """Why a peft lora.Linear cannot be fused in its current configuration (static checks)."""
+    if "forward" in layer.__dict__:
+        return "the layer's forward is already overridden on the instance"
+    reason = _base_reason(layer.base_layer)
+    if reason is not None:
+        return reason
+    active = layer.active_adapters
+    if len(active) != 1:
+        return f"{len(active)} active adapters {list(active)} (the fused path serves one)"
+    return _adapter_reason(layer, active[0])
+
+
+def _fused_args(layer: nn.Module, x: Tensor, args: tuple, kwargs: dict):
+    """The op's arguments when the fused path serves this call, else None (peft's own forward runs).
+
+    Re-checked on every call: the layer's state can change after patching (merge, disable_adapter(),
+    set_adapter, mixed-batch ``adapter_names`` passed by peft's hooks, a DoRA adapter added, ...).
+    """
+    if args or any(v is not None for v in kwargs.values()):
+        return None
+    if layer.disable_adapters or layer.merged_adapters:
+        return None
+    active = layer.active_adapters
+    if len(active) != 1:
+        return None
+    name = active[0]
+    base = layer.base_layer
+    kind = _base_kind(base)
+    if kind is None or _adapter_reason(layer, name) is not None:
+        return None
+    weight = base.weight if kind == "linear" else base.weight.t()
+    bias = base.bias
+    if torch.is_autocast_enabled(x.device.type):
+        # Custom ops are not autocast: cast as autocast does for F.linear (the adapters are cast in the op).
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    A, B, drop = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_dropout[name]
+    if x.dtype != weight.dtype or not (x.device == weight.device == A.device == B.device):
+        return None
+    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    return x, weight, bias, A, B, layer.scaling[name], p
+
+
+def _peft_lora_classes():
+    try:
+        from peft.tuners.lora.layer import Linear, LoraLayer
+    except ImportError as exc:
+        raise ImportError("patch_peft_model needs HF peft (`pip install peft`)") from exc
+    return Linear, LoraLayer
+
+
+@functools.cache
+def _fused_class() -> type:
+    """A subclass of peft's lora.Linear whose forward runs the fused op (created once, on first use)."""
+    PeftLinear, _ = _peft_lora_classes()
+
+    class FusedPeftLoraLinear(PeftLinear):
+        """peft's ``lora.Linear`` with its forward served by ``peft_kernels.lora_linear`` when possible."""
+
+        def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+            call = _fused_args(self, x, args, kwargs)
+            if call is None:
+                return super().forward(x, *args, **kwargs)
+            return lora_linear(*call)
+
+    # Importable by name (module __getattr__ below), so pickling a patched model works.
+    FusedPeftLoraLinear.__module__ = __name__
+    FusedPeftLoraLinear.__qualname__ = "FusedPeftLoraLinear"
+    return FusedPeftLoraLinear
+
+
+def __getattr__(name: str):
+    if name == "FusedPeftLoraLinear":
+        return _fused_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def patch_peft_model(peft_model: nn.Module) -> PeftPatchReport:
+    """Serve the HF peft LoRA ``Linear`` layers of ``peft_model`` with the fused op, in place.
+
+    Nothing is replaced: each servable ``peft.tuners.lora.layer.Linear`` gets a subclass (``__class__`` swap)
+    whose forward calls ``peft_kernels.lora_linear`` for the active adapter and falls back to peft's forward
+    for any state it does not serve. Parameters, module names, state_dict keys, ``save_pretrained``,
+    ``merge_and_unload`` and optimizers already built are unaffected. Layers that cannot be served (DoRA and
+    other variants, lora_bias, quantized / hooked base layers, several active adapters, other LoRA layer
+    types) are left to peft and listed in the report. Idempotent: call it again after changing adapters.
+    """
+    PeftLinear, LoraLayer = _peft_lora_classes()
+    fused = _fused_class()
+    report = PeftPatchReport()
+    for name, m in _unwrap(peft_model).named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        if type(m) not in (PeftLinear, fused):
+            report.skipped[name] = f"{type(m).__module__}.{type(m).__name__} is not served (only lora.Linear)"
+            continue
+        reason = _layer_reason(m)
+        if reason is None:
+            m.__class__ = fused
+            report.patched.append(name)
+        else:
+            m.__class__ = PeftLinear
+            report.skipped[name] = reason
+    if not report.patched and not report.skipped:
+        raise ValueError(f"patch_peft_model: {type(peft_model).__name__} has no HF peft LoRA layers")
+    return report
+
+
+def unpatch_peft_model(peft_model: nn.Module) -> list[str]:
+    """Give every layer patched by :func:`patch_peft_model` back its peft forward; returns their names."""
+    if _fused_class.cache_info().currsize == 0:  # never patched anything
+        return []
+    PeftLinear, _ = _peft_lora_classes()
+    fused = _fused_class()
+    names = []
+    for name, m in _unwrap(peft_model).named_modules():
+        if type(m) is fused:
+            m.__class__ = PeftLinear
+            names.append(name)
+    return names
