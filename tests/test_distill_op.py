@@ -1,5 +1,6 @@
 """distillation_loss: reference backend vs float64 math, vs F.kl_div + F.cross_entropy, autograd, gradcheck,
-opcheck, torch.compile, input validation."""
+opcheck, torch.compile, non-finite logits, divergences, input validation (the Triton kernel:
+tests/triton/test_distill_triton.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from peft_kernels.ops import distill as distill_mod
 from peft_kernels.ops import distillation_loss, distillation_loss_reference
-from peft_kernels.ops.distill import _distillation_loss_backward_op, _distillation_loss_op
+from peft_kernels.ops.distill import FAMILY, DistillInputs
 from tests.helpers import assert_close, assert_within_eager_error, rel_err
 
 OP = "distillation_loss"
@@ -249,22 +250,20 @@ def test_gradcheck(with_labels, reduction, alpha):
 
 
 @pytest.mark.parametrize("with_labels", [True, False])
-@pytest.mark.parametrize("reduction_sum", [False, True])
-def test_opcheck_forward(with_labels, reduction_sum):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_opcheck_forward(with_labels, reduction):
     s, t, labels = make_inputs(lead=(6,), V=9, n_ignored=2)
     labels = labels if with_labels else None
-    torch.library.opcheck(_distillation_loss_op, (s, t, labels, 2.0, 0.5, -100, reduction_sum, "reference"))
+    fwd, _ = FAMILY.custom_ops
+    torch.library.opcheck(fwd, (*DistillInputs(s, t, labels, None, 2.0, 0.5, -100, reduction, "forward_kl", 0.5,
+                                               True, False), "reference", "reference"))
 
 
-@pytest.mark.parametrize("with_labels", [True, False])
-def test_opcheck_backward(with_labels):
-    s, t, labels = make_inputs(lead=(6,), V=9, n_ignored=2)
-    s = s.detach()
-    labels = labels if with_labels else None
-    _, stats = _distillation_loss_op(s, t, labels, 2.0, 0.5, -100, False, "reference")
-    dloss = torch.tensor(1.3)
-    torch.library.opcheck(_distillation_loss_backward_op,
-                          (dloss, s, t, labels, stats, 2.0, 0.5, -100, False, "reference"))
+def test_opcheck_backward():
+    ds = torch.randn(6, 9)
+    _, bwd = FAMILY.custom_ops
+    torch.library.opcheck(bwd, (torch.tensor(1.3), ds, [True], "reference"))
+    torch.library.opcheck(bwd, (torch.randn(6), ds, [True], "reference"))
 
 
 @pytest.mark.parametrize("with_labels", [True, False])
@@ -324,11 +323,18 @@ def test_validation_tensors(over, exc, match):
     (dict(temperature=-1.0), ValueError, "temperature must be > 0"),
     (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
     (dict(temperature="2"), TypeError, "temperature must be a number"),
-    (dict(alpha=-0.1), ValueError, r"alpha must be in \[0, 1\]"),
-    (dict(alpha=1.5), ValueError, r"alpha must be in \[0, 1\]"),
+    (dict(alpha=-0.1), ValueError, r"alpha must be in \[0.0, 1.0\]"),
+    (dict(alpha=1.5), ValueError, r"alpha must be in \[0.0, 1.0\]"),
     (dict(alpha=float("nan")), ValueError, "alpha must be finite"),
     (dict(alpha=None), TypeError, "alpha must be a number"),
-    (dict(reduction="none"), ValueError, r"reduction must be one of \('mean', 'sum'\)"),
+    (dict(reduction="avg"), ValueError, r"reduction must be one of \('mean', 'sum', 'none'\)"),
+    (dict(divergence="kl"), ValueError, "divergence must be one of"),
+    (dict(beta=0.0), ValueError, r"beta must be in \(0.0, 1.0\)"),
+    (dict(beta=1.0), ValueError, r"beta must be in \(0.0, 1.0\)"),
+    (dict(ignore_index=2**70), ValueError, "ignore_index must fit in int64"),
+    (dict(ignore_index=-(2**64)), ValueError, "ignore_index must fit in int64"),
+    (dict(kd_mask=torch.ones(2, 3)), TypeError, "kd_mask must have dtype"),
+    (dict(kd_mask=torch.ones(3, 2, dtype=torch.bool)), ValueError, r"kd_mask has shape \(3, 2\)"),
     (dict(reduction=None), TypeError, "reduction must be a str"),
     (dict(ignore_index=-100.0), TypeError, "ignore_index must be an int"),
     (dict(ignore_index=True), TypeError, "ignore_index must be an int"),
@@ -345,3 +351,184 @@ def test_validation_labels_out_of_range(value):
     match = rf"{OP}: labels must be in \[0, 5\).*ignore_index=-100; got {value}"
     with pytest.raises(ValueError, match=match):
         distillation_loss(**_good(labels=labels))
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite and extreme logits, vocabularies, divergences, row masks, reduction="none"
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("who", ["teacher", "student"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_nonfinite_logits_give_nan_loss(who, bad, divergence):
+    """NaN or +inf in a counted row gives a NaN loss, as F.kl_div + F.cross_entropy do (the op used to return
+    a finite loss with a NaN gradient row)."""
+    s, t, labels = make_inputs(lead=(8,), V=19, n_ignored=0)
+    x = s.detach().clone() if who == "student" else t.clone()
+    x[3, 5] = bad
+    s2 = x.requires_grad_(True) if who == "student" else s
+    t2 = x if who == "teacher" else t
+    loss = distillation_loss(s2, t2, labels, divergence=divergence, beta=0.3)
+    ref = distillation_loss_reference(s2, t2, labels, divergence=divergence, beta=0.3)
+    assert torch.isnan(ref), "the oracle itself must be NaN here"
+    assert torch.isnan(loss)
+    per_row = distillation_loss(s2, t2, labels, reduction="none", divergence=divergence, beta=0.3)
+    assert torch.isnan(per_row[3]) and torch.isfinite(per_row[[0, 1, 2, 4, 5, 6, 7]]).all()
+
+
+def test_student_minus_inf_where_teacher_has_mass_is_inf():
+    s, t, labels = make_inputs(lead=(4,), V=11, n_ignored=0, dtype=torch.float64)
+    s = s.detach().clone()
+    s[1, 4] = float("-inf")
+    labels[1] = 0
+    loss = distillation_loss(s, t, labels, reduction="none")
+    ref = distillation_loss_reference(s, t, labels, reduction="none")
+    assert loss[1] == float("inf") and ref[1] == float("inf")
+    assert_close(loss[[0, 2, 3]], ref[[0, 2, 3]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_logits_do_not_overflow(dtype):
+    """Logits of ±1e4 (exp overflows without the max shift) give the float64 answer."""
+    s, t, labels = make_inputs(lead=(6,), V=23, n_ignored=1, scale=1.0, dtype=torch.float32)
+    s = s.detach().sign() * 1e4 + s.detach()
+    t = t.sign() * 1e4 - t
+    s, t = s.to(dtype).requires_grad_(True), t.to(dtype)
+    loss = distillation_loss(s, t, labels, temperature=1.5)
+    assert torch.isfinite(loss)
+    assert_close(loss, kd_math64(s, t, labels, 1.5, 0.5), dtype=torch.float32, name="loss")
+    (g,) = torch.autograd.grad(loss, s)
+    s64 = s.detach().double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(distillation_loss_reference(s64, t.double(), labels, 1.5), s64)
+    assert torch.isfinite(g).all()
+    assert_close(g, g64, dtype=dtype, name="ds")
+
+
+@pytest.mark.parametrize("V", [32001, 50257])
+def test_large_odd_vocab(V):
+    s, t, labels = make_inputs(lead=(3,), V=V, n_ignored=1)
+    loss = distillation_loss(s, t, labels, temperature=2.0, alpha=0.7)
+    theirs = users_formula(s, t, labels, 2.0, 0.7)
+    assert_close(loss, theirs, name="loss vs F.kl_div + F.cross_entropy")
+    assert_close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(theirs, s)[0], name="ds")
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_other_divergences_vs_float64(divergence, with_labels):
+    s, t, labels = make_inputs(lead=(5, 3), V=29)
+    labels = labels if with_labels else None
+    loss = distillation_loss(s, t, labels, 1.8, 0.4, divergence=divergence, beta=0.3)
+    s64 = s.detach().double().requires_grad_(True)
+    ref = distillation_loss_reference(s64, t.double(), labels, 1.8, 0.4, divergence=divergence, beta=0.3)
+    assert_close(loss, ref, dtype=torch.float32, name="loss")
+    assert_close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(ref, s64)[0], dtype=torch.float32, name="ds")
+
+
+def test_divergences_from_their_definitions():
+    """reverse KL = F.kl_div with the roles swapped; JSD(beta) = beta KL(p||m) + (1-beta) KL(q||m), written out."""
+    s, t, _ = make_inputs(lead=(7,), V=13, dtype=torch.float64)
+    T, beta = 2.0, 0.25
+    q, p = torch.softmax(s.detach() / T, -1), torch.softmax(t / T, -1)
+    m = beta * p + (1 - beta) * q
+    rkl = (q * (q / p).log()).sum() / 7 * T * T
+    jsd = (beta * (p * (p / m).log()).sum() + (1 - beta) * (q * (q / m).log()).sum()) / 7 * T * T
+    assert_close(distillation_loss(s, t, None, T, divergence="reverse_kl"), rkl)
+    assert_close(distillation_loss(s, t, None, T, divergence="jsd", beta=beta), jsd)
+    # gradcheck: the closed-form gradients of both
+    for div in ("reverse_kl", "jsd"):
+        x = s[:3, :5].detach().clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda x, d=div: distillation_loss(x, t[:3, :5], None, T, divergence=d,
+                                                                           beta=beta), (x,))
+
+
+def test_kd_mask_distils_rows_without_labels():
+    """DistilBERT: the KL over every non-padding token, the MLM CE over the masked ones, each its own mean."""
+    s, t, labels = make_inputs(lead=(4, 6), V=17, n_ignored=18, dtype=torch.float64)
+    kd_mask = torch.ones(4, 6, dtype=torch.bool)
+    kd_mask[3, 4:] = False  # padding
+    T = 2.0
+    loss = distillation_loss(s, t, labels, T, alpha=0.6, kd_mask=kd_mask)
+    s2, t2 = s.reshape(-1, 17), t.reshape(-1, 17)
+    km = kd_mask.reshape(-1)
+    kl = F.kl_div(F.log_softmax(s2[km] / T, -1), F.log_softmax(t2[km] / T, -1), log_target=True,
+                  reduction="batchmean") * T * T
+    ce = F.cross_entropy(s2, labels.reshape(-1))
+    expected = 0.6 * kl + 0.4 * ce
+    assert_close(loss, expected)
+    assert_close(torch.autograd.grad(loss, s)[0], torch.autograd.grad(expected, s)[0])
+    assert torch.autograd.gradcheck(lambda x: distillation_loss(x, t[:2], labels[:2], T, 0.6, kd_mask=kd_mask[:2]),
+                                    (s[:2].detach().clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_reduction_none_per_row(with_labels):
+    s, t, labels = make_inputs(lead=(3, 5), V=21)
+    labels = labels if with_labels else None
+    rows = distillation_loss(s, t, labels, 2.0, 0.3, reduction="none")
+    assert rows.shape == (3, 5) and rows.dtype == torch.float32
+    T, V = 2.0, 21
+    kl = F.kl_div(F.log_softmax(s.reshape(-1, V) / T, -1), F.log_softmax(t.reshape(-1, V) / T, -1),
+                  log_target=True, reduction="none").sum(-1) * T * T
+    if with_labels:
+        lab = labels.reshape(-1)
+        ce = F.cross_entropy(s.reshape(-1, V), lab, reduction="none")
+        expected = torch.where(lab != -100, 0.3 * kl + 0.7 * ce, 0.0).reshape(3, 5)
+    else:
+        expected = kl.reshape(3, 5)
+    assert_close(rows, expected)
+    w = torch.randn(3, 5)
+    assert_close(torch.autograd.grad((rows * w).sum(), s)[0], torch.autograd.grad((expected * w).sum(), s)[0])
+
+
+def test_incoming_gradient_scales():
+    """The gradient is computed in the forward; the backward multiplies it by dloss (here 3, then 1)."""
+    s, t, labels = make_inputs()
+    (g3,) = torch.autograd.grad(distillation_loss(s, t, labels) * 3.0, s)
+    (g1,) = torch.autograd.grad(distillation_loss(s, t, labels), s)
+    assert_close(g3, 3.0 * g1)
+    (g_ref,) = torch.autograd.grad(users_formula(s, t, labels, 2.0, 0.5) * 3.0, s)
+    assert_close(g3, g_ref)
+
+
+def test_grad_in_logits_reuses_the_buffer():
+    """grad_in_logits=True: the gradient lands in the student logits' memory (no [N, V] allocation)."""
+    h = torch.randn(12, 8, requires_grad=True)
+    W = torch.randn(31, 8)
+    t, labels = torch.randn(12, 31), torch.randint(0, 31, (12,))
+    logits = h @ W.t()
+    ptr = logits.data_ptr()
+    loss = distillation_loss(logits, t, labels, grad_in_logits=True)
+    (dh,) = torch.autograd.grad(loss, h)
+    h2 = h.detach().clone().requires_grad_(True)
+    (dh_ref,) = torch.autograd.grad(users_formula(h2 @ W.t(), t, labels, 2.0, 0.5), h2)
+    assert_close(dh, dh_ref)
+    # the logits now hold the (unscaled) gradient
+    logits_ref = (h.detach() @ W.t()).requires_grad_(True)
+    (g,) = torch.autograd.grad(users_formula(logits_ref, t, labels, 2.0, 0.5), logits_ref)
+    assert logits.data_ptr() == ptr
+    assert_close(logits.detach(), g)
+
+
+def test_no_grad_path_computes_no_gradient():
+    s, t, labels = make_inputs()
+    with torch.no_grad():
+        loss = distillation_loss(s, t, labels)
+    assert not loss.requires_grad
+    assert_close(loss, kd_math64(s, t, labels, 2.0, 0.5))
+
+
+def test_torch_compile_temperature_changes_between_calls():
+    """A float argument that changes between calls becomes a SymFloat in the 2nd trace: validation must only
+    check its type then (math.isfinite on a SymFloat is unsupported by dynamo)."""
+    s, t, labels = make_inputs(lead=(4, 3), V=16)
+
+    def f(s, t, labels, T):
+        return distillation_loss(s, t, labels, temperature=T, alpha=0.3)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for T in (2.0, 3.0, 1.5):
+        loss_c = compiled(s, t, labels, T)
+        assert_close(loss_c, f(s, t, labels, T), name=f"loss at T={T}")
+        assert_close(torch.autograd.grad(loss_c, s)[0], torch.autograd.grad(f(s, t, labels, T), s)[0])
+    with pytest.raises(TypeError, match=f"{OP}: temperature must be a number"):
+        f(s, t, labels, "2")

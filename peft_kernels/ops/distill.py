@@ -1,34 +1,50 @@
-"""Knowledge-distillation loss (DistilBERT / Hinton): soft-target KL at temperature T plus hard-label CE.
+"""Knowledge-distillation loss (DistilBERT / Hinton): soft targets at temperature T plus hard-label CE.
 
-    loss = alpha · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 - alpha) · CE(s, labels)
+    loss = alpha · T² · D(teacher, student; T) + (1 - alpha) · CE(s, labels)
 
-over rows [N, V] (the vocab or class dim last). Both terms are summed over the rows whose label is not
-ignore_index and, for reduction="mean", divided by their count; rows with an ignored label contribute
-nothing and get a zero gradient. Without labels only the KL term remains (weight 1, alpha unused), over
-every row. All-ignored batches give loss 0 and a zero gradient, never NaN.
+over rows [N, V] (the vocab or class dim last). D is KL(softmax(t/T) ‖ softmax(s/T)) (``"forward_kl"``, the
+DistilBERT/Hinton loss), KL(softmax(s/T) ‖ softmax(t/T)) (``"reverse_kl"``) or the generalised
+Jensen-Shannon divergence JSD(beta) = beta·KL(p‖m) + (1-beta)·KL(q‖m), m = beta·p + (1-beta)·q with p the
+teacher's and q the student's softmax (``"jsd"``). The KL term is taken over the rows whose label is not
+ignore_index (or over the rows of ``kd_mask`` when given: DistilBERT distils every non-padding token but
+scores only the masked ones), the CE term over the labelled rows; "mean" divides each term by its own row
+count, "sum" sums, "none" returns one loss per row (0 for rows with neither term). Without labels only the
+divergence remains (weight 1, alpha unused), over every row (or the kd_mask rows).
 
-Half-precision logits are upcast to fp32 row-chunk by row-chunk inside the op (no full fp32 copy of the
-[N, V] logits); the loss is fp32 (fp64 for fp64 students). Saved for backward: the logits (alive anyway)
-and three fp32 per-row log-sum-exps (of s/T, t/T and s), from which the backward rebuilds the softmaxes:
-    d/ds = [alpha·T·(softmax(s/T) - softmax(t/T)) + (1 - alpha)·(softmax(s) - onehot(label))] / n_valid.
-The teacher is treated as detached: teacher_logits gets no gradient (None) even if it requires grad.
+The gradient is computed in the forward, in the same pass over the logits that has the softmax statistics at
+hand: the op's forward returns it as an auxiliary output, and the backward only scales it by the incoming
+gradient (in place on the Triton/CUDA backends, which is free when that is 1, as after ``loss.backward()``).
+So the backward cannot run twice over one forward (``retain_graph=True`` twice would scale it twice).
+``grad_in_logits=True`` writes the gradient into the student-logits buffer itself (no [N, V] allocation;
+the logits' values are lost, so only when nothing else needs them -- e.g. the output of a linear head;
+under torch.compile the buffer is copied instead).
+
+Non-finite logits: NaN or +inf anywhere in a counted row gives a NaN loss, as F.kl_div/F.cross_entropy do;
+a -inf teacher entry is a masked vocabulary entry (probability 0, contributes 0 to the KL, unlike F.kl_div
+whose 0·(-inf) is NaN). Rows that carry neither term may hold anything: they are never read.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from peft_kernels import _backends
+from peft_kernels import _backends, _config
+from peft_kernels._op import OpFamily
 from peft_kernels.ops import _validate as v
 
 OP = "distillation_loss"
 
 LABEL_DTYPES = (torch.int64, torch.int32)
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "none")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+_INT64 = (-(2**63), 2**63 - 1)
 
-# Rows per fp32 temporary are chosen so that one temporary holds about this many elements (16 MiB).
+# Rows per fp32 temporary of the reference backend: about this many elements (16 MiB).
 _CHUNK_ELEMS = 1 << 22
 
 
@@ -36,38 +52,64 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _weights(has_labels: bool, alpha: float) -> tuple[float, float]:
+    return (alpha, 1.0 - alpha) if has_labels else (1.0, 0.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Reference math (the oracle): F.kl_div + F.cross_entropy, differentiable by autograd.
 # --------------------------------------------------------------------------------------------------
+def _divergence_rows(log_q: Tensor, log_p: Tensor, divergence: str, beta: float) -> Tensor:
+    """Per-row D over the last dim from the student's (log_q) and teacher's (log_p) log-probabilities."""
+    if divergence == "forward_kl":
+        return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    if divergence == "reverse_kl":
+        return F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return (beta * F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)
+            + (1 - beta) * F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1))
+
+
 def distillation_loss_reference(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5,
-                                ignore_index=-100, reduction="mean", upcast=False):
+                                ignore_index=-100, reduction="mean", upcast=False, *, divergence="forward_kl",
+                                beta=0.5, kd_mask=None):
     """Autograd-differentiable reference; ``upcast=True`` computes in float64 (result in the op's dtype)."""
     out_dtype = _compute_dtype(student_logits.dtype)
     dtype = torch.float64 if upcast else out_dtype
     V, T = student_logits.shape[-1], temperature
     s = student_logits.reshape(-1, V).to(dtype)
     t = teacher_logits.detach().reshape(-1, V).to(dtype)
-    if labels is None:
-        loss = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="sum")
-        loss = loss * T * T
-        n = s.shape[0]
-    else:
+    N = s.shape[0]
+    if labels is not None:
         labels = labels.reshape(-1).long()
-        valid = labels != ignore_index
-        kl = F.kl_div(F.log_softmax(s[valid] / T, -1), F.log_softmax(t[valid] / T, -1), log_target=True,
-                      reduction="sum")
-        ce = F.cross_entropy(s, labels, ignore_index=ignore_index, reduction="sum")
-        loss = alpha * T * T * kl + (1.0 - alpha) * ce
-        n = int(valid.sum())
+        ce_rows = labels != ignore_index
+    else:
+        ce_rows = torch.zeros(N, dtype=torch.bool, device=s.device)
+    if kd_mask is not None:
+        kd_rows = kd_mask.reshape(-1).bool()
+    else:
+        kd_rows = ce_rows if labels is not None else torch.ones(N, dtype=torch.bool, device=s.device)
+    w_kd, w_ce = _weights(labels is not None, alpha)
+    div = _divergence_rows(F.log_softmax(s[kd_rows] / T, -1), F.log_softmax(t[kd_rows] / T, -1), divergence, beta)
+    kd = torch.zeros(N, dtype=dtype, device=s.device).masked_scatter(kd_rows, div) * (w_kd * T * T)
+    if labels is not None:
+        ce = F.cross_entropy(s, torch.where(ce_rows, labels, ignore_index), ignore_index=ignore_index,
+                             reduction="none") * w_ce
+    else:
+        ce = torch.zeros_like(kd)
+    if reduction == "none":
+        return (kd + ce).to(out_dtype).reshape(student_logits.shape[:-1])
+    kd_sum, ce_sum = kd.sum(), ce.sum()
     if reduction == "mean":
-        loss = loss / max(n, 1)
-    return loss.to(out_dtype)
+        kd_sum = kd_sum / max(int(kd_rows.sum()), 1)
+        ce_sum = ce_sum / max(int(ce_rows.sum()), 1)
+    return (kd_sum + ce_sum).to(out_dtype)
 
 
 def check_labels_in_range(labels: Tensor | None, num_classes: int, ignore_index: int) -> None:
     """Labels other than ignore_index must lie in [0, V): ValueError, not an IndexError or a device assert.
 
-    Data-dependent (one host sync), so it runs inside the custom op's body, which also runs eagerly inside
+    Data-dependent (one host sync), so it runs inside the op's forward, which also runs eagerly inside
     graphs compiled with torch.compile(fullgraph=True).
     """
     if labels is None or labels.numel() == 0:
@@ -81,153 +123,262 @@ def check_labels_in_range(labels: Tensor | None, num_classes: int, ignore_index:
         )
 
 
+def row_masks(N: int, labels: Tensor | None, kd_mask: Tensor | None, ignore_index: int, device):
+    """(kd_rows, ce_rows) bool [N]: which rows carry the divergence and the hard-label term."""
+    ce_rows = labels != ignore_index if labels is not None else torch.zeros(N, dtype=torch.bool, device=device)
+    if kd_mask is not None:
+        kd_rows = kd_mask
+    elif labels is not None:
+        kd_rows = ce_rows
+    else:
+        kd_rows = torch.ones(N, dtype=torch.bool, device=device)
+    return kd_rows, ce_rows
+
+
+def row_counts(N: int, labels: Tensor | None, kd_mask: Tensor | None, ignore_index: int, device) -> Tensor:
+    """(n_kd, n_ce) fp32 on the device, the divisors of "mean" (no host sync)."""
+    kd_rows, ce_rows = row_masks(N, labels, kd_mask, ignore_index, device)
+    return torch.stack([kd_rows.sum(), ce_rows.sum()]).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The family. Forward -> (loss, ds): ds = d(loss)/d(student_logits) for an incoming gradient of 1, [N, V] in
+# the student's dtype (or empty when no gradient is needed); the backward scales it.
+# --------------------------------------------------------------------------------------------------
+class DistillInputs(NamedTuple):
+    student_logits: Tensor  # [N, V], unit stride over V
+    teacher_logits: Tensor  # [N, V], unit stride over V
+    labels: Tensor | None  # [N] int64
+    kd_mask: Tensor | None  # [N] bool
+    temperature: float
+    alpha: float
+    ignore_index: int
+    reduction: str
+    divergence: str
+    beta: float
+    need_grad: bool
+    grad_in_logits: bool
+
+
+def _fake(inp: DistillInputs):
+    s = inp.student_logits
+    cdt = _compute_dtype(s.dtype)
+    loss = s.new_empty((s.shape[0],) if inp.reduction == "none" else (), dtype=cdt)
+    return loss, (s.new_empty(s.shape) if inp.need_grad else s.new_empty(0))
+
+
+FAMILY = OpFamily(
+    OP,
+    DistillInputs,
+    schema="(Tensor student_logits, Tensor teacher_logits, Tensor? labels, Tensor? kd_mask, float temperature, "
+    "float alpha, int ignore_index, str reduction, str divergence, float beta, bool need_grad, "
+    "bool grad_in_logits) -> (Tensor, Tensor)",
+    backward_schema="(Tensor dloss, Tensor ds)",
+    differentiable=("student_logits",),
+    save=lambda inp, out: (out[1],),
+    fake=_fake,
+    backward_fake=lambda dloss, ds, needs: (torch.empty_like(ds),),
+    public_outputs=1,
+    preference={"cuda": ("triton", "cuda")},
+    doc="alpha T^2 KL(t/T || s/T) + (1 - alpha) CE(s, labels), gradient computed in the forward",
+)
+
+
 def _row_chunks(N: int, V: int):
     rows = max(1, _CHUNK_ELEMS // max(V, 1))
     for start in range(0, N, rows):
         yield slice(start, min(N, start + rows))
 
 
-# --------------------------------------------------------------------------------------------------
-# Backends: forward (s [N, V], t [N, V], labels [N] int64 or None, ...) -> (loss, stats [2 or 3, N]);
-# backward -> ds [N, V] in the student's dtype.
-# --------------------------------------------------------------------------------------------------
-def _reference_forward(s, t, labels, temperature, alpha, ignore_index, reduction_sum):
+def reference_rows(s, t, labels, kd_mask, counts, temperature, w_kd, w_ce, ignore_index, mean, divergence, beta,
+                   grad_out):
+    """The row function of the reference backend (the signature of ``triton.distill.distill_forward``): per-row
+    losses [N] (for ``mean`` each term divided by its count in ``counts`` = (n_kd, n_ce)), and d(loss)/ds
+    written into ``grad_out`` when given (it may be ``s`` itself). Closed-form math in fp32 (fp64 for fp64),
+    row chunk by row chunk."""
     N, V = s.shape
     T, cdt = temperature, _compute_dtype(s.dtype)
-    has_labels = labels is not None
-    stats = s.new_empty(3 if has_labels else 2, N, dtype=cdt)
-    kl_sum = s.new_zeros((), dtype=cdt)
-    ce_sum = s.new_zeros((), dtype=cdt)
+    kd_rows, ce_rows = row_masks(N, labels, kd_mask, ignore_index, s.device)
+    if mean:
+        kd_div, ce_div = counts[0].clamp_min(1).to(cdt), counts[1].clamp_min(1).to(cdt)
+    else:
+        kd_div = ce_div = torch.ones((), dtype=cdt, device=s.device)
+    loss_rows = s.new_zeros(N, dtype=cdt)
     for rows in _row_chunks(N, V):
-        sc, tc = s[rows].to(cdt), t[rows].to(cdt)
-        sT, tT = sc / T, tc / T
-        lse_sT, lse_tT = torch.logsumexp(sT, -1), torch.logsumexp(tT, -1)
-        log_ps, log_pt = sT - lse_sT.unsqueeze(1), tT - lse_tT.unsqueeze(1)
-        pt = log_pt.exp()
-        # where(): a vocab entry the teacher masks to -inf (pt = 0) adds 0, not 0·(-inf) = NaN.
-        kl_row = torch.where(pt > 0, pt * (log_pt - log_ps), 0.0).sum(-1)
-        stats[0, rows], stats[1, rows] = lse_sT, lse_tT
-        if has_labels:
-            lab = labels[rows]
-            valid = lab != ignore_index
-            lse = torch.logsumexp(sc, -1)
-            target = sc.gather(1, torch.where(valid, lab, 0).unsqueeze(1)).squeeze(1)
-            stats[2, rows] = lse
-            # where(), not a product with the mask: ignored rows may hold garbage (inf/NaN) logits.
-            kl_sum += torch.where(valid, kl_row, 0.0).sum()
-            ce_sum += torch.where(valid, lse - target, 0.0).sum()
+        kd_on, ce_on = kd_rows[rows], ce_rows[rows]
+        on = (kd_on | ce_on).unsqueeze(1)
+        # Rows with neither term may hold garbage: they are zeroed before any math.
+        sc = torch.where(on, s[rows].to(cdt), 0.0)
+        log_q = torch.log_softmax(sc / T, -1)
+        log_p = torch.log_softmax(torch.where(on, t[rows].to(cdt), 0.0) / T, -1)
+        q, p = log_q.exp(), log_p.exp()
+        # where(): 0 · log 0 = 0 for a masked (-inf) entry, while NaN and +inf still propagate.
+        if divergence == "forward_kl":
+            div = torch.where(log_p == -math.inf, 0.0, p * (log_p - log_q)).sum(-1)
+            g_div = q - p
+        elif divergence == "reverse_kl":
+            div = torch.where(log_q == -math.inf, 0.0, q * (log_q - log_p)).sum(-1)
+            g_div = torch.where(q == 0, 0.0, q * (log_q - log_p - div.unsqueeze(1)))
         else:
-            kl_sum += kl_row.sum()
-    if has_labels:
-        loss = (alpha * T * T) * kl_sum + (1.0 - alpha) * ce_sum
-        n = (labels != ignore_index).sum()
-    else:
-        loss = (T * T) * kl_sum
-        n = torch.tensor(N, device=s.device)
-    if not reduction_sum:
-        loss = loss / n.clamp_min(1).to(cdt)  # n_valid = 0: the sums are 0, so is the loss
-    return loss, stats
+            log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+            kq = torch.where(log_q == -math.inf, 0.0, q * (log_q - log_m)).sum(-1)
+            kp = torch.where(log_p == -math.inf, 0.0, p * (log_p - log_m)).sum(-1)
+            div = beta * kp + (1 - beta) * kq
+            g_div = torch.where(q == 0, 0.0, (1 - beta) * q * (log_q - log_m - kq.unsqueeze(1)))
+        row_loss = torch.where(kd_on, (w_kd * T * T) * div / kd_div, 0.0)
+        if labels is not None:
+            lab = torch.where(ce_on, labels[rows], 0).unsqueeze(1)
+            log_c = torch.log_softmax(sc, -1)
+            row_loss = row_loss + torch.where(ce_on, -w_ce * log_c.gather(1, lab).squeeze(1) / ce_div, 0.0)
+        loss_rows[rows] = row_loss
+        if grad_out is not None:
+            g = torch.where(kd_on.unsqueeze(1), g_div * (w_kd * T / kd_div), 0.0)
+            if labels is not None:
+                g_ce = log_c.exp().scatter_add_(1, lab, torch.full_like(lab, -1, dtype=cdt))
+                g = g + torch.where(ce_on.unsqueeze(1), g_ce * (w_ce / ce_div), 0.0)
+            grad_out[rows] = g.to(grad_out.dtype)
+    return loss_rows
 
 
-def _reference_backward(dloss, s, t, labels, stats, temperature, alpha, ignore_index, reduction_sum):
-    N, V = s.shape
-    T, cdt = temperature, _compute_dtype(s.dtype)
-    has_labels = labels is not None
-    if has_labels:
-        w_kl, w_ce = alpha * T, 1.0 - alpha
-        n = (labels != ignore_index).sum()
-    else:
-        w_kl, w_ce = T, 0.0
-        n = torch.tensor(N, device=s.device)
-    scale = dloss.to(cdt) if reduction_sum else dloss.to(cdt) / n.clamp_min(1).to(cdt)
-    ds = torch.empty_like(s)
-    for rows in _row_chunks(N, V):
-        sc, tc = s[rows].to(cdt), t[rows].to(cdt)
-        g = torch.exp(sc / T - stats[0, rows, None]).sub_(torch.exp(tc / T - stats[1, rows, None])).mul_(w_kl)
-        if has_labels:
-            lab = labels[rows]
-            valid = lab != ignore_index
-            g.add_(torch.exp(sc - stats[2, rows, None]), alpha=w_ce)
-            g.scatter_add_(1, torch.where(valid, lab, 0).unsqueeze(1), (-w_ce * valid.to(cdt)).unsqueeze(1))
-            g = torch.where(valid.unsqueeze(1), g, 0.0)
-        ds[rows] = (g * scale).to(s.dtype)
-    return ds
+def _rows_forward(rows_fn, s, t, labels, kd_mask, temperature, alpha, ignore_index, reduction, divergence, beta,
+                  need_grad, grad_in_logits):
+    """A forward backend over a row function: the counts, the gradient buffer, the reduction."""
+    check_labels_in_range(labels, s.shape[1], ignore_index)
+    counts = row_counts(s.shape[0], labels, kd_mask, ignore_index, s.device)
+    w_kd, w_ce = _weights(labels is not None, alpha)
+    ds = (s if grad_in_logits else torch.empty_like(s)) if need_grad else None
+    if ds is not None and not grad_in_logits and _config.poison_outputs():
+        ds.fill_(float("nan"))
+    rows = rows_fn(s, t, labels, kd_mask, counts, temperature, w_kd, w_ce, ignore_index, reduction == "mean",
+                   divergence, beta, ds)
+    loss = rows if reduction == "none" else rows.sum()
+    return loss, (ds if ds is not None else s.new_empty(0))
 
 
-_FORWARD = {"reference": _reference_forward}
-_BACKWARD = {"reference": _reference_backward}
-
-# Only the reference backend for now; native and Triton kernels register here when they land.
-_backends.register_op(OP, {})
-
-
-# --------------------------------------------------------------------------------------------------
-# torch.library registration: opaque to torch.compile, with fake kernels and autograd.
-# --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("peft_kernels::distillation_loss", mutates_args=())
-def _distillation_loss_op(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, temperature: float, alpha: float,
-    ignore_index: int, reduction_sum: bool, backend: str,
-) -> tuple[Tensor, Tensor]:
-    check_labels_in_range(labels, student_logits.shape[1], ignore_index)
-    return _FORWARD[backend](student_logits, teacher_logits, labels, temperature, alpha, ignore_index,
-                             reduction_sum)
+@FAMILY.forward("reference")
+def _reference_forward(*inputs):
+    """Plain PyTorch, row chunk by row chunk in fp32 (fp64 for fp64): the closed-form loss and gradient."""
+    return _rows_forward(reference_rows, *inputs)
 
 
-@_distillation_loss_op.register_fake
-def _(student_logits, teacher_logits, labels, temperature, alpha, ignore_index, reduction_sum, backend):
-    cdt = _compute_dtype(student_logits.dtype)
-    k = 2 if labels is None else 3
-    N = student_logits.shape[0]
-    return student_logits.new_empty((), dtype=cdt), student_logits.new_empty(k, N, dtype=cdt)
+@FAMILY.backward("reference")
+def _reference_backward(dloss, ds, needs):
+    if dloss.dim() == 1:
+        return (ds * dloss.to(ds.dtype).unsqueeze(1),)
+    return (ds * dloss.to(ds.dtype),)
 
 
-@torch.library.custom_op("peft_kernels::distillation_loss_backward", mutates_args=())
-def _distillation_loss_backward_op(
-    dloss: Tensor, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, stats: Tensor,
-    temperature: float, alpha: float, ignore_index: int, reduction_sum: bool, backend: str,
-) -> Tensor:
-    return _BACKWARD[backend](dloss, student_logits, teacher_logits, labels, stats, temperature, alpha,
-                              ignore_index, reduction_sum)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@_distillation_loss_backward_op.register_fake
-def _(dloss, student_logits, teacher_logits, labels, stats, temperature, alpha, ignore_index, reduction_sum,
-      backend):
-    return torch.empty_like(student_logits)
+def triton_rows(*args):
+    from peft_kernels.triton import distill as tk
+
+    return tk.distill_forward(*args)
 
 
-def _setup_context(ctx, inputs, output):
-    s, t, labels, temperature, alpha, ignore_index, reduction_sum, backend = inputs
-    ctx.save_for_backward(s, t, labels, output[1])
-    ctx.temperature, ctx.alpha, ctx.ignore_index = temperature, alpha, ignore_index
-    ctx.reduction_sum, ctx.backend = reduction_sum, backend
+@FAMILY.forward("triton", devices=("cuda",), dtypes=_KERNEL_DTYPES)
+def _triton_forward(*inputs):
+    """One program per row: online softmax statistics of s/T, t/T and s in one pass over the vocabulary, the
+    gradient in a second (from L2), in the logits' dtype (triton/distill.py)."""
+    with _backends.on_device(inputs[0].device):
+        return _rows_forward(triton_rows, *inputs)
 
 
-def _backward(ctx, dloss, dstats):
-    s, t, labels, stats = ctx.saved_tensors
-    # Only the student gets a gradient: the teacher is a fixed target (detached by definition).
-    if not ctx.needs_input_grad[0]:
-        return (None,) * 8
-    ds = _distillation_loss_backward_op(
-        dloss.contiguous(), s, t, labels, stats, ctx.temperature, ctx.alpha, ctx.ignore_index,
-        ctx.reduction_sum, ctx.backend,
-    )
-    return ds, None, None, None, None, None, None, None
+@FAMILY.backward("triton", devices=("cuda",), dtypes=None)
+def _triton_backward(dloss, ds, needs):
+    """ds *= dloss in place; reads no more than dloss when it is 1."""
+    from peft_kernels.triton import distill as tk
+
+    with _backends.on_device(ds.device):
+        return (tk.scale_grad_(ds, dloss.to(torch.float32)),)
 
 
-_distillation_loss_op.register_autograd(_backward, setup_context=_setup_context)
+@FAMILY.why_not("triton")
+def _triton_why_not(inp: DistillInputs) -> str | None:
+    from peft_kernels.triton import distill as tk
+
+    return tk.supports(inp.student_logits, inp.teacher_logits)
+
+
+def cuda_rows(s, t, labels, kd_mask, counts, temperature, w_kd, w_ce, ignore_index, mean, divergence, beta,
+              grad_out):
+    return torch.ops.peft_kernels.distill_loss_fwd_cuda(
+        s, t, labels, kd_mask, counts, grad_out, float(temperature), float(w_kd), float(w_ce), int(ignore_index),
+        bool(mean), DIVERGENCES.index(divergence), float(beta))
+
+
+@FAMILY.forward("cuda", dtypes=_KERNEL_DTYPES)
+def _cuda_forward(*inputs):
+    """CUDA C++: one block per row, the same passes as the Triton kernel (csrc/cuda/distill.cu)."""
+    return _rows_forward(cuda_rows, *inputs)
+
+
+@FAMILY.backward("cuda", dtypes=None)
+def _cuda_backward(dloss, ds, needs):
+    torch.ops.peft_kernels.distill_scale_grad_cuda_(ds, dloss.to(torch.float32).contiguous())
+    return (ds,)
+
+
+@FAMILY.why_not("cuda")
+def _cuda_why_not(inp: DistillInputs) -> str | None:
+    s, t = inp.student_logits, inp.teacher_logits
+    if t.dtype != s.dtype:
+        return f"teacher_logits has dtype {t.dtype} but student_logits has {s.dtype}; the CUDA kernel takes one dtype"
+    if not (s.is_contiguous() and t.is_contiguous()):
+        return "student_logits and teacher_logits must be contiguous for the CUDA kernel"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------------
-def validate(student_logits, teacher_logits, labels, temperature, alpha, ignore_index, reduction):
+def check_number(op: str, name: str, value, *, positive: bool = False, lo=None, hi=None, open_lo=False,
+                 open_hi=False):
+    """Type and value checks written with comparisons only: torch.compile turns a float that changes between
+    calls into a SymFloat, which dynamo presents as a float but cannot pass to math.isfinite; comparisons on it
+    become guards, so the checks still hold for every value a compiled graph runs with."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    if not -math.inf < value < math.inf:  # False for NaN too
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{op}: {name} must be > 0, got {value}")
+    if lo is not None and (value < lo or (open_lo and value == lo)) or \
+            hi is not None and (value > hi or (open_hi and value == hi)):
+        raise ValueError(f"{op}: {name} must be in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}, "
+                         f"got {value}")
+    return value if torch.compiler.is_compiling() else float(value)
+
+
+def check_ignore_index(op: str, ignore_index) -> int:
+    if isinstance(ignore_index, torch.SymInt):
+        return ignore_index
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not _INT64[0] <= ignore_index <= _INT64[1]:
+        raise ValueError(f"{op}: ignore_index must fit in int64 (labels are int64), got {ignore_index}")
+    return ignore_index
+
+
+def check_choice(op: str, name: str, value, choices) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{op}: {name} must be a str, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def validate(student_logits, teacher_logits, labels, temperature, alpha, ignore_index, reduction,
+             divergence="forward_kl", beta=0.5, kd_mask=None):
     v.check_tensor(OP, "student_logits", student_logits, min_ndim=1)
     v.check_tensor(OP, "teacher_logits", teacher_logits, min_ndim=1)
     if labels is not None:
         v.check_tensor(OP, "labels", labels, dtypes=LABEL_DTYPES)
-    v.check_same_device(OP, student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
+    if kd_mask is not None:
+        v.check_tensor(OP, "kd_mask", kd_mask, dtypes=(torch.bool,))
+    v.check_same_device(OP, student_logits=student_logits, teacher_logits=teacher_logits, labels=labels,
+                        kd_mask=kd_mask)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"{OP}: teacher_logits has shape {tuple(teacher_logits.shape)} but student_logits has "
@@ -235,50 +386,60 @@ def validate(student_logits, teacher_logits, labels, temperature, alpha, ignore_
         )
     if student_logits.shape[-1] == 0:
         raise ValueError(f"{OP}: student_logits has an empty class dim (shape {tuple(student_logits.shape)})")
-    if labels is not None and labels.shape != student_logits.shape[:-1]:
-        raise ValueError(
-            f"{OP}: labels has shape {tuple(labels.shape)}, expected {tuple(student_logits.shape[:-1])} "
-            "(student_logits.shape[:-1])"
-        )
-    temperature = v.check_positive(OP, "temperature", temperature)
-    alpha = v.check_finite(OP, "alpha", alpha)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"{OP}: alpha must be in [0, 1], got {alpha}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{OP}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not isinstance(reduction, str):
-        raise TypeError(f"{OP}: reduction must be a str, got {type(reduction).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return temperature, alpha
+    for name, x in (("labels", labels), ("kd_mask", kd_mask)):
+        if x is not None and x.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f"{OP}: {name} has shape {tuple(x.shape)}, expected {tuple(student_logits.shape[:-1])} "
+                "(student_logits.shape[:-1])"
+            )
+    temperature = check_number(OP, "temperature", temperature, positive=True)
+    alpha = check_number(OP, "alpha", alpha, lo=0.0, hi=1.0)
+    ignore_index = check_ignore_index(OP, ignore_index)
+    check_choice(OP, "reduction", reduction, REDUCTIONS)
+    check_choice(OP, "divergence", divergence, DIVERGENCES)
+    beta = check_number(OP, "beta", beta, lo=0.0, hi=1.0, open_lo=True, open_hi=True)
+    return temperature, alpha, beta
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None,
                       temperature: float = 2.0, alpha: float = 0.5, ignore_index: int = -100,
-                      reduction: str = "mean") -> Tensor:
-    """Fused distillation loss ``alpha·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1 - alpha)·CE(s, labels)``.
+                      reduction: str = "mean", *, divergence: str = "forward_kl", beta: float = 0.5,
+                      kd_mask: Tensor | None = None, grad_in_logits: bool = False) -> Tensor:
+    """Fused distillation loss ``alpha·T²·D(t, s; T) + (1 - alpha)·CE(s, labels)`` (see the module doc).
 
     Args:
         student_logits: [..., V] (fp16/bf16/fp32/fp64); the only input that gets a gradient.
         teacher_logits: [..., V], same shape (any float dtype). Treated as detached: its gradient is None
             even when it requires grad.
-        labels: [...] int64/int32 class ids (ignore_index marks rows to skip), or None for the KL term
-            alone (weight 1, over every row).
-        temperature: T > 0. alpha: weight of the KL term, in [0, 1].
-        reduction: "mean" (divide by the number of non-ignored rows) or "sum".
+        labels: [...] int64/int32 class ids (ignore_index marks rows without a hard label), or None for the
+            divergence alone (weight 1).
+        temperature: T > 0. alpha: weight of the divergence, in [0, 1].
+        reduction: "mean" (each term divided by its row count), "sum", or "none" (a loss per row).
+        divergence: "forward_kl" (KL(teacher ‖ student)), "reverse_kl" or "jsd" (with ``beta`` in (0, 1)).
+        kd_mask: [...] bool, the rows the divergence is taken over (default: the labelled rows, or all rows
+            without labels).
+        grad_in_logits: write the gradient into student_logits' memory (its values are lost).
 
     Returns:
-        A scalar: fp32 (fp64 for fp64 student logits). Matches
-        ``alpha · F.kl_div(F.log_softmax(s/T), F.log_softmax(t/T), log_target=True, reduction="sum")
-        / n_valid · T² + (1 - alpha) · F.cross_entropy(s, labels, ignore_index=ignore_index)``
-        with the KL taken over the non-ignored rows; 0 when every row is ignored.
+        fp32 (fp64 for fp64 student logits): a scalar, or [...] for reduction="none". For the defaults,
+        ``alpha · F.kl_div(F.log_softmax(s/T), F.log_softmax(t/T), log_target=True, reduction="sum") / n · T²
+        + (1 - alpha) · F.cross_entropy(s, labels, ignore_index=ignore_index)`` with the KL over the n
+        labelled rows; 0 when every row is ignored.
     """
-    temperature, alpha = validate(student_logits, teacher_logits, labels, temperature, alpha, ignore_index,
-                                  reduction)
-    V = student_logits.shape[-1]
-    s = student_logits.reshape(-1, V).contiguous()
-    t = teacher_logits.detach().reshape(-1, V).contiguous()
-    lab = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
-    backend = _backends.select(OP, s.device.type, s, t, lab)
-    loss, _ = _distillation_loss_op(s, t, lab, temperature, alpha, ignore_index, reduction == "sum", backend)
-    return loss
+    temperature, alpha, beta = validate(student_logits, teacher_logits, labels, temperature, alpha,
+                                        ignore_index, reduction, divergence, beta, kd_mask)
+    lead, V = student_logits.shape[:-1], student_logits.shape[-1]
+    s = student_logits.reshape(-1, V)
+    if s.stride(-1) != 1 and V > 1:
+        s = s.contiguous()
+    t = teacher_logits.detach().reshape(-1, V)
+    if t.stride(-1) != 1 and V > 1:
+        t = t.contiguous()
+    lab = labels.reshape(-1).to(torch.int64) if labels is not None else None
+    kdm = kd_mask.reshape(-1) if kd_mask is not None else None
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    # The logits buffer can take the gradient only when it is the caller's own memory (not a fresh copy).
+    in_place = bool(grad_in_logits) and need_grad and s.data_ptr() == student_logits.data_ptr()
+    loss = FAMILY(DistillInputs(s, t, lab, kdm, temperature, alpha, ignore_index, reduction, divergence, beta,
+                                need_grad, in_place))
+    return loss.reshape(lead) if reduction == "none" else loss
