@@ -15,8 +15,8 @@ read of a row block follows the first in the same program, so it is an L2 hit wh
 resident program fits in L2), backward 4 (dout, dout + h, dh). benchmarks/NOTES.md counts them.
 
 Mixed-adapter batches: the weights are stacked [A, m, H] / [A, H, m] / [A, m] / [A, H] and every row carries
-an adapter id. The launcher sorts the rows by id once (``route``): the row kernels gather rows through the sorted
-order and loop over the (usually one) adapters present in their row block, with row masks; the column kernel
+an adapter id. The op sorts the rows by id once (ops/adapter.py ``_route``): the row kernels gather rows through
+the sorted order and loop over the (usually one) adapters present in their row block, with row masks; the column kernel
 walks each adapter's contiguous segment of the sorted order. One adapter is the A = 1 case with no gather.
 
 Weights are cast to h's dtype once (they are tiny); every dot accumulates in fp32; fp32 inputs use exact fp32
@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .. import _config
 
-__all__ = ["adapter_forward", "adapter_backward", "route", "Routing", "why_not", "MAX_BOTTLENECK", "ACT_CODES"]
+__all__ = ["adapter_forward", "adapter_backward", "Routing", "why_not", "MAX_BOTTLENECK", "ACT_CODES"]
 
 MAX_BOTTLENECK = 256
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4, "identity": 5}
@@ -298,16 +298,6 @@ class Routing(NamedTuple):
     seg: torch.Tensor
 
 
-def route(adapter_ids: torch.Tensor, num_adapters: int) -> Routing:
-    """Sort the rows by adapter id (stable: rows of one adapter keep their order)."""
-    ids = adapter_ids.reshape(-1)
-    sorted_ids, order = torch.sort(ids.to(torch.int32), stable=True)
-    counts = torch.bincount(ids.to(torch.int64), minlength=num_adapters)
-    seg = torch.zeros(num_adapters + 1, dtype=torch.int32, device=ids.device)
-    seg[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    return Routing(order.contiguous(), sorted_ids.contiguous(), seg)
-
-
 def why_not(h: torch.Tensor, W_down: torch.Tensor) -> str | None:
     """None when these launchers serve the inputs, else the reason (naming the argument)."""
     if h.device.type != "cuda" and not (_INTERPRET and h.device.type == "cpu"):
@@ -402,6 +392,7 @@ def adapter_backward(dy, h, W_down, b_down, W_up, b_up, z, activation: str, scal
     """(dh, dW_down, db_down, dW_up, db_up), None where ``needs`` says so; weight gradients in each weight's
     own dtype (fp32 accumulation)."""
     need_dh, need_dwd, need_dbd, need_dwu, need_dbu = (bool(n) for n in needs)
+    need_dbd, need_dbu = need_dbd and b_down is not None, need_dbu and b_up is not None
     N, H = h.shape
     mixed = routing is not None
     m = W_down.shape[-2]
