@@ -1,5 +1,6 @@
-"""soft_prompt_embed: reference backend vs torch.cat([prompt, nn.Embedding(ids)]), autograd, gradcheck,
-opcheck, torch.compile, input validation."""
+"""soft_prompt_embed: reference backend vs torch.cat([prompt, nn.Embedding(ids)]) and vs a literal insertion
+(template positions), autograd, gradcheck, opcheck, torch.compile, input validation. The kernels: the generated
+backend tests (tests/cases/soft_prompt_embed.py) and tests/triton/test_prompt_triton.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernels.ops import soft_prompt_embed, soft_prompt_embed_reference
-from peft_kernels.ops.prompt import _soft_prompt_embed_backward_op, _soft_prompt_embed_op
+from peft_kernels.ops.prompt import FAMILY, PromptInputs, prompt_maps
 from tests.helpers import assert_close, assert_within_eager_error
 
 OP = "soft_prompt_embed"
@@ -156,19 +157,24 @@ def test_gradcheck(batched, id_dtype):
 
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("train_weight", [False, True])
-def test_opcheck_forward(batched, train_weight):
+@pytest.mark.parametrize("template", [False, True])
+def test_opcheck_forward(batched, train_weight, template):
     ids, weight, prompt = make_inputs(B=2, S=5, V=9, H=4, P=3, batched=batched, train_weight=train_weight)
-    torch.library.opcheck(_soft_prompt_embed_op, (ids, weight, prompt, "reference"))
+    maps = prompt_maps(torch.tensor([0, 2, 5]), 5, 3) if template else (None, None)
+    fwd, _ = FAMILY.custom_ops
+    torch.library.opcheck(fwd, (ids, weight, prompt, *maps, "reference", "reference"))
 
 
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("needs", [[True, True], [False, True], [True, False]])
-def test_opcheck_backward(batched, needs):
+@pytest.mark.parametrize("template", [False, True])
+def test_opcheck_backward(batched, needs, template):
     B, S, V, H, P = 2, 5, 9, 4, 3
     ids = torch.randint(0, V, (B, S))
     dout = torch.randn(B, P + S, H)
-    torch.library.opcheck(_soft_prompt_embed_backward_op,
-                          (dout, ids, V, P, batched, torch.float64, "reference", needs))
+    maps = prompt_maps(torch.tensor([[1, 1, 4], [0, 5, 5]]), S, P) if template else (None, None)
+    _, bwd = FAMILY.custom_ops
+    torch.library.opcheck(bwd, (dout, ids, *maps, V, P, batched, torch.float64, needs, "reference"))
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -230,3 +236,112 @@ def test_validation_ids_out_of_range(value, id_dtype):
     ids[1, 4] = value
     with pytest.raises(ValueError, match=rf"{OP}: input_ids must be in \[0, 10\).*{value}"):
         soft_prompt_embed(**_good(input_ids=ids))
+
+
+# --------------------------------------------------------------------------------------------------
+# Template positions (P-tuning): virtual tokens among the tokens
+# --------------------------------------------------------------------------------------------------
+def insert_literally(ids, weight, prompt, positions):
+    """The definition, one example at a time: token rows with prompt rows spliced in before positions[p]."""
+    B = ids.shape[0]
+    pos = torch.as_tensor(positions)
+    pos = pos.expand(B, -1) if pos.dim() == 1 else pos
+    rows = []
+    for b in range(B):
+        seq = [weight[i] for i in ids[b].tolist()]
+        pr = prompt[b] if prompt.dim() == 3 else prompt
+        for p in reversed(range(pr.shape[0])):  # back to front: earlier indices stay valid
+            seq.insert(int(pos[b, p]), pr[p].to(weight.dtype))
+        rows.append(torch.stack(seq))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("positions", [[0, 0, 0], [0, 4, 9], [9, 9, 9], [2, 2, 7],
+                                       [[0, 1, 2], [9, 9, 9], [3, 3, 3], [1, 5, 6]]])
+@pytest.mark.parametrize("batched", [False, True])
+def test_template_positions_forward_and_grad(positions, batched):
+    ids, weight, prompt = make_inputs(B=4, S=9, V=30, H=6, P=3, batched=batched, dtype=torch.float64,
+                                      train_weight=True)
+    out = soft_prompt_embed(ids, weight, prompt, positions)
+    ref = insert_literally(ids, weight, prompt, positions)
+    assert torch.equal(out, ref)
+    assert torch.equal(out, soft_prompt_embed_reference(ids, weight, prompt, positions))
+    dout = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (prompt, weight), dout)
+    theirs = torch.autograd.grad(ref, (prompt, weight), dout)
+    for g, r, name in zip(ours, theirs, ("dprompt", "dweight")):
+        assert_close(g, r, name=name)
+
+
+def test_prefix_positions_equal_no_positions():
+    ids, weight, prompt = make_inputs(B=3, S=6, V=20, H=5, P=4)
+    assert torch.equal(soft_prompt_embed(ids, weight, prompt, [0, 0, 0, 0]), soft_prompt_embed(ids, weight, prompt))
+    tail = soft_prompt_embed(ids, weight, prompt, torch.tensor([6, 6, 6, 6]))
+    assert torch.equal(tail, torch.cat([F.embedding(ids, weight), prompt.expand(3, -1, -1)], dim=1))
+
+
+def test_maps_argument_matches_positions():
+    ids, weight, prompt = make_inputs(B=2, S=7, V=20, H=5, P=3)
+    maps = prompt_maps(torch.tensor([1, 4, 4]), 7, 3)
+    expected = soft_prompt_embed(ids, weight, prompt, [1, 4, 4])
+    assert torch.equal(soft_prompt_embed(ids, weight, prompt, maps=maps), expected)
+
+
+def test_device_positions_are_clamped_never_out_of_bounds():
+    """Device-side positions are not checked (no sync): any value maps to a valid layout (clamped, monotone)."""
+    S, P = 5, 3
+    slots, vpos = prompt_maps(torch.tensor([[-4, 99, 2], [3, 1, 0]]), S, P)
+    for b in range(2):
+        virt = slots[b] < 0
+        assert int(virt.sum()) == P and sorted(slots[b][~virt].tolist()) == list(range(S))
+        assert sorted((-slots[b][virt] - 1).tolist()) == list(range(P))
+        assert torch.equal(vpos[b], virt.nonzero().flatten().int())
+
+
+def test_frozen_vocabulary_gets_no_gradient_buffer():
+    ids, weight, prompt = make_inputs(B=3, S=8, V=40, H=16, P=4)
+    out = soft_prompt_embed(ids, weight, prompt, [0, 2, 5, 8])
+    out.sum().backward()
+    assert weight.grad is None and prompt.grad is not None
+    # The backward, called directly with needs = (vocab, prompt) = (False, True), returns no vocabulary gradient.
+    slots, vpos = prompt_maps(torch.tensor([0, 2, 5, 8]), 8, 4)
+    dw, dp = FAMILY.backward_backends["reference"].run(torch.randn(3, 12, 16), ids, slots, vpos, 40, 4, False,
+                                                        torch.float32, [False, True])
+    assert dw is None and dp.shape == (4, 16)
+
+
+def test_prompt_grad_is_deterministic():
+    ids, weight, prompt = make_inputs(B=7, S=20, V=30, H=24, P=5, dtype=torch.float16, pdtype=torch.float32)
+    out = soft_prompt_embed(ids, weight, prompt)
+    dout = torch.randn_like(out)
+    g1, g2 = (torch.autograd.grad(out, prompt, dout, retain_graph=True)[0] for _ in range(2))
+    assert torch.equal(g1, g2)
+    assert_close(g1, dout[:, :5].double().sum(0), dtype=torch.float32)
+
+
+def test_ids_memo_rechecks_a_changed_tensor():
+    ids, weight, prompt = make_inputs(B=2, S=5, V=10, H=4, P=3)
+    soft_prompt_embed(ids, weight, prompt)
+    ids[0, 0] = 10  # same tensor object, new version: checked again
+    with pytest.raises(ValueError, match=f"{OP}: input_ids must be in"):
+        soft_prompt_embed(ids, weight, prompt)
+
+
+@pytest.mark.parametrize("positions, exc, match", [
+    ([0, 1], ValueError, r"positions has shape \(2,\), expected \[3\] or \[2, 3\]"),
+    ([[0, 1, 2]] * 3, ValueError, r"positions has shape \(3, 3\)"),
+    ([0, 6, 6], ValueError, r"positions must be insertion indices in \[0, S\] = \[0, 5\]"),
+    ([-1, 0, 0], ValueError, r"positions must be insertion indices in \[0, S\]"),
+    ([3, 1, 4], ValueError, "positions must be non-decreasing"),
+    ([0.5, 1, 2], TypeError, "positions must be ints"),
+    (torch.zeros(3), TypeError, "positions must have dtype"),
+])
+def test_validation_positions(positions, exc, match):
+    with pytest.raises(exc, match=f"{OP}: {match}"):
+        soft_prompt_embed(**_good(), positions=positions)
+
+
+def test_public_function_is_the_family():
+    ids, weight, prompt = make_inputs(B=2, S=5, V=10, H=4, P=3)
+    direct = FAMILY(PromptInputs(ids, weight, prompt.detach(), None, None))
+    assert torch.equal(direct, soft_prompt_embed(ids, weight, prompt))

@@ -1,48 +1,101 @@
-"""Soft prompt embedding (prompt tuning, P-tuning): ``[prompt_embeds ; embedding_weight[input_ids]]``.
+"""Soft prompt embedding (prompt tuning, P-tuning): the model's ``inputs_embeds`` with virtual tokens in them.
 
-One op gathers the token embeddings and writes them after the P virtual-token vectors, instead of an
-embedding lookup, an expand and a cat. prompt_embeds is [P, H] (shared by the batch: prompt tuning) or
-[B, P, H] (per example: the output of a P-tuning prompt encoder). The output is in embedding_weight's dtype;
-the prompt may be fp32 master weights and gets its gradient in its own dtype (summed over the batch in fp32
-when shared). The embedding matrix is usually frozen; its gradient (an index_add of the token gradients)
-is computed only when it requires grad.
-Saved for backward: input_ids only when the embedding matrix needs its gradient, nothing else.
+One op gathers the token embeddings and writes the P virtual-token vectors into their positions, instead of an
+embedding lookup, an expand and a cat (or a scatter, for virtual tokens among the tokens):
+
+* ``positions=None``: ``out = [prompt_embeds ; embedding_weight[input_ids]]`` (prompt tuning, peft's P-tuning);
+* ``positions``: P insertion indices into the S tokens (non-decreasing, each in [0, S]): virtual token p goes
+  right before token ``positions[p]`` (S: after the last), so it lands at output position ``positions[p] + p``
+  (P-tuning templates). ``[P]`` for the whole batch, or ``[B, P]`` per example.
+
+prompt_embeds is [P, H] (shared by the batch) or [B, P, H] (per example). The output is in embedding_weight's
+dtype; the prompt may be fp32 master weights and gets its gradient in its own dtype (summed over the batch in
+fp32 in a fixed order when shared: deterministic). The frozen vocabulary gets no gradient buffer; when it does
+require grad, its gradient (an index_add of the token rows, fp32 accumulation) is computed too.
+
+Ids outside [0, V) raise ValueError: checked inside the backends (so also inside graphs compiled with
+``torch.compile(fullgraph=True)``, where the op body runs eagerly), one host sync per new ids tensor.
+Saved for backward: the ids and the two position maps (int32, tiny); nothing of the size of the output.
 """
 
 from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from peft_kernels import _backends
+from peft_kernels._op import OpFamily
 from peft_kernels.ops import _validate as v
 
 OP = "soft_prompt_embed"
 
 ID_DTYPES = (torch.int64, torch.int32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
 # Reference math (the oracle): plain PyTorch, differentiable by autograd.
 # --------------------------------------------------------------------------------------------------
-def soft_prompt_embed_reference(input_ids, embedding_weight, prompt_embeds, upcast=False):
+def soft_prompt_embed_reference(input_ids, embedding_weight, prompt_embeds, positions=None, upcast=False):
     """Autograd-differentiable reference; ``upcast=True`` computes in float64, returns the weight's dtype."""
     dtype = torch.float64 if upcast else embedding_weight.dtype
     tokens = F.embedding(input_ids.long(), embedding_weight.to(dtype))
+    B, S, H = tokens.shape
     prompt = prompt_embeds.to(dtype)
+    P = prompt.shape[-2]
     if prompt.dim() == 2:
-        prompt = prompt.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
-    return torch.cat([prompt, tokens], dim=1).to(embedding_weight.dtype)
+        prompt = prompt.unsqueeze(0).expand(B, -1, -1)
+    if positions is None:
+        return torch.cat([prompt, tokens], dim=1).to(embedding_weight.dtype)
+    ins = torch.as_tensor(positions, device=tokens.device).long()
+    ins = ins.expand(B, P) if ins.dim() == 1 else ins
+    rows = []
+    for b in range(B):  # literally: insert each virtual token before its token index
+        pieces, start = [], 0
+        for p in range(P):
+            i = int(ins[b, p])
+            pieces += [tokens[b, start:i], prompt[b, p : p + 1]]
+            start = i
+        pieces.append(tokens[b, start:])
+        rows.append(torch.cat(pieces))
+    return torch.stack(rows).to(embedding_weight.dtype)
+
+
+def prompt_maps(positions: Tensor, seq_len: int, num_prompt: int) -> tuple[Tensor, Tensor]:
+    """(slots [Bp, T], vpos [Bp, P]) int32 for insertion indices ``positions`` [P] or [Bp, P], T = P + S.
+
+    ``slots[b, t]`` is s >= 0 (token s) or ``-(p + 1)`` (virtual token p); ``vpos[b, p]`` is virtual token p's
+    output position. Any integer input yields a valid map (clamped to [0, S], made non-decreasing): the kernels
+    index with it, so no value can make them read or write out of bounds. No host sync.
+    """
+    S, P = seq_len, num_prompt
+    ins = positions.long().clamp(0, S)
+    ins = ins.unsqueeze(0) if ins.dim() == 1 else ins
+    if ins.shape[1] > 1:
+        ins = ins.cummax(1).values
+    vpos = ins + torch.arange(P, device=ins.device)
+    virt = torch.zeros(ins.shape[0], P + S, dtype=torch.bool, device=ins.device).scatter_(1, vpos, True)
+    count_virt = virt.cumsum(1)
+    slots = torch.where(virt, -count_virt, torch.arange(P + S, device=ins.device) - count_virt)
+    return slots.to(torch.int32), vpos.to(torch.int32)
+
+
+# One host sync per *new* ids tensor: a step that embeds the same ids twice (gradient checkpointing's recompute,
+# a benchmark loop) checks them once. Keyed on the tensor object (weakly) and its version counter.
+_checked = {"ref": None, "version": -1, "vocab": -1}
 
 
 def check_ids_in_range(input_ids: Tensor, num_embeddings: int) -> None:
-    """Out-of-range ids raise ValueError (not an IndexError on the CPU or a device-side assert on CUDA).
-
-    Data-dependent (one host sync), so it runs inside the custom op's body: that body also runs, eagerly,
-    inside graphs compiled with torch.compile(fullgraph=True), where a check in the Python wrapper could not.
-    """
+    """Out-of-range ids raise ValueError (not an IndexError on the CPU or a device-side assert on CUDA)."""
     if input_ids.numel() == 0:
+        return
+    ref = _checked["ref"]
+    if ref is not None and ref() is input_ids and _checked["version"] == input_ids._version \
+            and _checked["vocab"] == num_embeddings:
         return
     lo, hi = (int(x) for x in torch.aminmax(input_ids))
     if lo < 0 or hi >= num_embeddings:
@@ -50,114 +103,228 @@ def check_ids_in_range(input_ids: Tensor, num_embeddings: int) -> None:
             f"{OP}: input_ids must be in [0, {num_embeddings}) (embedding_weight.shape[0]), "
             f"got values in [{lo}, {hi}]"
         )
+    try:
+        _checked.update(ref=weakref.ref(input_ids), version=input_ids._version, vocab=num_embeddings)
+    except TypeError:  # tensors that take no weak reference (fakes): no memo
+        pass
 
 
 # --------------------------------------------------------------------------------------------------
-# Backends: forward -> out [B, P + S, H]; backward -> (d_embedding_weight, d_prompt), None where not needed.
+# The family. Saved for backward: the ids (only read when the vocabulary needs its gradient) and the maps.
 # --------------------------------------------------------------------------------------------------
-def _reference_forward(input_ids, embedding_weight, prompt_embeds):
+class PromptInputs(NamedTuple):
+    input_ids: Tensor  # [B, S] int64/int32, contiguous
+    embedding_weight: Tensor  # [V, H]
+    prompt_embeds: Tensor  # [P, H] or [B, P, H], unit last stride
+    slots: Tensor | None  # int32 [1 or B, P + S] from prompt_maps, None for a plain prefix
+    vpos: Tensor | None  # int32 [1 or B, P], None for a plain prefix
+
+
+def _save(inp: PromptInputs, outs):
+    P = inp.prompt_embeds
+    return (inp.input_ids, inp.slots, inp.vpos, inp.embedding_weight.shape[0], P.shape[-2], P.dim() == 3, P.dtype)
+
+
+def _fake(inp: PromptInputs):
+    B, S = inp.input_ids.shape
+    return inp.embedding_weight.new_empty(B, inp.prompt_embeds.shape[-2] + S, inp.embedding_weight.shape[1])
+
+
+def _backward_fake(dout, input_ids, slots, vpos, num_embeddings, num_prompt, batched, prompt_dtype, needs):
+    B, _, H = dout.shape
+    dweight = dout.new_empty(num_embeddings, H) if needs[0] else None
+    dprompt = dout.new_empty((B, num_prompt, H) if batched else (num_prompt, H), dtype=prompt_dtype) if needs[1] \
+        else None
+    return dweight, dprompt
+
+
+FAMILY = OpFamily(
+    OP,
+    Inputs=PromptInputs,
+    schema="(Tensor input_ids, Tensor embedding_weight, Tensor prompt_embeds, Tensor? slots, Tensor? vpos) -> Tensor",
+    backward_schema="(Tensor dout, Tensor input_ids, Tensor? slots, Tensor? vpos, int num_embeddings, int num_prompt, "
+    "bool prompt_batched, ScalarType prompt_dtype)",
+    differentiable=("embedding_weight", "prompt_embeds"),
+    save=_save,
+    fake=_fake,
+    backward_fake=_backward_fake,
+    primary="embedding_weight",
+    preference={"cuda": ("triton", "cuda"), "cpu": ()},
+    doc="inputs_embeds with P virtual-token vectors at the front or at template positions",
+)
+
+
+def _token_rows(dout: Tensor, slots: Tensor | None, P: int, S: int) -> Tensor:
+    """dout's rows of the real tokens, [B, S, H], in token order."""
+    if slots is None:
+        return dout[:, P:]
+    B, T, H = dout.shape
+    # Output position of every token: scatter t into its token index (virtual slots go to a dump column S).
+    dst = torch.where(slots >= 0, slots, S).long()
+    tpos = torch.zeros(slots.shape[0], S + 1, dtype=torch.long, device=dout.device)
+    tpos.scatter_(1, dst, torch.arange(T, device=dout.device).expand_as(dst))
+    return torch.gather(dout, 1, tpos[:, :S, None].expand(B, S, H))
+
+
+def _embedding_grad(dout, input_ids, slots, num_embeddings, P):
+    """The vocabulary's gradient (rare: it is usually frozen): index_add of the token rows, fp32 accumulation."""
+    B, S = input_ids.shape
+    H = dout.shape[2]
+    acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
+    dweight = dout.new_zeros(num_embeddings, H, dtype=acc)
+    rows = _token_rows(dout, slots, P, S).reshape(-1, H).to(acc)
+    dweight.index_add_(0, input_ids.reshape(-1).long(), rows)
+    return dweight.to(dout.dtype)
+
+
+@FAMILY.forward("reference", devices=("cpu", "cuda"))
+def _reference_forward(input_ids, embedding_weight, prompt_embeds, slots, vpos):
+    """gather + copy in PyTorch (the oracle and the fallback)"""
+    check_ids_in_range(input_ids, embedding_weight.shape[0])
     B, S = input_ids.shape
     P, H = prompt_embeds.shape[-2], embedding_weight.shape[1]
-    out = embedding_weight.new_empty(B, P + S, H)
-    out[:, :P] = prompt_embeds  # broadcasts a shared [P, H] prompt; casts to the weight's dtype
-    out[:, P:] = F.embedding(input_ids, embedding_weight)
-    return out
+    tokens = F.embedding(input_ids, embedding_weight)
+    if slots is None:
+        out = embedding_weight.new_empty(B, P + S, H)
+        out[:, :P] = prompt_embeds  # broadcasts a shared [P, H] prompt; casts to the weight's dtype
+        out[:, P:] = tokens
+        return out
+    T = P + S
+    prompt = prompt_embeds.to(embedding_weight.dtype)
+    prompt = prompt.expand(B, P, H) if prompt.dim() == 2 else prompt
+    s = slots.clamp_min(0).long().expand(B, T)
+    p = (-slots.long() - 1).clamp_min(0).expand(B, T)
+    from_tokens = torch.gather(tokens, 1, s[..., None].expand(B, T, H))
+    from_prompt = torch.gather(prompt, 1, p[..., None].expand(B, T, H))
+    return torch.where((slots < 0)[..., None], from_prompt, from_tokens)
 
 
-def _reference_backward(dout, input_ids, num_embeddings, num_prompt, prompt_batched, prompt_dtype, needs):
-    need_dweight, need_dprompt = needs
-    P, H = num_prompt, dout.shape[2]
-    dweight = dprompt = None
-    if need_dweight:
-        # fp32 accumulation for half types: a frequent token sums many gradients.
-        acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
-        dweight = dout.new_zeros(num_embeddings, H, dtype=acc)
-        dweight.index_add_(0, input_ids.reshape(-1), dout[:, P:].reshape(-1, H).to(acc))
-        dweight = dweight.to(dout.dtype)
-    if need_dprompt:
-        dp = dout[:, :P]
-        if prompt_batched:
-            dprompt = dp.to(prompt_dtype, copy=True)  # a copy: a custom op may not return a view of dout
+@FAMILY.backward("reference", devices=("cpu", "cuda"))
+def _reference_backward(dout, input_ids, slots, vpos, num_embeddings, num_prompt, prompt_batched, prompt_dtype, needs):
+    P = num_prompt
+    dweight = _embedding_grad(dout, input_ids, slots, num_embeddings, P) if needs[0] else None
+    dprompt = None
+    if needs[1]:
+        B, _, H = dout.shape
+        if vpos is None:
+            dp = dout[:, :P]
         else:
-            acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
+            dp = torch.gather(dout, 1, vpos.long().expand(B, P)[..., None].expand(B, P, H))
+        if prompt_batched:
+            dprompt = dp.to(prompt_dtype, copy=True)  # a copy: never a view of dout
+        else:
+            acc = torch.float64 if dout.dtype == torch.float64 or prompt_dtype == torch.float64 else torch.float32
             dprompt = dp.sum(0, dtype=acc).to(prompt_dtype)
     return dweight, dprompt
 
 
-_FORWARD = {"reference": _reference_forward}
-_BACKWARD = {"reference": _reference_backward}
-
-# Only the reference backend for now; native and Triton kernels register here when they land.
-_backends.register_op(OP, {})
-
-
 # --------------------------------------------------------------------------------------------------
-# torch.library registration: opaque to torch.compile, with fake kernels and autograd.
+# Triton (peft_kernels/triton/prompt.py): one pass forward, prompt-only backward.
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("peft_kernels::soft_prompt_embed", mutates_args=())
-def _soft_prompt_embed_op(
-    input_ids: Tensor, embedding_weight: Tensor, prompt_embeds: Tensor, backend: str
-) -> Tensor:
+@FAMILY.forward("triton", devices=("cuda", "cpu-interpret"), dtypes=KERNEL_DTYPES)
+def _triton_forward(input_ids, embedding_weight, prompt_embeds, slots, vpos):
+    """one pass: each output row read from the vocabulary or the prompt and written once"""
+    from peft_kernels.triton import prompt as tk
+
     check_ids_in_range(input_ids, embedding_weight.shape[0])
-    return _FORWARD[backend](input_ids, embedding_weight, prompt_embeds)
+    with _backends.on_device(embedding_weight.device):
+        return tk.soft_prompt_forward(input_ids, embedding_weight, prompt_embeds, slots)
 
 
-@_soft_prompt_embed_op.register_fake
-def _(input_ids, embedding_weight, prompt_embeds, backend):
-    B, S = input_ids.shape
-    return embedding_weight.new_empty(B, prompt_embeds.shape[-2] + S, embedding_weight.shape[1])
+@FAMILY.backward("triton", devices=("cuda", "cpu-interpret"), dtypes=KERNEL_DTYPES)
+def _triton_backward(dout, input_ids, slots, vpos, num_embeddings, num_prompt, prompt_batched, prompt_dtype, needs):
+    """prompt rows gathered (and summed over the batch in fp32, in order) by one kernel"""
+    from peft_kernels.triton import prompt as tk
 
-
-@torch.library.custom_op("peft_kernels::soft_prompt_embed_backward", mutates_args=())
-def _soft_prompt_embed_backward_op(
-    dout: Tensor, input_ids: Tensor, num_embeddings: int, num_prompt: int, prompt_batched: bool,
-    prompt_dtype: torch.dtype, backend: str, needs: list[bool],
-) -> tuple[Tensor, Tensor]:
-    grads = _BACKWARD[backend](
-        dout, input_ids, num_embeddings, num_prompt, prompt_batched, prompt_dtype, needs
-    )
-    # custom ops cannot return None: a gradient not asked for comes back as an empty tensor.
-    return tuple(g if g is not None else dout.new_empty(0) for g in grads)
-
-
-@_soft_prompt_embed_backward_op.register_fake
-def _(dout, input_ids, num_embeddings, num_prompt, prompt_batched, prompt_dtype, backend, needs):
-    H = dout.shape[2]
-    dweight = dout.new_empty(num_embeddings, H) if needs[0] else dout.new_empty(0)
-    pshape = (dout.shape[0], num_prompt, H) if prompt_batched else (num_prompt, H)
-    dprompt = dout.new_empty(pshape, dtype=prompt_dtype) if needs[1] else dout.new_empty(0)
+    dweight = _embedding_grad(dout, input_ids, slots, num_embeddings, num_prompt) if needs[0] else None
+    dprompt = None
+    if needs[1]:
+        with _backends.on_device(dout.device):
+            dprompt = tk.soft_prompt_backward_prompt(dout, vpos, num_prompt, prompt_batched, prompt_dtype)
     return dweight, dprompt
 
 
-def _setup_context(ctx, inputs, output):
-    input_ids, embedding_weight, prompt_embeds, backend = inputs
-    # The ids are only needed for the embedding matrix's gradient (usually frozen: nothing saved).
-    ctx.save_for_backward(input_ids if ctx.needs_input_grad[1] else None)
-    ctx.num_embeddings = embedding_weight.shape[0]
-    ctx.num_prompt, ctx.prompt_batched = prompt_embeds.shape[-2], prompt_embeds.dim() == 3
-    ctx.prompt_dtype, ctx.backend = prompt_embeds.dtype, backend
+@FAMILY.why_not("triton", both=True)
+def _prompt_dtype_reason(inp: PromptInputs) -> str | None:
+    if inp.prompt_embeds.dtype not in KERNEL_DTYPES:
+        return f"prompt_embeds has dtype {inp.prompt_embeds.dtype}; the kernels take float16, bfloat16, float32"
+    return None
 
 
-def _backward(ctx, dout):
-    (input_ids,) = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-    if not any(needs):
-        return None, None, None, None
-    if input_ids is None:  # the op schema wants a tensor; an empty one stands in, never read
-        input_ids = dout.new_empty(0, dtype=torch.int64)
-    dweight, dprompt = _soft_prompt_embed_backward_op(
-        dout.contiguous(), input_ids, ctx.num_embeddings, ctx.num_prompt, ctx.prompt_batched,
-        ctx.prompt_dtype, ctx.backend, needs,
+# --------------------------------------------------------------------------------------------------
+# CUDA C++ (csrc/cuda/prompt.cu): the same two kernels, 16-byte vector copies where rows are aligned.
+# --------------------------------------------------------------------------------------------------
+def _probe_cuda_kernel() -> str | None:
+    if not _backends.native_status()[0]:
+        return None  # the framework already says why the native backends cannot run
+    try:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key("peft_kernels::soft_prompt_embed_fwd_cuda", "CUDA")
+    except RuntimeError:
+        has = False
+    return None if has else (
+        "peft_kernels._C has no CUDA kernel for soft_prompt_embed_fwd_cuda (built before it existed, or without "
+        "nvcc); rebuild with `pip install -e . --no-build-isolation`"
     )
-    return None, (dweight if needs[0] else None), (dprompt if needs[1] else None), None
 
 
-_soft_prompt_embed_op.register_autograd(_backward, setup_context=_setup_context)
+_CUDA_KERNEL_STATUS = _probe_cuda_kernel()
+
+
+@FAMILY.forward("cuda", dtypes=KERNEL_DTYPES)
+def _cuda_forward(input_ids, embedding_weight, prompt_embeds, slots, vpos):
+    """one pass, a warp per output row, 16-byte vector copies"""
+    check_ids_in_range(input_ids, embedding_weight.shape[0])
+    return torch.ops.peft_kernels.soft_prompt_embed_fwd_cuda(input_ids, embedding_weight, prompt_embeds, slots)
+
+
+@FAMILY.backward("cuda", dtypes=KERNEL_DTYPES)
+def _cuda_backward(dout, input_ids, slots, vpos, num_embeddings, num_prompt, prompt_batched, prompt_dtype, needs):
+    """prompt rows gathered (and summed over the batch in fp32, in order)"""
+    dweight = _embedding_grad(dout, input_ids, slots, num_embeddings, num_prompt) if needs[0] else None
+    dprompt = None
+    if needs[1]:
+        dprompt = torch.ops.peft_kernels.soft_prompt_embed_bwd_cuda(
+            dout, vpos, num_prompt, prompt_batched, prompt_dtype
+        )
+    return dweight, dprompt
+
+
+@FAMILY.why_not("cuda", both=True)
+def _cuda_why_not(inp) -> str | None:
+    if _CUDA_KERNEL_STATUS is not None:
+        return _CUDA_KERNEL_STATUS
+    return _prompt_dtype_reason(inp)
 
 
 # --------------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------------
+def _as_positions(positions, B: int, S: int, P: int, device) -> Tensor:
+    if isinstance(positions, (list, tuple)):
+        flat = [i for row in positions for i in row] if positions and isinstance(positions[0], (list, tuple)) \
+            else positions
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in flat):
+            raise TypeError(f"{OP}: positions must be ints, got {positions!r:.80}")
+        try:
+            positions = torch.tensor(positions, dtype=torch.int64)
+        except ValueError as exc:  # ragged rows
+            raise ValueError(f"{OP}: positions must be [P] or [B, P] insertion indices, got {positions!r:.80}") from exc
+    v.check_tensor(OP, "positions", positions, ndim=(1, 2), dtypes=ID_DTYPES)
+    if positions.shape[-1] != P or (positions.dim() == 2 and positions.shape[0] != B):
+        want = f"[{P}] or [{B}, {P}]"
+        raise ValueError(f"{OP}: positions has shape {tuple(positions.shape)}, expected {want} (one insertion index "
+                         "per virtual token, for the batch or per example)")
+    if positions.device.type == "cpu" and positions.numel():
+        # Values are checked where that costs no device sync (host positions); device positions are clamped.
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi > S:
+            raise ValueError(f"{OP}: positions must be insertion indices in [0, S] = [0, {S}], got [{lo}, {hi}]")
+        if positions.shape[-1] > 1 and bool((positions.diff(dim=-1) < 0).any()):
+            raise ValueError(f"{OP}: positions must be non-decreasing along the virtual tokens, got "
+                             f"{positions.tolist()}")
+    return positions.to(device)
+
+
 def validate(input_ids, embedding_weight, prompt_embeds) -> None:
     v.check_tensor(OP, "input_ids", input_ids, ndim=2, dtypes=ID_DTYPES)
     v.check_tensor(OP, "embedding_weight", embedding_weight, ndim=2)
@@ -174,20 +341,36 @@ def validate(input_ids, embedding_weight, prompt_embeds) -> None:
         raise ValueError(f"{OP}: prompt_embeds has 0 virtual tokens (shape {tuple(prompt_embeds.shape)})")
 
 
-def soft_prompt_embed(input_ids: Tensor, embedding_weight: Tensor, prompt_embeds: Tensor) -> Tensor:
-    """Input embeddings with a soft prompt in front: [B, P + S, H].
+def soft_prompt_embed(input_ids: Tensor, embedding_weight: Tensor, prompt_embeds: Tensor, positions=None, *,
+                      maps: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Input embeddings with P virtual tokens: [B, P + S, H].
 
     Args:
         input_ids: [B, S] token ids (int64 or int32), each in [0, V); out-of-range ids raise ValueError.
-        embedding_weight: [V, H] the model's input embedding matrix (usually frozen).
-        prompt_embeds: [P, H] virtual-token embeddings shared by the batch (prompt tuning), or [B, P, H]
-            per example (e.g. a P-tuning prompt encoder's output); cast to embedding_weight's dtype.
+        embedding_weight: [V, H] the model's input embedding matrix (usually frozen: it then gets no gradient).
+        prompt_embeds: [P, H] virtual-token embeddings shared by the batch, or [B, P, H] per example (e.g. a
+            P-tuning prompt encoder's output); cast to embedding_weight's dtype, gradients in their own dtype.
+        positions: None (the prompt goes in front), or P insertion indices into the tokens, non-decreasing, each in
+            [0, S] (a list, or an int tensor [P] / [B, P]): virtual token p lands at output position
+            ``positions[p] + p``. Host positions are checked; device positions are clamped (no sync).
+        maps: ``prompt_maps(positions, S, P)`` computed once by the caller (instead of ``positions``).
 
     Returns:
-        [B, P + S, H] in embedding_weight's dtype: the P prompt vectors, then embedding_weight[input_ids].
-        Extend the attention mask by P ones in front to match.
+        [B, P + S, H] in embedding_weight's dtype. Extend the attention mask (and labels, with -100) to match.
     """
     validate(input_ids, embedding_weight, prompt_embeds)
-    backend = _backends.select(OP, embedding_weight.device.type, input_ids, embedding_weight, prompt_embeds)
-    ids = input_ids.contiguous()
-    return _soft_prompt_embed_op(ids, embedding_weight, prompt_embeds.contiguous(), backend)
+    B, S = input_ids.shape
+    P = prompt_embeds.shape[-2]
+    slots = vpos = None
+    if maps is not None:
+        slots, vpos = maps
+        if positions is not None:
+            raise ValueError(f"{OP}: pass positions or maps, not both")
+        if slots.shape[-1] != P + S or vpos.shape[-1] != P or slots.shape[0] not in (1, B):
+            raise ValueError(f"{OP}: maps of shapes {tuple(slots.shape)}, {tuple(vpos.shape)} do not fit B={B}, "
+                             f"S={S}, P={P}; build them with prompt_maps(positions, S, P)")
+    elif positions is not None:
+        slots, vpos = prompt_maps(_as_positions(positions, B, S, P, input_ids.device), S, P)
+    ids = input_ids if input_ids.is_contiguous() else input_ids.contiguous()
+    prompt = prompt_embeds if prompt_embeds.stride(-1) == 1 else prompt_embeds.contiguous()
+    return FAMILY(PromptInputs(ids, embedding_weight, prompt, slots, vpos))
