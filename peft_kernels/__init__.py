@@ -2,7 +2,9 @@
 
 from peft_kernels import nn
 from peft_kernels._backends import use_backend
+from peft_kernels._config import clear_tuning_cache, tuned_choices, tuning
 from peft_kernels._info import info
+from peft_kernels._op import warm_up
 from peft_kernels.ops import (
     bias_only_linear,
     bottleneck_adapter,
@@ -12,11 +14,11 @@ from peft_kernels.ops import (
     soft_prompt_embed,
 )
 from peft_kernels.patch import (
-    add_adapter,
+    add_lora_adapter,
     apply_lora,
     apply_p_tuning_v2,
     apply_prefix_tuning,
-    delete_adapter,
+    delete_lora_adapter,
     disable_adapter,
     load_lora,
     load_prefix,
@@ -37,12 +39,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
-    "add_adapter",
+    "add_lora_adapter",
     "apply_lora",
     "apply_p_tuning_v2",
     "apply_prefix_tuning",
     "bias_only_linear",
-    "delete_adapter",
+    "delete_lora_adapter",
     "disable_adapter",
     "bottleneck_adapter",
     "distillation_loss",
@@ -65,4 +67,8 @@ __all__ = [
     "unload",
     "unpatch_peft_model",
     "use_backend",
+    "warm_up",
+    "tuning",
+    "tuned_choices",
+    "clear_tuning_cache",
 ]

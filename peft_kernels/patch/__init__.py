@@ -3,9 +3,9 @@
 from peft_kernels.patch._methods import print_trainable_parameters, trainable_parameters
 from peft_kernels.patch.lora_checkpoint import load_lora, save_lora
 from peft_kernels.patch.lora_model import (
-    add_adapter,
+    add_lora_adapter,
     apply_lora,
-    delete_adapter,
+    delete_lora_adapter,
     disable_adapter,
     merge_and_unload,
     remove_lora,
@@ -16,11 +16,11 @@ from peft_kernels.patch.peft_model import patch_peft_model, unpatch_peft_model
 from peft_kernels.patch.prefix import apply_p_tuning_v2, apply_prefix_tuning, load_prefix, remove_prefix, save_prefix
 
 __all__ = [
-    "add_adapter",
+    "add_lora_adapter",
     "apply_lora",
     "apply_p_tuning_v2",
     "apply_prefix_tuning",
-    "delete_adapter",
+    "delete_lora_adapter",
     "disable_adapter",
     "load_lora",
     "load_prefix",

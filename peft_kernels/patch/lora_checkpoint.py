@@ -17,9 +17,9 @@ from peft_kernels.nn.lora_conv1d import LoRAConv1D
 from peft_kernels.patch import _io
 from peft_kernels.patch.lora_model import (
     LoraApplyConfig,
-    add_adapter,
+    add_lora_adapter,
     apply_lora,
-    delete_adapter,
+    delete_lora_adapter,
     lora_modules,
     lora_state,
     remove_lora,
@@ -275,7 +275,7 @@ def load_lora(
             raise ValueError(f"{owner}: {cfg_path!r} has modules_to_save or trained biases; the adapters of one "
                              "model share its heads and biases, so a second adapter cannot bring its own (load it "
                              "into a fresh model)")
-        add_adapter(model, adapter_name, **hp, bias=d.get("bias", "none"), target_modules=targets)
+        add_lora_adapter(model, adapter_name, **hp, bias=d.get("bias", "none"), target_modules=targets)
     else:
         apply_lora(model, target_modules=targets, bias=d.get("bias", "none"),
                    exclude_modules=d.get("exclude_modules"), modules_to_save=d.get("modules_to_save"),
@@ -285,7 +285,7 @@ def load_lora(
         plan = _plan_copies(model, state.adapters[adapter_name], weights, f"{owner}({path!r})")
     except BaseException:
         if adding:
-            delete_adapter(model, adapter_name)
+            delete_lora_adapter(model, adapter_name)
         else:
             remove_lora(model, merge=False)  # leave the model as it was given
         raise

@@ -1,5 +1,6 @@
 """LoRA on a transformers model: ``apply_lora`` / ``remove_lora`` and the peft-style calls around them
-(``add_adapter``, ``set_adapter``, ``delete_adapter``, ``disable_adapter()``, ``merge_and_unload``, ``unload``).
+(``add_lora_adapter`` and ``delete_lora_adapter`` (peft's ``add_adapter`` / ``delete_adapter``), ``set_adapter``,
+``disable_adapter()``, ``merge_and_unload``, ``unload``).
 
 ``apply_lora`` swaps the targeted ``nn.Linear`` (and GPT-2 ``Conv1D``) modules for
 :class:`~peft_kernels.nn.LoRALinear` (:class:`~peft_kernels.nn.LoRAConv1D` for Conv1D), reusing the base
@@ -47,7 +48,7 @@ CONFIG_ATTR = "peft_kernels_lora_config"
 
 @dataclass
 class LoraApplyConfig:
-    """One adapter as ``apply_lora`` / ``add_adapter`` made it; the active one is also
+    """One adapter as ``apply_lora`` / ``add_lora_adapter`` made it; the active one is also
     ``model.peft_kernels_lora_config`` (save_lora writes it as adapter_config.json).
 
     ``target_modules`` / ``exclude_modules`` are in the form peft should see: as given for a name list or a
@@ -332,7 +333,7 @@ def unload(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # Several named adapters
 # --------------------------------------------------------------------------------------------------
-def add_adapter(
+def add_lora_adapter(
     model: nn.Module,
     adapter_name: str,
     r: int = 8,
@@ -350,7 +351,7 @@ def add_adapter(
     runs and trains. All adapters of a model share its LoRA layers, ``bias`` mode and ``modules_to_save``:
     ``target_modules`` / ``bias``, when given, must select the same.
     """
-    owner = "add_adapter"
+    owner = "add_lora_adapter"
     state = lora_state(model, owner)
     check_adapter_name(owner, adapter_name)
     hp = check_lora_hparams(owner, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
@@ -398,13 +399,13 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     return model
 
 
-def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+def delete_lora_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Remove a named adapter other than the first (remove the first with :func:`unload`)."""
-    state = lora_state(model, "delete_adapter")
+    state = lora_state(model, "delete_lora_adapter")
     if adapter_name not in state.adapters:
-        raise ValueError(f"delete_adapter: no adapter {adapter_name!r} (adapters: {list(state.adapters)})")
+        raise ValueError(f"delete_lora_adapter: no adapter {adapter_name!r} (adapters: {list(state.adapters)})")
     if adapter_name == next(iter(state.adapters)):
-        raise ValueError(f"delete_adapter: {adapter_name!r} is the model's first adapter; call unload(model) or "
+        raise ValueError(f"delete_lora_adapter: {adapter_name!r} is the model's first adapter; call unload(model) or "
                          "remove_lora(model) to remove LoRA")
     if state.active == adapter_name:
         set_adapter(model, next(iter(state.adapters)))
