@@ -60,6 +60,9 @@ class Backend:
     backward_by: str | None = None  # forward only: whose backward runs after this forward
     why_not: Callable[[Any], str | None] | None = None
     doc: str = ""
+    # forward only: plain differentiable PyTorch, so the eager path lets autograd differentiate it directly
+    # (no autograd.Function around it: the least host time there is); the custom-op path uses the backward.
+    autograd: bool = False
 
     def device_reason(self, device_type: str) -> str | None:
         """Why this backend cannot run on `device_type` tensors at all (None: it can)."""
@@ -102,7 +105,7 @@ class OpFamily:
         backward_fake: Callable[..., tuple],
         public_outputs: int = 1,
         primary: str | None = None,
-        preference: dict[str, Sequence[str]] | None = None,
+        preference: dict[str, Sequence[str] | Callable[[Any], Sequence[str]]] | None = None,
         autocast: Sequence[str] = (),
         tune_key: Callable[[Any], object] | None = None,
         doc: str = "",
@@ -116,7 +119,9 @@ class OpFamily:
         self._primary = self.fields.index(primary or self.fields[0])
         self._save_fn, self._fake, self._backward_fake = save, fake, backward_fake
         self.public_outputs = public_outputs
-        self.preference = {k: tuple(v) for k, v in (preference or {}).items()}
+        # device type -> backend names, or a function of the input record returning them (a rule a benchmark
+        # justifies, e.g. "on CPU tensors the plain ATen composite wins unless dropout needs the C++ mask").
+        self.preference = {k: v if callable(v) else tuple(v) for k, v in (preference or {}).items()}
         self.autocast = tuple(autocast)
         self.tune_key = tune_key
         self.forward_backends: dict[str, Backend] = {}
@@ -136,7 +141,7 @@ class OpFamily:
         return self._register("backward", name, **kwargs)
 
     def _register(self, direction, name, *, devices=None, dtypes=FLOAT_DTYPES, requires="default",
-                  backward_by=None, why_not=None, doc=""):
+                  backward_by=None, why_not=None, doc="", autograd=False):
         if backward_by is not None and direction != "forward":
             raise ValueError("backward_by= is for forward backends")
 
@@ -149,6 +154,7 @@ class OpFamily:
                 dtypes=None if dtypes is None else tuple(dtypes),
                 requires=_DEFAULT_REQUIRES.get(kind) if requires == "default" else requires,
                 backward_by=backward_by, why_not=why_not, doc=doc or (fn.__doc__ or "").strip().split("\n")[0],
+                autograd=autograd,
             )
             self._cache.clear()
             return fn
@@ -196,28 +202,34 @@ class OpFamily:
             reason = backend.why_not(inputs)
         return reason
 
-    def order(self, device_type: str) -> list[str]:
-        """Backends in preference order for a device type: the declared order, then the others, reference last."""
-        preferred = [n for n in self.preference.get(device_type, ()) if n in self.forward_backends]
+    def order(self, device_type: str, inputs=None) -> list[str]:
+        """Backends in preference order: the declared order (for these inputs), then the others, reference last.
+        The reference is a contender only where the preference names it; otherwise it is the last resort."""
+        pref = self.preference.get(device_type, ())
+        if callable(pref):
+            pref = pref(inputs) if inputs is not None else ()
+        preferred = [n for n in pref if n in self.forward_backends]
         rest = [n for n in self.forward_backends if n not in preferred and n != "reference"]
-        return [*preferred, *rest, "reference"] if "reference" in self.forward_backends else [*preferred, *rest]
+        tail = ["reference"] if "reference" in self.forward_backends and "reference" not in preferred else []
+        return [*preferred, *rest, *tail]
 
     def backward_for(self, forward_name: str, inputs) -> str:
         """The backward backend that runs after `forward_name`'s forward on these inputs."""
         wanted = self.forward_backends[forward_name].backward_by or forward_name
         if self.why_not_reason(wanted, inputs, "backward") is None:
             return wanted
-        for name in self.order(self.device_type(inputs)):
+        for name in self.order(self.device_type(inputs), inputs):
             if name in self.backward_backends and self.why_not_reason(name, inputs, "backward") is None:
                 return name
         return "reference"
 
-    def select(self, inputs) -> tuple[str, str]:
-        """(forward backend, backward backend) for these inputs: a cached lookup in steady state."""
+    def select(self, inputs, key=None) -> tuple[str, str]:
+        """(forward backend, backward backend) for these inputs: a cached lookup in steady state. `key`, where the
+        caller has one, must capture everything the choice depends on (the default: every input's signature)."""
         forced = _config.forced_backend()
         if torch.compiler.is_compiling():
             return self._select(inputs, forced)
-        key = (forced, *map(_signature, inputs))
+        key = (forced, *map(_signature, inputs)) if key is None else (forced, key)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._select(inputs, forced)
@@ -242,8 +254,11 @@ class OpFamily:
                 self._warned.add(name)
                 warnings.warn(f"peft_kernels.{self.name}: backend {name!r} cannot serve these inputs ({reason}); "
                               "falling back", stacklevel=4)
-        # The reference is the fallback, not a contender.
-        candidates = [n for n in self.order(device_type) if n != "reference" and self.why_not_reason(n, inputs) is None]
+        # The reference is the fallback, not a contender (unless the preference names it).
+        order = self.order(device_type, inputs)
+        named = self.preference.get(device_type, ())
+        contenders = order if (callable(named) or "reference" in named) else [n for n in order if n != "reference"]
+        candidates = [n for n in contenders if self.why_not_reason(n, inputs) is None]
         if not candidates:
             name = "reference"
         elif len(candidates) > 1 and self.tune_key is not None and _config.tune_dispatch(device_type):
@@ -285,19 +300,22 @@ class OpFamily:
     # ----------------------------------------------------------------------------------------------
     # Calling
     # ----------------------------------------------------------------------------------------------
-    def __call__(self, inputs):
-        """Run the op on a validated input record: dispatch, autograd, autocast. Returns the public outputs."""
+    def __call__(self, inputs, key=None):
+        """Run the op on a validated input record: dispatch, autograd, autocast. Returns the public outputs.
+        `key`: see ``select``."""
         if self.autocast:
             inputs = self._autocast(inputs)
-        fwd, bwd = self.select(inputs)
+        fwd, bwd = self.select(inputs, key)
         if torch.compiler.is_compiling():
             outs = self._fwd_op(*inputs, fwd, bwd)
-        elif torch.is_grad_enabled() and any(
-            isinstance(inputs[i], Tensor) and inputs[i].requires_grad for i in self._diff_idx
-        ):
-            outs = _EagerFunction.apply(self, fwd, bwd, *inputs)
         else:
-            outs = self.forward_backends[fwd].run(*inputs)
+            backend = self.forward_backends[fwd]
+            if not backend.autograd and torch.is_grad_enabled() and any(
+                isinstance(inputs[i], Tensor) and inputs[i].requires_grad for i in self._diff_idx
+            ):
+                outs = _EagerFunction.apply(self, fwd, bwd, *inputs)
+            else:
+                outs = backend.run(*inputs)
         if self.public_outputs == 1:
             return outs[0] if isinstance(outs, (tuple, list)) else outs
         return tuple(outs[: self.public_outputs])

@@ -3,7 +3,8 @@
 Kernel microbenchmarks: each op family's anchors (frozen floor, HF peft, eager, torch.compile, SDPA,
 FlexAttention) beside ours under every backend, in one process. With no OP, every kernel family runs at the
 default sizes of the device (TARGETS.md sizes on CUDA, small ones on the CPU); ``e2e`` (the end-to-end
-training benchmark, benchmarks/bench_e2e.py) runs only when named.
+training benchmark, benchmarks/bench_e2e.py) and ``overhead`` (host time per layer call on tiny CPU tensors,
+one thread, beside HF peft's LoRA layer and each op's eager formula) run only when named.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from peft_kernels.bench import cases as cases_mod
 from peft_kernels.bench import harness, report
 
 E2E_SCRIPT = report.REPO_ROOT / "benchmarks" / "bench_e2e.py"
-OPS = (*cases_mod.FAMILIES, "e2e")
+OPS = (*cases_mod.FAMILIES, "e2e", "overhead")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ops = _select_ops(parser, args.ops)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    families = [o for o in ops if o != "e2e"]
+    families = [o for o in ops if o not in ("e2e", "overhead")]
     cases = _filter(cases_mod.build_cases(families, device, args.quick), args.variants)
 
     if args.list:
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"plot: skipped ({exc})")
         if any(r.status == "error" or r.reason == "interrupted" for r in rows):
             rc = 1
+    if "overhead" in ops:
+        from peft_kernels.bench import overhead
+
+        overhead.main(quick=args.quick)
     if "e2e" in ops:
         e2e_json = args.json if not families else None  # alone, `e2e --json PATH` is e2e's own output
         rc = max(rc, run_e2e(device, e2e_json, args.quick))

@@ -57,50 +57,36 @@ def _compile(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def _import_ours(module: str, name: str):
-    try:
-        mod = importlib.import_module(module)
-        return getattr(mod, name), getattr(mod, "OP", None)
-    except (ImportError, AttributeError) as exc:
-        raise Skip(f"{module}.{name} is not importable yet ({type(exc).__name__}: {exc})") from None
-
-
-def _backend_reason(op: str | None, backend: str, device: str, support_args) -> str | None:
-    """Why `backend` cannot serve `op` on these inputs (None: it can, or only running it can tell)."""
-    from peft_kernels import _backends
-
-    entry = _backends.registered_ops().get(op) if op else None
-    if entry is None:
-        return None
-    if support_args is not None:
-        try:
-            return _backends.why_not(op, backend, device, *support_args)
-        except TypeError:
-            pass  # the op's supports() takes other arguments now: fall back to the op-level check
-    if backend not in entry.supports:
-        return f"{op} has no {backend} implementation"
-    return _backends.backend_status(backend, device)
+def _family(module: str):
+    """The op family an ops module defines (its FAMILY), or None for a module not yet on peft_kernels._op."""
+    return getattr(importlib.import_module(module), "FAMILY", None)
 
 
 def _ours_cases(family: str, shape: str, device: str, module: str, name: str,
-                build: Callable[[Callable], Workload], support_args: Callable[[], tuple] | None = None,
+                build: Callable[[Callable], Workload], inputs: Callable[[], tuple] | None = None,
                 extra: Sequence[tuple[str, Callable[[Callable], Workload]]] = ()) -> list[Case]:
-    """One case per backend forced with ``use_backend(name, strict=True)``, then automatic selection.
+    """One case per forward backend the op family declares (``ours_<backend>``, forced with
+    ``use_backend(name, strict=True)``, skipped with the family's own reason where it cannot serve), then
+    automatic selection (``ours_auto``, its note says what dispatch chose).
 
     build(fn) builds fresh inputs and returns the workload calling ``fn`` (the public op);
-    support_args() gives the arguments dispatch passes to each backend's ``supports`` (for why_not).
+    inputs() gives the op's input record at the case's shapes (what dispatch sees), for the reasons and the note.
     extra: (suffix, build) pairs run under automatic selection only (e.g. with dropout).
     """
     from peft_kernels import _backends
 
+    op_family = _family(module)
+    backends = list(op_family.forward_backends) if op_family is not None else list(BACKENDS)
+
     def forced(backend: str | None, build_fn):
         def setup():
-            fn, op = _import_ours(module, name)
-            args = support_args() if support_args is not None else None
+            fn = getattr(importlib.import_module(module), name)
+            record = inputs() if inputs is not None and op_family is not None else None
             if backend is not None:
-                reason = _backend_reason(op, backend, device, args)
-                if reason is not None:
-                    raise Skip(reason)
+                if record is not None:
+                    reason = op_family.why_not_reason(backend, record)
+                    if reason is not None:
+                        raise Skip(reason)
 
                 def call(*a, **kw):
                     with _backends.use_backend(backend, strict=True):
@@ -108,16 +94,14 @@ def _ours_cases(family: str, shape: str, device: str, module: str, name: str,
 
                 return build_fn(call)
             work = build_fn(fn)
-            if op in _backends.registered_ops() and args is not None:
-                try:
-                    work.note = f"auto: {_backends.select(op, device, *args)}"
-                except Exception:  # noqa: BLE001  (the note is informative only)
-                    pass
+            if record is not None:
+                fwd, bwd = op_family.select(record)
+                work.note = f"auto: {fwd}" + (f" (backward {bwd})" if bwd != fwd else "")
             return work
 
         return setup
 
-    cases = [Case(family, shape, f"ours_{b}", forced(b, build)) for b in BACKENDS]
+    cases = [Case(family, shape, f"ours_{b}", forced(b, build)) for b in backends]
     cases.append(Case(family, shape, "ours_auto", forced(None, build)))
     cases += [Case(family, shape, f"ours_auto_{suffix}", forced(None, b)) for suffix, b in extra]
     return cases
@@ -230,11 +214,15 @@ def lora_cases(device: str, quick: bool = False) -> list[Case]:
 
             return build
 
-        def support_args(K=K, N=N):
-            return (torch.empty(M, K, device=device, dtype=dtype),
-                    torch.empty(N, K, device=device, dtype=dtype),
-                    torch.empty(r, K, device=device, dtype=torch.float32),
-                    torch.empty(N, r, device=device, dtype=torch.float32))
+        def lora_inputs(K=K, N=N):
+            from peft_kernels.ops.lora import FAMILY
+
+            grad = dict(requires_grad=True)
+            return FAMILY.Inputs(torch.empty(M, K, device=device, dtype=dtype, **grad),
+                                 torch.empty(N, K, device=device, dtype=dtype), None,
+                                 torch.empty(r, K, device=device, dtype=torch.float32, **grad),
+                                 torch.empty(N, r, device=device, dtype=torch.float32, **grad),
+                                 alpha / r, 0.0, torch.zeros((), dtype=torch.int64))
 
         cases += [
             Case("lora", shape, "frozen_base", frozen_base, floor=True, note="F.linear, frozen W, dX only"),
@@ -244,7 +232,7 @@ def lora_cases(device: str, quick: bool = False) -> list[Case]:
             Case("lora", shape, "cublas_addmm_autograd", cublas_addmm),
         ]
         cases += _ours_cases("lora", shape, device, "peft_kernels.ops.lora", "lora_linear", ours_build(0.0),
-                             support_args, extra=[("dropout0.05", ours_build(0.05))])
+                             lora_inputs, extra=[("dropout0.05", ours_build(0.05))])
     return cases
 
 

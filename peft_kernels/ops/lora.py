@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from peft_kernels import _backends
@@ -90,19 +91,25 @@ FAMILY = OpFamily(
     fake=_fake,
     backward_fake=_backward_fake,
     public_outputs=1,
-    preference={"cuda": ("triton", "aten"), "cpu": ("aten",)},
+    # CPU tensors: the plain ATen composite (reference) has the least host time and the same GEMMs; the C++
+    # backend wins only where dropout needs its Philox mask (the PyTorch one is many elementwise ops).
+    preference={"cuda": ("triton", "aten"),
+                "cpu": lambda i: ("aten", "reference") if i.dropout_p > 0 else ("reference", "aten")},
     tune_key=_tune_key,
     doc="y = x W^T + b + s (drop(x) A^T) B^T",
 )
 
 
-@FAMILY.forward("reference")
+@FAMILY.forward("reference", autograd=True)
 def _reference_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """Plain PyTorch (cuBLAS / MKL GEMMs): the oracle and the fallback."""
-    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    S = dropout_reference(x, dropout_p, seed_value(seed)) @ A.t()
-    y = torch.addmm(bias.to(x.dtype), x, weight.t()) if bias is not None else x @ weight.t()
-    return y.addmm_(S, B.t(), alpha=scaling), S
+    # As few ATen calls as the math allows: on tiny CPU tensors each one is most of the layer's time.
+    A = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
+    B = lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    S = F.linear(dropout_reference(x, dropout_p, seed_value(seed)) if dropout_p > 0 else x, A)
+    return F.linear(x, weight, bias).addmm_(S, B.t(), alpha=scaling), S
 
 
 @FAMILY.backward("reference")
@@ -179,7 +186,8 @@ def _triton_why_not(inp: LoraInputs) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------------
-def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple[float, float]:
+def validate(x, weight, bias, lora_A, lora_B) -> None:
+    """The tensor checks (once per signature: see ``_VALIDATED``)."""
     v.check_tensor(OP, "x", x, min_ndim=1)
     v.check_tensor(OP, "weight", weight, ndim=2)
     v.check_tensor(OP, "lora_A", lora_A, ndim=2)
@@ -199,7 +207,9 @@ def validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple[float
     v.check_size(OP, "lora_B", lora_B, 1, r, "rank r = lora_A.shape[0]")
     if bias is not None:
         v.check_size(OP, "bias", bias, 0, N, "out_features = weight.shape[0]")
-    return v.check_finite(OP, "scaling", scaling), v.check_probability(OP, "dropout_p", dropout_p)
+
+
+_VALIDATED = v.Validated()
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # no dropout: the seed is unused (one shared tensor, no allocation)
@@ -217,9 +227,17 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         dropout_p: dropout on the adapter's input, in [0, 1).
         seed: int or int tensor for the dropout mask; None draws one from torch's generator.
     """
-    scaling, dropout_p = validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    key = None if torch.compiler.is_compiling() else v.tensor_key(x, weight, bias, lora_A, lora_B)
+    if key not in _VALIDATED:
+        validate(x, weight, bias, lora_A, lora_B)
+        _VALIDATED.add(key)
+    scaling = v.check_finite(OP, "scaling", scaling)
+    dropout_p = v.check_probability(OP, "dropout_p", dropout_p)
     seed_t = as_seed_tensor(OP, seed) if dropout_p > 0 else _NO_SEED
-    K = x.shape[-1]
-    x2d = x.reshape(-1, K).contiguous()
-    y = FAMILY(LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t))
+    x2d = x.reshape(-1, x.shape[-1])
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    # The tensor signature plus "is dropout on" is all dispatch depends on: no second signature to compute.
+    dispatch_key = None if key is None else (key, dropout_p > 0)
+    y = FAMILY(LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t), dispatch_key)
     return y.reshape(*x.shape[:-1], weight.shape[0])
