@@ -80,9 +80,9 @@ def test_quick_cli_run_writes_table_json_and_plot(tmp_path, capsys, one_thread):
     for key in (("lora", "ours_reference"), ("lora", "ours_auto"), ("bias_only", "ours_reference")):
         assert by[key]["status"] == "ok" and by[key]["ms"] > 0 and by[key]["ratio"] > 0
     # Variants that cannot run on the CPU are skipped with the reason, never dropped and never a crash.
-    for key in (("lora", "ours_cuda"), ("lora", "peft_compile"), ("bias_only", "compile_bias")):
+    for key in (("lora", "ours_triton"), ("lora", "peft_compile"), ("bias_only", "compile_bias")):
         assert by[key]["status"] == "skipped" and by[key]["reason"], key
-    assert "cuda" in by[("lora", "ours_cuda")]["reason"]
+    assert "CUDA" in by[("lora", "ours_triton")]["reason"]
     for r in rows:
         assert r["status"] in ("ok", "skipped"), r
         assert (r["ms"] is not None) == (r["status"] == "ok")
@@ -113,13 +113,13 @@ def test_unknown_op_is_an_argparse_error(capsys):
 
 
 def test_e2e_delegation(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "E2E_SCRIPT", tmp_path / "missing.py")
-    assert cli.run_e2e("cpu", None, quick=False) == 0
-    assert "not available" in capsys.readouterr().out
+    from peft_kernels.bench import e2e
 
-    script = tmp_path / "bench_e2e.py"
-    script.write_text("def main(argv):\n    print('E2E', argv)\n    return 0\n")
-    monkeypatch.setattr(cli, "E2E_SCRIPT", script)
+    def fake_main(argv):
+        print("E2E", argv)
+        return 0
+
+    monkeypatch.setattr(e2e, "main", fake_main)
     assert cli.main(["e2e", "--device", "cpu", "--json", str(tmp_path / "e2e.json")]) == 0
     assert f"E2E ['--device', 'cpu', '--json', '{tmp_path / 'e2e.json'}']" in capsys.readouterr().out
 
@@ -127,6 +127,7 @@ def test_e2e_delegation(tmp_path, monkeypatch, capsys):
 def test_default_json_path(tmp_path):
     env = {"device": "NVIDIA H100 80GB HBM3", "date_utc": "2026-11-28T12:00:00Z"}
     first = report.default_json_path(env, root=tmp_path)
-    assert first == tmp_path / "benchmarks/results/nvidia-h100-80gb-hbm3/2026-11-28.json"
+    assert first == tmp_path / "nvidia-h100-80gb-hbm3/2026-11-28.json"
+    assert report.default_json_path(env).parent == report.RESULTS_DIR / "nvidia-h100-80gb-hbm3"
     report.write_json({"rows": []}, first)
     assert report.default_json_path(env, root=tmp_path).name == "2026-11-28-2.json"  # never overwrites

@@ -90,7 +90,7 @@ def test_hf_trainer_trains_only_the_adapters(tmp_path):
 # (c) benchmarks/bench_e2e.py
 # --------------------------------------------------------------------------------------------------
 def test_bench_e2e_cpu_quick_writes_json(tmp_path, capsys):
-    bench = _load("benchmarks/bench_e2e.py", "bench_e2e")
+    from peft_kernels.bench import e2e as bench
     out = tmp_path / "e2e.json"
     rc = bench.main(["--device", "cpu", "--quick", "--json", str(out)])
     text = capsys.readouterr().out
@@ -121,7 +121,7 @@ def test_bench_e2e_cpu_quick_writes_json(tmp_path, capsys):
 
 
 def test_bench_e2e_reports_missing_dependencies_as_skipped(tmp_path, monkeypatch, capsys):
-    bench = _load("benchmarks/bench_e2e.py", "bench_e2e")
+    from peft_kernels.bench import e2e as bench
     # None in sys.modules makes `import x` raise ImportError: peft absent, the patch module not there yet.
     monkeypatch.setitem(sys.modules, "peft", None)
     monkeypatch.setitem(sys.modules, "peft_kernels.patch", None)

@@ -3,7 +3,7 @@
 Kernel microbenchmarks: each op family's anchors (frozen floor, HF peft, eager, torch.compile, SDPA,
 FlexAttention) beside ours under every backend, in one process. With no OP, every kernel family runs at the
 default sizes of the device (TARGETS.md sizes on CUDA, small ones on the CPU); ``e2e`` (the end-to-end
-training benchmark, benchmarks/bench_e2e.py) and ``overhead`` (host time per layer call on tiny CPU tensors,
+training benchmark, peft_kernels.bench.e2e) and ``overhead`` (host time per layer call on tiny CPU tensors,
 one thread, beside HF peft's LoRA layer and each op's eager formula) run only when named.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import torch
 from peft_kernels.bench import cases as cases_mod
 from peft_kernels.bench import harness, report
 
-E2E_SCRIPT = report.REPO_ROOT / "benchmarks" / "bench_e2e.py"
 OPS = (*cases_mod.FAMILIES, "e2e", "overhead")
 
 
@@ -67,22 +65,16 @@ def _list(cases: list[harness.Case], device: str, with_e2e: bool) -> None:
             prev = (c.family, c.shape)
         print(f"      {c.variant}{' *' if c.floor else ''}{f'  ({c.note})' if c.note else ''}")
     if with_e2e:
-        state = "available" if E2E_SCRIPT.exists() else "not available yet"
-        print(f"  e2e  [{E2E_SCRIPT.relative_to(report.REPO_ROOT)}: {state}]")
+        print("  e2e  [peft_kernels.bench.e2e: a training step per PEFT method beside the frozen model]")
 
 
 def run_e2e(device: str, json_path: Path | None, quick: bool) -> int:
-    """Delegate to benchmarks/bench_e2e.py's main(argv) when that script exists."""
-    if not E2E_SCRIPT.exists():
-        print(f"e2e: not available ({E2E_SCRIPT} does not exist yet)")
-        return 0
-    spec = importlib.util.spec_from_file_location("bench_e2e", E2E_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
+    from peft_kernels.bench import e2e
+
     argv = ["--device", device] + (["--json", str(json_path)] if json_path else [])
     argv += ["--quick"] if quick else []
     try:
-        spec.loader.exec_module(module)
-        rc = module.main(argv)
+        rc = e2e.main(argv)
     except SystemExit as exc:
         rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Exception as exc:  # noqa: BLE001  (report, don't crash the rest of the suite's output)

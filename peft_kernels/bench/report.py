@@ -15,10 +15,8 @@ import torch
 
 from peft_kernels.bench.harness import Row
 
-# The checkout holding this package (editable install); from an installed wheel, the working directory.
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if not (REPO_ROOT / "benchmarks").is_dir():
-    REPO_ROOT = Path.cwd()
+# Default results folder, relative to the working directory (the repository root for `make bench`).
+RESULTS_DIR = Path("benchmarks") / "results"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,7 +42,8 @@ def device_slug(name: str) -> str:
 
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+        # The commit of the checkout this package runs from (an editable install); "unknown" from a wheel.
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
                              timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -130,9 +129,9 @@ def to_json(rows: Sequence[Row], env: dict, settings: dict | None = None) -> dic
     return {**env, "settings": settings or {}, "rows": [dataclasses.asdict(r) for r in rows]}
 
 
-def default_json_path(env: dict, root: Path = REPO_ROOT) -> Path:
+def default_json_path(env: dict, root: Path = RESULTS_DIR) -> Path:
     """benchmarks/results/<device-slug>/<YYYY-MM-DD>.json, with -2, -3... rather than overwrite a run."""
-    folder = root / "benchmarks" / "results" / device_slug(env["device"])
+    folder = root / device_slug(env["device"])
     day = env["date_utc"][:10]
     path, n = folder / f"{day}.json", 2
     while path.exists():
