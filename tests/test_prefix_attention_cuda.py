@@ -7,11 +7,12 @@ dtype); fp32: close to the oracle. Outputs are NaN-poisoned before each call. Ev
 import pytest
 import torch
 
+import peft_kernels
 from peft_kernels import _backends
 from peft_kernels.ops.prefix_attention import (
     _CUDA_KERNEL_STATUS,
-    _cuda_supports,
-    _prefix_attention_op,
+    FAMILY,
+    PrefixInputs,
     _reference_forward,
     prefix_attention,
     prefix_attention_reference,
@@ -27,7 +28,7 @@ DEV = "cuda"
 
 @pytest.fixture(autouse=True)
 def _needs_the_kernel():
-    assert _backends.backend_status("cuda", "cuda") is None, _backends.backend_status("cuda", "cuda")
+    assert _backends.availability("native_cuda", "cuda") is None, _backends.availability("native_cuda", "cuda")
     assert _CUDA_KERNEL_STATUS is None, _CUDA_KERNEL_STATUS
 
 
@@ -139,7 +140,7 @@ def test_odd_strides_and_misaligned_pointers(dtype):
     check(q, k, v, pk, pv, True, mask, 0.2, name="misaligned")
     # Through the public op (forced cuda backend), with a non-unit-stride head dim that the wrapper copies.
     qt = rnd(B, Hq, D, L).transpose(-1, -2)
-    with _backends.use_backend("cuda", strict=True):
+    with peft_kernels.use_backend("cuda", strict=True):
         out = prefix_attention(qt, k, v, pk, pv, causal=True, key_padding_mask=mask, scale=0.2)
     ref = prefix_attention_reference(qt, k, v, pk, pv, True, mask, 0.2, upcast=True)
     assert_within_eager_error(out, eager_attention(qt, k, v, pk, pv, True, mask, 0.2)[0], ref)
@@ -149,8 +150,8 @@ def test_odd_strides_and_misaligned_pointers(dtype):
 def test_public_op_forward_and_backward_on_cuda_backend(dtype):
     q, k, v, pk, pv, mask = make(dtype, 2, 4, 2, 40, 40, 5, 64, False, True)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v, pk, pv)]
-    with _backends.use_backend("cuda", strict=True):
-        assert _backends.select("prefix_attention", "cuda", q, k, v, pk, pv, mask) == "cuda"
+    with peft_kernels.use_backend("cuda", strict=True):
+        assert FAMILY.select(PrefixInputs(q, k, v, pk, pv, True, mask, 0.125)) == ("cuda", "triton")
         out = prefix_attention(*leaves, causal=True, key_padding_mask=mask)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, do)
@@ -166,9 +167,10 @@ def test_public_op_forward_and_backward_on_cuda_backend(dtype):
 
 def test_opcheck_cuda_backend():
     q, k, v, pk, pv, mask = make(F16, 1, 2, 1, 5, 7, 2, 64, False, True)
-    torch.library.opcheck(_prefix_attention_op, (q, k, v, pk, pv, True, mask, 0.35, "cuda"))
+    fwd_op = FAMILY.custom_ops[0]
+    torch.library.opcheck(fwd_op, (q, k, v, pk, pv, True, mask, 0.35, "cuda", "triton"))
     torch.library.opcheck(
-        _prefix_attention_op, (q.float(), k.float(), v.float(), pk.float(), pv.float(), False, None, 0.35, "cuda")
+        fwd_op, (q.float(), k.float(), v.float(), pk.float(), pv.float(), False, None, 0.35, "cuda", "triton")
     )
 
 
@@ -178,6 +180,11 @@ def test_empty_query_and_key_ranges():
     assert out.shape == (2, 2, 0, 64) and lse.shape == (2, 2, 0)
     q, k, v, pk, pv, _ = make(BF16, 2, 2, 1, 9, 0, 3, 64, True, False)  # no real keys: the prefix only
     check(q, k, v, pk, pv, True, torch.ones(2, 0, dtype=torch.bool, device=DEV), 0.125, name="Lk=0")
+
+
+def _cuda_supports(q, k, v, pk, pv, mask):
+    why = FAMILY.why_not_reason("cuda", PrefixInputs(q, k, v, pk, pv, False, mask, 0.125))
+    return None if why is None else f"prefix_attention[cuda]: {why}"
 
 
 def test_supports_reports_reasons():
@@ -196,7 +203,7 @@ def test_supports_reports_reasons():
         why = _cuda_supports(*args)
         assert why is not None and why.startswith("prefix_attention[cuda]: ") and needle in why, (needle, why)
     # Auto-selection falls back past a backend that refuses; forced strict raises with the reason.
-    with _backends.use_backend("cuda", strict=True), pytest.raises(NotImplementedError, match="head dim"):
+    with peft_kernels.use_backend("cuda", strict=True), pytest.raises(NotImplementedError, match="head dim"):
         prefix_attention(big, bigk, bigk, bigp, bigp)
 
 
@@ -224,3 +231,31 @@ def test_native_op_refuses_bad_inputs():
         with pytest.raises(RuntimeError, match="peft_kernels: prefix_attention_fwd_cuda: ") as info:
             native(*args[:5], False, args[5], 0.125)
         assert needle in str(info.value), (needle, str(info.value))
+
+
+# --- the compositions on PyTorch's SDPA kernels (sdpa: flash + Triton prefix merge; concat) on the GPU -----------
+@pytest.mark.parametrize("backend", ["sdpa", "concat"])
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 300, 300, 32, 128), (1, 4, 4, 1, 77, 7, 64), (2, 4, 1, 64, 129, 1, 64)])
+def test_sdpa_compositions_on_gpu(backend, dtype, shape):
+    """bf16/fp16 within 2x eager's error of the float64 oracle, fp32 prefix grads, HF layout kept (no copy)."""
+    B, Hq, Hkv, Lq, Lk, P, D = shape
+    q, k, v, pk, pv, _, do = make_inputs(DEV, dtype, B, Hq, Hkv, Lq, Lk, P, D, True, False, bshd=True,
+                                         prefix_dtype=F32, with_grad_out=True)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, pk, pv)]
+    with peft_kernels.use_backend(backend, strict=True):
+        out = prefix_attention(*leaves, causal=True)
+    assert out.stride() == q.stride()
+    grads = torch.autograd.grad(out, leaves, do)
+    assert all(g.stride() == t.stride() for g, t in zip(grads, leaves))
+    assert grads[3].dtype == F32
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v, pk, pv)]
+    ref = prefix_attention_reference(*leaves64, True, None, None, upcast=True)
+    grads64 = torch.autograd.grad(ref, leaves64, do.double())
+    e_leaves = [t.clone().requires_grad_(True) for t in (q, k, v, pk.to(dtype), pv.to(dtype))]
+    e_out, _ = eager_attention(*e_leaves, True, None, D**-0.5)
+    e_grads = torch.autograd.grad(e_out, e_leaves, do)
+    for name, a, e, r in zip(("out", "dq", "dk", "dv", "dpk", "dpv"), (out, *grads), (e_out, *e_grads),
+                             (ref, *grads64)):
+        err, err_e = (a.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
+        assert err <= 2 * err_e + 1e-3, f"{backend} {name}: err {err:.3g} vs eager {err_e:.3g}"

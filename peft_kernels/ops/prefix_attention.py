@@ -12,11 +12,13 @@ The fused kernels never build the concatenated K/V; the reference below does, fo
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from peft_kernels import _backends
+from peft_kernels._op import OpFamily
 from peft_kernels.ops import _validate as val
 
 OP = "prefix_attention"
@@ -60,7 +62,7 @@ def prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=False, key_pa
     return (probs @ V).to(q.dtype)
 
 
-def _reference_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+def _dense_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, Lq, D = q.shape
     Hkv, Lk, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
@@ -74,7 +76,7 @@ def _reference_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, sc
     return out.to(q.dtype), lse.float() if acc == torch.float32 else lse
 
 
-def _reference_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale):
+def _dense_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale):
     """FlashAttention's backward written densely: dS = P ⊙ (dP - rowsum(dO ⊙ O))."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, Lq, D = q.shape
@@ -100,101 +102,81 @@ def _reference_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_p
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype))
 
 
-def _triton_forward(q, *args):
-    from peft_kernels.triton import prefix_attention as tk
-
-    with _backends.on_device(q.device):
-        return tk.prefix_attention_forward(q, *args)
-
-
-def _triton_backward(do, *args):
-    from peft_kernels.triton import prefix_attention as tk
-
-    with _backends.on_device(do.device):
-        return tk.prefix_attention_backward(do, *args)
-
-
-def _triton_supports(q, k, v, prefix_k, prefix_v, key_padding_mask):
-    from peft_kernels.triton import prefix_attention as tk
-
-    ok, reason = tk.supports(q, k, v, prefix_k, prefix_v, key_padding_mask)
-    return None if ok else reason
+# --------------------------------------------------------------------------------------------------
+# The family: one input record for every backend
+# --------------------------------------------------------------------------------------------------
+class PrefixInputs(NamedTuple):
+    q: Tensor  # [B, Hq, Lq, D], any strides (transformers' [B, L, H, D] views)
+    k: Tensor  # [B, Hkv, Lk, D]
+    v: Tensor  # [B, Hkv, Lk, D]
+    prefix_k: Tensor  # [Hkv, P, D] (shared by the batch) or [B, Hkv, P, D], any float dtype (fp32 master weights)
+    prefix_v: Tensor  # like prefix_k
+    causal: bool
+    key_padding_mask: Tensor | None  # [B, Lk] bool, True = a real token
+    scale: float
 
 
-# The cuda backend: the CUDA C++ forward kernel in csrc/cuda/prefix_attention.cu (torch.ops.peft_kernels.
-# prefix_attention_fwd_cuda). fp16/bf16 on tensor cores (WMMA), fp32 on a SIMT path; head dim <= 128.
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CUDA_MAX_HEAD_DIM = 128
-_CUDA_MAX_LQ = 65535 * 64  # grid.y = query tiles of 64 rows
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _probe_cuda_kernel() -> str | None:
-    """Why the loaded peft_kernels._C has no CUDA kernel for this op, or None (probed once, at import)."""
-    if not _backends.native_status()[0]:
-        return None  # _backends.backend_status already says why the native backends cannot run
-    try:
-        has = torch._C._dispatch_has_kernel_for_dispatch_key("peft_kernels::prefix_attention_fwd_cuda", "CUDA")
-    except RuntimeError:  # the schema itself is missing: an extension built before the op existed
-        has = False
-    if has:
-        return None
-    return (
-        "peft_kernels._C has no CUDA kernel for prefix_attention_fwd_cuda (built before it existed, or "
-        "without nvcc); rebuild with `pip install -e . --no-build-isolation`"
-    )
+def _fake(inp: PrefixInputs):
+    # The contract of every backend: the output is laid out like q (no layout copy), lse is contiguous.
+    return torch.empty_like(inp.q), inp.q.new_empty(inp.q.shape[:-1], dtype=_lse_dtype(inp.q))
 
 
-_CUDA_KERNEL_STATUS = _probe_cuda_kernel()
+def _backward_fake(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale, needs):
+    return tuple(torch.empty_like(t) if n else None for t, n in zip((q, k, v, prefix_k, prefix_v), needs))
 
 
-def _cuda_why_not(q, k, v, prefix_k, prefix_v, key_padding_mask) -> str | None:
-    # Shapes, head counts, P >= 1 and the mask's dtype are validated by the public function already.
-    if _CUDA_KERNEL_STATUS is not None:
-        return _CUDA_KERNEL_STATUS
-    if q.dtype not in _CUDA_DTYPES:
-        return f"q has dtype {q.dtype}; the kernel supports float16, bfloat16 and float32"
-    D = q.shape[-1]
-    if not 1 <= D <= _CUDA_MAX_HEAD_DIM:
-        return f"head dim D = {D} is not supported (1 <= D <= {_CUDA_MAX_HEAD_DIM}; padded to 64, 80, 96 or 128)"
-    if q.shape[2] > _CUDA_MAX_LQ:
-        return f"Lq = {q.shape[2]} exceeds the launch grid ({_CUDA_MAX_LQ} queries)"
-    return None
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
-def _cuda_supports(q, k, v, prefix_k, prefix_v, key_padding_mask):
-    why = _cuda_why_not(q, k, v, prefix_k, prefix_v, key_padding_mask)
-    return None if why is None else f"prefix_attention[cuda]: {why}"
+def _tune_key(inp: PrefixInputs):
+    q, k, pk = inp.q, inp.k, inp.prefix_k
+    grads = tuple(t.requires_grad for t in (q, k, pk))
+    return (q.shape[0], q.shape[1], k.shape[1], _bucket(q.shape[2]), _bucket(k.shape[2]), pk.shape[-2], q.shape[3],
+            q.dtype, pk.dtype, pk.dim(), inp.causal, inp.key_padding_mask is not None, grads)
 
 
-def _cuda_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
-    # The kernel reads any strides but needs a unit-stride head dim; copy the (rare) tensor that lacks one.
-    q, k, v, prefix_k, prefix_v = (
-        t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v, prefix_k, prefix_v)
-    )
-    return torch.ops.peft_kernels.prefix_attention_fwd_cuda(
-        q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale
-    )
-
-
-def _cuda_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale):
-    # The CUDA C++ backend implements the forward only (the issue asks for the forward at least). Its backward
-    # reuses the Triton FlashAttention-2 backward when Triton can run on these tensors (it takes the same
-    # out and lse: fp32 [B, Hq, Lq], natural log), and the dense reference backward otherwise.
-    args = (do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale)
-    if (
-        _backends.backend_status("triton", q.device.type) is None
-        and _triton_supports(q, k, v, prefix_k, prefix_v, key_padding_mask) is None
-    ):
-        return _triton_backward(*args)
-    return _reference_backward(*args)
-
-
-_FORWARD = {"reference": _reference_forward, "triton": _triton_forward, "cuda": _cuda_forward}
-_BACKWARD = {"reference": _reference_backward, "triton": _triton_backward, "cuda": _cuda_backward}
-
-_backends.register_op(
-    OP, {"triton": _triton_supports, "cuda": _cuda_supports}, preference={"cuda": ("triton", "cuda", "reference")}
+FAMILY = OpFamily(
+    OP,
+    PrefixInputs,
+    schema="(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, bool causal, Tensor? key_padding_mask, "
+    "float scale) -> (Tensor, Tensor)",
+    backward_schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor out, "
+    "Tensor lse, bool causal, Tensor? key_padding_mask, float scale)",
+    differentiable=("q", "k", "v", "prefix_k", "prefix_v"),
+    save=lambda i, out: (i.q, i.k, i.v, i.prefix_k, i.prefix_v, out[0], out[1], i.causal, i.key_padding_mask,
+                         i.scale),
+    fake=_fake,
+    backward_fake=_backward_fake,
+    public_outputs=1,
+    primary="q",
+    # CUDA: measured among those that serve (tune_key); CPU: the composition on the CPU flash op.
+    preference={"cuda": ("sdpa", "triton", "concat", "cuda"), "cpu": ("sdpa", "concat")},
+    autocast=("q", "k", "v"),
+    tune_key=_tune_key,
+    doc="softmax(q [Pk; k]^T * scale + mask) [Pv; v], the prefix always visible",
 )
+
+
+def _grads(grads, needs):
+    return tuple(g if n else None for g, n in zip(grads, needs))
+
+
+@FAMILY.forward("reference")
+def _reference_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    """Dense attention over the concatenated K/V (the oracle)."""
+    out, lse = _dense_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+    return _like(out, q), lse
+
+
+@FAMILY.backward("reference")
+def _reference_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale, needs):
+    grads = _dense_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale)
+    return _grads((_like(g, t) for g, t in zip(grads, (q, k, v, prefix_k, prefix_v))), needs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +206,9 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and all(n <= 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
+    """a is laid out as torch.empty_like(b) would be (the fake kernels' answer): same strides, its own storage."""
+    return (a.shape == b.shape and a.stride() == torch.empty_like(b, device="meta").stride()
+            and a.storage_offset() == 0 and a.untyped_storage().nbytes() == a.numel() * a.element_size())
 
 
 def _allowed_keys(B, Lq, Lk, n_always, causal, key_padding_mask, device) -> Tensor:
@@ -439,56 +423,124 @@ def _concat_kv_heads(t, prefix):
     return buf
 
 
-# --------------------------------------------------------------------------------------------------
-# torch.library registration
-# --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("peft_kernels::prefix_attention", mutates_args=())
-def _prefix_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, causal: bool,
-    key_padding_mask: Tensor | None, scale: float, backend: str,
-) -> tuple[Tensor, Tensor]:
-    return _FORWARD[backend](q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+@FAMILY.forward("sdpa")
+def _sdpa_forward_backend(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    """SDPA's fused causal attention (returns its LSE) + the prefix part merged by log-sum-exp."""
+    return _sdpa_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
 
 
-@_prefix_attention_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, backend):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    # Every backend returns contiguous outputs, whatever q's layout ([B, H, L, D] views of [B, L, H, D]).
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+@FAMILY.backward("sdpa")
+def _sdpa_backward_backend(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale, needs):
+    """SDPA's own backward with the merged O and LSE + the prefix part's dQ and dPK/dPV."""
+    return _grads(_sdpa_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale), needs)
 
 
-@torch.library.custom_op("peft_kernels::prefix_attention_backward", mutates_args=())
-def _prefix_attention_backward_op(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, out: Tensor, lse: Tensor,
-    causal: bool, key_padding_mask: Tensor | None, scale: float, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _BACKWARD[backend](do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale)
-    # Outputs of a custom op may not alias each other: slices of one buffer (the reference's prefix/real split)
-    # are copied out.
-    return tuple(g.clone() if g._is_view() else g.contiguous() for g in grads)
+@FAMILY.forward("concat")
+def _concat_forward_backend(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    """One fused SDPA call over [prefix; k] (a concatenation copy), bottom-right causal."""
+    return _concat_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
 
 
-@_prefix_attention_backward_op.register_fake
-def _(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale, backend):
-    return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v))
+@FAMILY.backward("concat")
+def _concat_backward_backend(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale, needs):
+    """SDPA's backward over [prefix; k]; dPK/dPV = the first P rows of dK/dV summed over the batch."""
+    return _grads(_concat_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale),
+                  needs)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, output[0], output[1], key_padding_mask)
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+@FAMILY.why_not("sdpa", both=True)
+def _sdpa_why_not(inp: PrefixInputs) -> str | None:
+    why = _aten_why_not(inp.q, inp.k, inp.key_padding_mask)
+    if why is None and inp.q.is_cuda:
+        # The prefix part runs in Triton on CUDA tensors.
+        why = _backends.availability("triton", "cuda")
+    return why
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask = ctx.saved_tensors
-    grads = _prefix_attention_backward_op(
-        do.contiguous(), q, k, v, prefix_k, prefix_v, out, lse, ctx.causal, key_padding_mask, ctx.scale,
-        ctx.backend,
+@FAMILY.why_not("concat", both=True)
+def _concat_why_not(inp: PrefixInputs) -> str | None:
+    return _aten_why_not(inp.q, inp.k, inp.key_padding_mask)
+
+
+# --- the fused Triton kernels (peft_kernels/triton/prefix_attention.py) ------------------------------------------
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@FAMILY.forward("triton", dtypes=_TRITON_DTYPES)
+def _triton_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    """FlashAttention-2-style forward over the prefix tile(s) then the real keys, never concatenated."""
+    from peft_kernels.triton import prefix_attention as tk
+
+    with _backends.on_device(q.device):
+        return tk.prefix_attention_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+
+
+@FAMILY.backward("triton", dtypes=_TRITON_DTYPES)
+def _triton_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale, needs):
+    """FlashAttention-2-style backward (dK/dV kernel over key blocks, dQ kernel over query blocks)."""
+    from peft_kernels.triton import prefix_attention as tk
+
+    with _backends.on_device(dout.device):
+        grads = tk.prefix_attention_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask,
+                                             scale)
+    return _grads(grads, needs)
+
+
+@FAMILY.why_not("triton", both=True)
+def _triton_why_not(inp: PrefixInputs) -> str | None:
+    from peft_kernels.triton import prefix_attention as tk
+
+    ok, reason = tk.supports(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.key_padding_mask)
+    return None if ok else reason
+
+
+# --- the CUDA C++ forward (csrc/cuda/prefix_attention.cu): WMMA fp16/bf16, SIMT fp32, head dim <= 128 -------------
+# Not benchmarked on a GPU yet; kept as a contender for measured dispatch, its backward is Triton's.
+_CUDA_MAX_HEAD_DIM = 128
+_CUDA_MAX_LQ = 65535 * 64  # grid.y = query tiles of 64 rows
+
+
+def _probe_cuda_kernel() -> str | None:
+    """Why the loaded peft_kernels._C has no CUDA kernel for this op, or None (probed once, at import)."""
+    if not _backends.native_status()[0]:
+        return None  # the framework's availability check already says why the native backends cannot run
+    try:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key("peft_kernels::prefix_attention_fwd_cuda", "CUDA")
+    except RuntimeError:  # the schema itself is missing: an extension built before the op existed
+        has = False
+    if has:
+        return None
+    return (
+        "peft_kernels._C has no CUDA kernel for prefix_attention_fwd_cuda (built before it existed, or "
+        "without nvcc); rebuild with `pip install -e . --no-build-isolation`"
     )
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])) + (None,) * 4
 
 
-_prefix_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_CUDA_KERNEL_STATUS = _probe_cuda_kernel()
+
+
+@FAMILY.forward("cuda", dtypes=_TRITON_DTYPES, backward_by="triton")
+def _cuda_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    """CUDA C++ forward (WMMA tensor cores for fp16/bf16, SIMT fp32); the backward is Triton's."""
+    # The kernel reads any strides but needs a unit-stride head dim and the prefix in q's dtype (P x D: tiny).
+    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
+    prefix_k, prefix_v = (t.to(q.dtype).contiguous() for t in (prefix_k, prefix_v))
+    out, lse = torch.ops.peft_kernels.prefix_attention_fwd_cuda(
+        q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale
+    )
+    return _like(out, q), lse
+
+
+@FAMILY.why_not("cuda")
+def _cuda_why_not(inp: PrefixInputs) -> str | None:
+    if _CUDA_KERNEL_STATUS is not None:
+        return _CUDA_KERNEL_STATUS
+    D = inp.q.shape[-1]
+    if not 1 <= D <= _CUDA_MAX_HEAD_DIM:
+        return f"head dim D = {D} is not supported (1 <= D <= {_CUDA_MAX_HEAD_DIM}; padded to 64, 80, 96 or 128)"
+    if inp.q.shape[2] > _CUDA_MAX_LQ:
+        return f"Lq = {inp.q.shape[2]} exceeds the launch grid ({_CUDA_MAX_LQ} queries)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,6 +553,7 @@ def validate(q, k, v, prefix_k, prefix_v, key_padding_mask, scale) -> float:
     val.check_tensor(OP, "prefix_k", prefix_k, ndim=(3, 4))
     val.check_tensor(OP, "prefix_v", prefix_v, ndim=(3, 4))
     val.check_same_dtype(OP, "q", q, k=k, v=v)
+    val.check_same_dtype(OP, "prefix_k", prefix_k, prefix_v=prefix_v)
     val.check_same_device(OP, q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, key_padding_mask=key_padding_mask)
     B, Hq, Lq, D = q.shape
     if k.shape != v.shape:
@@ -531,10 +584,12 @@ def validate(q, k, v, prefix_k, prefix_v, key_padding_mask, scale) -> float:
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, causal: bool = False,
                      key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """Attention of q over P prefix keys/values followed by the real keys/values (see the module doc)."""
+    """Attention of q over P prefix keys/values followed by the real keys/values (see the module doc).
+
+    The output is laid out like ``q`` (a [B, L, H, D]-strided view in, the same layout out: no copy). The prefix
+    may stay in its own dtype (fp32 master weights with bf16 activations): the backends cast it where they read
+    it, and its gradients come back in fp32, summed over the batch for a shared prefix, without a rounding to
+    the activation dtype on the way.
+    """
     scale = validate(q, k, v, prefix_k, prefix_v, key_padding_mask, scale)
-    # fp32 master prefixes are cast to the activation dtype here (P x D: tiny); autograd casts the grads back.
-    prefix_k, prefix_v = prefix_k.to(q.dtype), prefix_v.to(q.dtype)
-    backend = _backends.select(OP, q.device.type, q, k, v, prefix_k, prefix_v, key_padding_mask)
-    out, _ = _prefix_attention_op(q, k, v, prefix_k, prefix_v, bool(causal), key_padding_mask, scale, backend)
-    return out
+    return FAMILY(PrefixInputs(q, k, v, prefix_k, prefix_v, bool(causal), key_padding_mask, scale))

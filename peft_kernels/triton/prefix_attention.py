@@ -35,21 +35,21 @@ activations): they are cast to q's dtype in registers, and their gradients come 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from peft_kernels import _config
+
+_INTERPRET = _config.SETTINGS.triton_interpret
 # PEFT_KERNELS_TRITON_AUTOTUNE=0: one fixed config per kernel (GPU test runs: many shapes, no time to tune each).
-_AUTOTUNE = os.environ.get("PEFT_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+_AUTOTUNE = _config.SETTINGS.triton_autotune
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
-# Under the interpreter there is no autotuning: these (BLOCK_M, BLOCK_N) are passed explicitly.
-# Tests patch this dict to exercise BLOCK_M != BLOCK_N.
+# Under the interpreter there is no autotuning: these (BLOCK_M, BLOCK_N) are passed explicitly; tests override
+# them (_config.override_interpret_blocks(prefix_fwd=(16, 32), ...)) to exercise BLOCK_M != BLOCK_N.
 _INTERPRET_BLOCKS = {"fwd": (32, 32), "dkdv": (32, 32), "dq": (32, 32), "pre": 32}
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -646,13 +646,18 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _alloc(shape, dtype, device, zero=False):
-    # Poison under the interpreter (tests) so any element the kernels fail to write shows up as NaN.
-    if zero:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    if _INTERPRET:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    # Under the interpreter (tests) or PEFT_KERNELS_POISON, an element the kernels fail to write shows up as NaN.
+    return t.fill_(float("nan")) if _INTERPRET or _config.poison_outputs() else t
+
+
+def _alloc(shape, dtype, device):
+    return _poisoned(torch.empty(shape, dtype=dtype, device=device))
+
+
+def _alloc_like(ref: torch.Tensor, dtype=None):
+    # Outputs and gradients are laid out like their inputs ([B, L, H, D]-strided views stay so: no copy).
+    return _poisoned(torch.empty_like(ref, dtype=dtype))
 
 
 def _prefix_strides(t: torch.Tensor):
@@ -688,7 +693,7 @@ def _common(q, k, prefix_k, key_padding_mask):
 def _blocks(name):
     if not _INTERPRET:
         return {}
-    bm, bn = _INTERPRET_BLOCKS[name]
+    bm, bn = _config.interpret_blocks("prefix_" + name, _INTERPRET_BLOCKS[name])
     return {"BLOCK_M": bm, "BLOCK_N": bn}
 
 
@@ -697,7 +702,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, causal: bool, key_padd
     _check(q, k, v, prefix_k, prefix_v, key_padding_mask)
     q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
     B, Hq, Hkv, Lq, Lk, P, D, meta, keys = _common(q, k, prefix_k, key_padding_mask)
-    out = _alloc((B, Hq, Lq, D), q.dtype, q.device)
+    out = _alloc_like(q)
     lse = _alloc((B, Hq, Lq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
@@ -735,12 +740,10 @@ def prefix_attention_backward(
     B, Hq, Hkv, Lq, Lk, P, D, meta, keys = _common(q, k, prefix_k, key_padding_mask)
     shared = prefix_k.dim() == 3
 
-    dq = _alloc((B, Hq, Lq, D), q.dtype, q.device)
-    dk = _alloc((B, Hkv, Lk, D), k.dtype, k.device)
-    dv = _alloc((B, Hkv, Lk, D), v.dtype, v.device)
+    dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
     if Lq == 0 or B == 0 or Hq == 0:
-        z = lambda t: torch.zeros(t.shape, dtype=t.dtype, device=t.device)
-        return dq, z(dk), z(dv), z(prefix_k), z(prefix_v)
+        z = lambda t: torch.zeros_like(t)
+        return dq, z(k), z(v), z(prefix_k), z(prefix_v)
     # fp32 per-batch partials; summed over B below when the prefix is shared.
     dpk = _alloc((B, Hkv, P, D), torch.float32, q.device)
     dpv = _alloc((B, Hkv, P, D), torch.float32, q.device)
@@ -748,7 +751,7 @@ def prefix_attention_backward(
     mask, smb, smn, has_pad = _mask_args(key_padding_mask, q)
     qk_scale = float(scale) * 1.4426950408889634
 
-    pre_m = _INTERPRET_BLOCKS["pre"] if _INTERPRET else 64
+    pre_m = _config.interpret_blocks("prefix_pre", _INTERPRET_BLOCKS["pre"]) if _INTERPRET else 64
     _bwd_preprocess_kernel[(triton.cdiv(Lq, pre_m), Hq, B)](
         out, do, delta,
         out.stride(0), out.stride(1), out.stride(2),

@@ -11,7 +11,9 @@ from tests.helpers import triton_device
 pytestmark = pytest.mark.triton
 DEV = triton_device()
 
+from peft_kernels import _config  # noqa: E402
 from peft_kernels.triton import prefix_attention as pa  # noqa: E402
+from peft_kernels.triton import prefix_merge as pm  # noqa: E402
 from tests.prefix_attention_cases import eager_attention, make_inputs  # noqa: E402
 
 
@@ -32,11 +34,11 @@ def _run(
     )  # fmt: skip
     scale = D**-0.5
     out, lse = pa.prefix_attention_forward(q, k, v, pk, pv, causal, mask, scale)
-    assert out.dtype == q.dtype and out.shape == q.shape
+    assert out.dtype == q.dtype and out.shape == q.shape and out.stride() == q.stride()  # no layout copy
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
     grads = pa.prefix_attention_backward(do, q, k, v, pk, pv, out, lse, causal, mask, scale)
     for g, t in zip(grads, (q, k, v, pk, pv)):
-        assert g.dtype == t.dtype and g.shape == t.shape
+        assert g.dtype == t.dtype and g.shape == t.shape and g.stride() == t.stride()
 
     def ref(*t):
         return eager_attention(*t, causal, mask, scale)
@@ -96,14 +98,11 @@ def test_long_causal_L2048():
     _run(F32, 1, 1, 1, 2048, 2048, 32, 64, True, True, True)
 
 
-def test_chunked_prefill_uneven_blocks(monkeypatch):
+def test_chunked_prefill_uneven_blocks():
     # Lq < Lk with causal (bottom-right) and BLOCK_M != BLOCK_N in every kernel: exercises the
     # full/diagonal/skipped split of both the query-block and the key-block loops.
-    if pa._INTERPRET:
-        monkeypatch.setitem(pa._INTERPRET_BLOCKS, "fwd", (16, 32))
-        monkeypatch.setitem(pa._INTERPRET_BLOCKS, "dq", (32, 16))
-        monkeypatch.setitem(pa._INTERPRET_BLOCKS, "dkdv", (16, 32))
-    _run(torch.float32, 1, 2, 1, 37, 70, 5, 64, True, True, True)
+    with _config.override_interpret_blocks(prefix_fwd=(16, 32), prefix_dq=(32, 16), prefix_dkdv=(16, 32)):
+        _run(torch.float32, 1, 2, 1, 37, 70, 5, 64, True, True, True)
 
 
 def test_fp32_prefix_with_fp16_activations():
@@ -133,3 +132,52 @@ def test_supports_reports_reasons():
         assert not ok and why.startswith("prefix_attention[triton]") and needle in why, (needle, why)
     with pytest.raises(ValueError, match="key_padding_mask"):
         pa.prefix_attention_forward(q, k, k, pk, pk, False, mask.int(), 0.125)
+
+
+# --- the prefix part + merge of the sdpa backend (peft_kernels/triton/prefix_merge.py) ----------------------------
+def _split_attention(q, k, v, mask, causal, scale):
+    """Attention over the real keys alone in float64: (O_c with NaN rows where no key is visible, lse_c)."""
+    import importlib
+
+    ops = importlib.import_module("peft_kernels.ops.prefix_attention")
+    B, Hq, Lq, _ = q.shape
+    g = Hq // k.shape[1]
+    allowed = ops._allowed_keys(B, Lq, k.shape[2], 0, causal, mask, q.device)
+    s = (q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1) @ v.double().repeat_interleave(g, 1), torch.logsumexp(s, -1), ops
+
+
+# (dtype, B, Hq, Hkv, Lq, P, D, shared, pad, causal): P over one and several prefix tiles (<= 64 per step), odd D,
+# query splits of the backward (32 rows under the interpreter) crossed.
+MERGE_CASES = {
+    "fp32-gqa-L13-P7-D24-sh-pad-causal": (F32, 2, 4, 2, 13, 7, 24, True, True, True),
+    "fp32-mha-L40-P70-D16-pb": (F32, 2, 2, 2, 40, 70, 16, False, False, False),
+    "fp32-mqa-L5-P1-D32-sh-causal": (F32, 1, 4, 1, 5, 1, 32, True, False, True),
+    "fp16-gqa-L33-P32-D16-sh-pad-causal": (F16, 2, 4, 2, 33, 32, 16, True, True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(MERGE_CASES), ids=list(MERGE_CASES))
+def test_prefix_merge_kernels_match_float64(case):
+    dtype, B, Hq, Hkv, Lq, P, D, shared, pad, causal = MERGE_CASES[case]
+    q, k, v, pk, pv, mask, do = make_inputs(DEV, dtype, B, Hq, Hkv, Lq, Lq, P, D, shared, pad, bshd=True,
+                                            prefix_dtype=torch.float32, with_grad_out=True, seed=5)
+    scale = D**-0.5
+    o_c64, lse_c64, ops = _split_attention(q, k, v, mask, causal, scale)
+    out = o_c64.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)  # HL layout, NaN rows kept (poison)
+    lse = pm.prefix_merge_forward(q, pk, pv, out, lse_c64.float(), scale)
+    ref_out, ref_lse = eager_attention(*(t.double() for t in (q, k, v, pk, pv)), causal, mask, scale)
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == F32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    torch.testing.assert_close(lse.double(), ref_lse, **tol)
+    # Backward: the prefix part's dQ added into a given dQ, and dPK/dPV, against the PyTorch part in float64.
+    dq0 = torch.randn(q.shape, dtype=torch.float32).to(DEV, dtype)
+    dq = dq0.clone()
+    dpk, dpv = pm.prefix_merge_backward(do, q, pk, pv, out, lse, dq, scale)
+    dq64 = dq0.double()
+    r_dpk, r_dpv = ops.prefix_merge_backward_torch(do.double(), q.double(), pk.double(), pv.double(), out.double(),
+                                                   lse.double(), dq64, scale)
+    assert dpk.dtype == torch.float32 and dpk.shape == pk.shape
+    for name, a, b in (("dq", dq, dq64), ("dprefix_k", dpk, r_dpk), ("dprefix_v", dpv, r_dpv)):
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, n=name: f"{n}: {m}")
