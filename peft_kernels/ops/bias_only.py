@@ -168,6 +168,11 @@ def bias_only_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         bias: [out_features], any float dtype (e.g. an fp32 master bias for bf16 activations); its gradient
             comes back in its own dtype.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # What autocast does for F.linear, before the dtype check (x and W may arrive in different dtypes).
+        dt = torch.get_autocast_dtype(x.device.type)
+        if x.is_floating_point() and x.dtype != torch.float64:
+            x, weight = x.to(dt), weight.to(dt) if isinstance(weight, Tensor) else weight
     validate(x, weight, bias)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     y = FAMILY(BiasOnlyInputs(x2d, weight, bias))
