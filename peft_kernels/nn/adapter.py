@@ -30,7 +30,8 @@ ACTIVATION_ALIASES = {
     "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None, "silu": "silu", "swish": "silu", "tanh": "tanh",
     "identity": "identity", "linear": "identity", "none": "identity",
 }  # fmt: skip
-LOCATIONS = ("attention", "ffn")
+# "cross_attention" is a location of encoder-decoder models; none of the architectures patched today has it.
+LOCATIONS = ("attention", "ffn", "cross_attention")
 INITS = ("zero_up", "bert", "mam_adapter", "houlsby")
 
 
