@@ -91,39 +91,71 @@ class SoftPrompt(nn.Module):
         return f"num_virtual_tokens={self.num_virtual_tokens}, hidden_size={self.hidden_size}"
 
 
-def _lstm_unrolled(lstm: nn.LSTM, x: Tensor) -> Tensor:
-    """nn.LSTM's math (bidirectional, batch_first, any layer count) over its own parameters, as plain tensor ops:
-    what torch.compile(fullgraph=True) traces (dynamo does not trace nn.LSTM). P steps, unrolled."""
-    h_all = x
-    for layer in range(lstm.num_layers):
-        outs = []
-        for suffix in ("", "_reverse")[: 2 if lstm.bidirectional else 1]:
-            w_ih = getattr(lstm, f"weight_ih_l{layer}{suffix}")
-            w_hh = getattr(lstm, f"weight_hh_l{layer}{suffix}")
-            b = getattr(lstm, f"bias_ih_l{layer}{suffix}") + getattr(lstm, f"bias_hh_l{layer}{suffix}") \
-                if lstm.bias else None
-            gates_x = F.linear(h_all, w_ih, b)  # [N, P, 4 * hidden]
-            N, P = gates_x.shape[:2]
-            h = gates_x.new_zeros(N, lstm.hidden_size)
-            c = gates_x.new_zeros(N, lstm.hidden_size)
-            steps = range(P - 1, -1, -1) if suffix else range(P)
-            seq = [None] * P
-            for t in steps:
-                i, f, g, o = (gates_x[:, t] + F.linear(h, w_hh)).chunk(4, dim=-1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                seq[t] = h
-            outs.append(torch.stack(seq, dim=1))
-        h_all = torch.cat(outs, dim=-1)
-        if layer < lstm.num_layers - 1 and lstm.dropout > 0:
-            h_all = F.dropout(h_all, lstm.dropout, lstm.training)
-    return h_all
+class LSTMHead(nn.Module):
+    """A bidirectional, batch-first ``nn.LSTM`` (same parameter names, shapes and init, so peft's ``lstm_head``
+    weights load) that is not an ``nn.LSTM``: dynamo refuses to trace those, so under torch.compile this one runs
+    the same math unrolled over the P steps (eager runs ATen's fused ``torch.lstm``)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2, dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers, self.dropout = input_size, hidden_size, num_layers, dropout
+        kw = {"dtype": dtype, "device": device}
+        bound = hidden_size**-0.5
+        for layer in range(num_layers):
+            width = input_size if layer == 0 else 2 * hidden_size
+            for sfx in ("", "_reverse"):
+                for name, shape in ((f"weight_ih_l{layer}{sfx}", (4 * hidden_size, width)),
+                                    (f"weight_hh_l{layer}{sfx}", (4 * hidden_size, hidden_size)),
+                                    (f"bias_ih_l{layer}{sfx}", (4 * hidden_size,)),
+                                    (f"bias_hh_l{layer}{sfx}", (4 * hidden_size,))):
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **kw).uniform_(-bound, bound)))
+
+    def _flat(self) -> list[Tensor]:
+        return [getattr(self, f"{kind}_l{layer}{sfx}") for layer in range(self.num_layers)
+                for sfx in ("", "_reverse") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [N, P, input_size] -> [N, P, 2 * hidden_size] (the LSTM's output sequence)."""
+        if torch.compiler.is_compiling():
+            return self._unrolled(x)
+        h0 = x.new_zeros(2 * self.num_layers, x.shape[0], self.hidden_size)
+        out, _, _ = torch.lstm(x, (h0, h0), self._flat(), True, self.num_layers, self.dropout, self.training,
+                               True, True)
+        return out
+
+    def _unrolled(self, x: Tensor) -> Tensor:
+        h_all = x
+        for layer in range(self.num_layers):
+            outs = []
+            for sfx in ("", "_reverse"):
+                w_hh = getattr(self, f"weight_hh_l{layer}{sfx}")
+                bias = getattr(self, f"bias_ih_l{layer}{sfx}") + getattr(self, f"bias_hh_l{layer}{sfx}")
+                gates_x = F.linear(h_all, getattr(self, f"weight_ih_l{layer}{sfx}"), bias)  # [N, P, 4h]
+                N, P = gates_x.shape[:2]
+                h = c = gates_x.new_zeros(N, self.hidden_size)
+                seq = [None] * P
+                for t in (range(P - 1, -1, -1) if sfx else range(P)):
+                    i, f, g, o = (gates_x[:, t] + F.linear(h, w_hh)).chunk(4, dim=-1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    seq[t] = h
+                outs.append(torch.stack(seq, dim=1))
+            h_all = torch.cat(outs, dim=-1)
+            if layer < self.num_layers - 1 and self.dropout > 0:
+                h_all = F.dropout(h_all, self.dropout, self.training)
+        return h_all
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, dropout={self.dropout}, "
+                "bidirectional=True, batch_first=True")
 
 
 class PromptEncoder(nn.Module):
     """P-Tuning's prompt encoder: P input embeddings -> (bidirectional LSTM ->) MLP -> P virtual tokens [P, H].
 
-    ``encoder="lstm"``: ``nn.LSTM(H, encoder_hidden_size, num_layers, bidirectional)`` then
+    ``encoder="lstm"``: a bidirectional LSTM (:class:`LSTMHead`: ``nn.LSTM``'s parameters) of width
+    ``encoder_hidden_size`` and ``num_layers`` layers, then
     Linear(2h, 2h) -> ReLU -> Linear(2h, H). ``encoder="mlp"``: Linear(H, h) -> ReLU -> Linear(h, h) -> ReLU ->
     Linear(h, H). These are peft's ``PromptEncoder`` layers (names, shapes, default init), so its weights map.
     """
@@ -147,8 +179,7 @@ class PromptEncoder(nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.embedding = nn.Embedding(num_virtual_tokens, hidden_size, **kw)
         if encoder == "lstm":
-            self.lstm_head = nn.LSTM(hidden_size, h, num_layers=num_layers, dropout=self.dropout,
-                                     bidirectional=True, batch_first=True, **kw)
+            self.lstm_head = LSTMHead(hidden_size, h, num_layers, self.dropout, **kw)
             self.mlp_head = nn.Sequential(nn.Linear(2 * h, 2 * h, **kw), nn.ReLU(), nn.Linear(2 * h, hidden_size, **kw))
         else:
             self.mlp_head = nn.Sequential(nn.Linear(hidden_size, h, **kw), nn.ReLU(), nn.Linear(h, h, **kw), nn.ReLU(),
@@ -157,12 +188,7 @@ class PromptEncoder(nn.Module):
     def forward(self) -> Tensor:
         x = self.embedding.weight
         if self.encoder == "lstm":
-            x = x.unsqueeze(0)
-            if torch.compiler.is_compiling():
-                x = _lstm_unrolled(self.lstm_head, x)
-            else:
-                x = self.lstm_head(x)[0]
-            x = x.squeeze(0)
+            x = self.lstm_head(x.unsqueeze(0)).squeeze(0)
         return self.mlp_head(x)
 
     @torch.no_grad()
