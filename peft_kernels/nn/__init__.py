@@ -1,7 +1,8 @@
 """Modules: drop-in layers built on the fused ops."""
 
+from peft_kernels.nn.adapter import AdapterConfig, BottleneckAdapter
 from peft_kernels.nn.lora import LoRALinear
 from peft_kernels.nn.lora_conv1d import LoRAConv1D
 from peft_kernels.nn.prefix import PrefixEncoder, PrefixParameters
 
-__all__ = ["LoRAConv1D", "LoRALinear", "PrefixEncoder", "PrefixParameters"]
+__all__ = ["AdapterConfig", "BottleneckAdapter", "LoRAConv1D", "LoRALinear", "PrefixEncoder", "PrefixParameters"]

@@ -1,7 +1,7 @@
 """The ops, one module per family: reference math, torch.library registration, backend dispatch."""
 
 from peft_kernels.ops import _native_fakes  # noqa: F401  (fake kernels of the csrc ops)
-from peft_kernels.ops.adapter import bottleneck_adapter, bottleneck_adapter_reference
+from peft_kernels.ops.adapter import bottleneck_adapter, bottleneck_adapter_mixed, bottleneck_adapter_reference
 from peft_kernels.ops.bias_norm import bias_only_norm, bias_only_norm_reference
 from peft_kernels.ops.bias_only import bias_only_linear, bias_only_linear_reference
 from peft_kernels.ops.distill import distillation_loss, distillation_loss_reference
@@ -15,6 +15,7 @@ __all__ = [
     "bias_only_norm",
     "bias_only_norm_reference",
     "bottleneck_adapter",
+    "bottleneck_adapter_mixed",
     "bottleneck_adapter_reference",
     "distillation_loss",
     "distillation_loss_reference",

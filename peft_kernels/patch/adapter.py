@@ -1,5 +1,5 @@
-"""Bottleneck adapters in transformers models: apply_adapters / add_adapter / set_active_adapters / Stack /
-adapter_routing / save_adapters / load_adapters / remove_adapters.
+"""Bottleneck adapters in transformers models: apply_adapters / add_bottleneck_adapter / set_active_adapters /
+Stack / adapter_routing / save_adapters / load_adapters / remove_adapters.
 
 Where the adapters go (AdapterHub's placement, found by structure, not by model name):
 - post-norm encoders (BERT, RoBERTa, ELECTRA, ...): in ``*SelfOutput`` / ``*Output`` after ``dropout(dense(x))``
@@ -218,7 +218,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, name: 
     ``config.train_layer_norms``, and the modules named in ``modules_to_train`` (e.g. ``["classifier"]``: a
     module matches when its qualified name equals an entry or ends with ``"." + entry``). Adapter weights are
     kept in ``dtype`` (fp32 masters by default; None: the model's dtype). Returns ``model``; more adapters with
-    :func:`add_adapter`, composition with :func:`set_active_adapters` (``Stack``), per-row selection with
+    :func:`add_bottleneck_adapter`, composition with :func:`set_active_adapters` (``Stack``), per-row selection with
     :func:`adapter_routing`.
     """
     owner = "apply_adapters"
@@ -263,7 +263,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, name: 
     model.__dict__["peft_kernels_adapter_control"] = ctl
     ctl.configs["__train__"] = train
     _methods.register_method(model, METHOD, {"adapters": ctl.configs})
-    add_adapter(model, name, config, dtype=dtype)
+    add_bottleneck_adapter(model, name, config, dtype=dtype)
     set_active_adapters(model, name)
     _set_trainable(model, ctl)
     return model
@@ -295,14 +295,15 @@ def _set_trainable(model: nn.Module, ctl: _Control) -> None:
                 p.requires_grad_(True)
 
 
-def add_adapter(model: nn.Module, name: str, config: AdapterConfig | None = None, *,
+def add_bottleneck_adapter(model: nn.Module, name: str, config: AdapterConfig | None = None, *,
                 dtype: torch.dtype | None = torch.float32) -> None:
     """Add another named adapter to a model that has adapter sites (it is not activated; it is trainable)."""
-    owner = "add_adapter"
+    owner = "add_bottleneck_adapter"
     ctl = _control(model, owner)
     _check_name(owner, name)
     if name in ctl.configs:
-        raise ValueError(f"{owner}: an adapter named {name!r} exists already; delete_adapter(model, {name!r}) first")
+        raise ValueError(f"{owner}: an adapter named {name!r} exists already; call "
+                         f"delete_bottleneck_adapter(model, {name!r}) first")
     config = config if config is not None else AdapterConfig.houlsby()
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"{owner}: config must be an AdapterConfig, got {type(config).__name__}")
@@ -374,10 +375,10 @@ def adapter_routing(model: nn.Module, names: Sequence[str], ids: Tensor) -> Iter
         ctl.routing = old
 
 
-def delete_adapter(model: nn.Module, name: str) -> None:
-    ctl = _control(model, "delete_adapter")
+def delete_bottleneck_adapter(model: nn.Module, name: str) -> None:
+    ctl = _control(model, "delete_bottleneck_adapter")
     if name not in ctl.configs or name == "__train__":
-        raise ValueError(f"delete_adapter: unknown adapter {name!r}")
+        raise ValueError(f"delete_bottleneck_adapter: unknown adapter {name!r}")
     for site in ctl.sites:
         if name in site:
             del site[name]
@@ -512,14 +513,14 @@ def load_adapters(model: nn.Module, load_directory: str | os.PathLike, name: str
     if fresh:
         apply_adapters(m, cfg, name, dtype=dtype)
     else:
-        add_adapter(m, name, cfg, dtype=dtype)
+        add_bottleneck_adapter(m, name, cfg, dtype=dtype)
     ctl = _control(m, owner)
     expected = _adapter_state(ctl, name)
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     bad_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or extra or bad_shape:
-        (remove_adapters if fresh else delete_adapter)(*((m,) if fresh else (m, name)))
+        (remove_adapters if fresh else delete_bottleneck_adapter)(*((m,) if fresh else (m, name)))
         raise ValueError(f"{owner}: {path!r} does not fit this model: missing {missing[:4]}, unexpected {extra[:4]}, "
                          f"shape mismatch {bad_shape[:4]}")
     with torch.no_grad():

@@ -132,7 +132,7 @@ def test_named_adapters_switching_and_stack():
     model = tiny("llama")
     x = ids()
     pa.apply_adapters(model, AdapterConfig.houlsby(bottleneck=4), "a")
-    pa.add_adapter(model, "b", AdapterConfig.houlsby(bottleneck=6))
+    pa.add_bottleneck_adapter(model, "b", AdapterConfig.houlsby(bottleneck=6))
     assert set(pa.list_adapters(model)) == {"a", "b"}
     randomize(model, seed=1)
     with torch.no_grad():
@@ -159,8 +159,8 @@ def test_named_adapters_switching_and_stack():
     with pytest.raises(ValueError, match="unknown adapter 'c'"):
         pa.set_active_adapters(model, "c")
     with pytest.raises(ValueError, match="exists already"):
-        pa.add_adapter(model, "a")
-    pa.delete_adapter(model, "b")
+        pa.add_bottleneck_adapter(model, "a")
+    pa.delete_bottleneck_adapter(model, "b")
     assert pa.active_adapters(model) == ("a",)
 
 
@@ -168,7 +168,7 @@ def test_stack_matches_manual_composition_on_bert():
     """Stack(a, b) at a BERT site: b runs on a's output with the sub-layer's residual rules (AdapterHub)."""
     model = tiny("bert")
     pa.apply_adapters(model, AdapterConfig.pfeiffer(bottleneck=4), "a")
-    pa.add_adapter(model, "b", AdapterConfig.pfeiffer(bottleneck=4, non_linearity="tanh"))
+    pa.add_bottleneck_adapter(model, "b", AdapterConfig.pfeiffer(bottleneck=4, non_linearity="tanh"))
     randomize(model, seed=2)
     pa.set_active_adapters(model, pa.Stack("a", "b"))
     site = model.bert.encoder.layer[0].output.adapters
@@ -193,7 +193,7 @@ def test_mixed_batch_equals_per_row(kind, preset):
     cfg = PRESETS[preset](bottleneck=4)
     pa.apply_adapters(model, cfg, names[0])
     for n in names[1:]:
-        pa.add_adapter(model, n, cfg)
+        pa.add_bottleneck_adapter(model, n, cfg)
     randomize(model, seed=4)
     x = ids(B=5, T=7)
     route = torch.tensor([2, 0, 1, 2, 0])
@@ -217,11 +217,11 @@ def test_mixed_batch_equals_per_row(kind, preset):
 def test_routing_refuses_unroutable_adapters():
     model = tiny("llama")
     pa.apply_adapters(model, AdapterConfig.houlsby(bottleneck=4), "a")
-    pa.add_adapter(model, "w", AdapterConfig.houlsby(bottleneck=8))
+    pa.add_bottleneck_adapter(model, "w", AdapterConfig.houlsby(bottleneck=8))
     with pytest.raises(ValueError, match="share bottleneck width"):
         with pa.adapter_routing(model, ("a", "w"), torch.tensor([0, 1])):
             pass
-    pa.add_adapter(model, "f", AdapterConfig.pfeiffer(bottleneck=4))
+    pa.add_bottleneck_adapter(model, "f", AdapterConfig.pfeiffer(bottleneck=4))
     with pytest.raises(ValueError, match="lacks some of"):
         with pa.adapter_routing(model, ("a", "f"), torch.tensor([0, 1])):
             pass
@@ -232,7 +232,7 @@ def test_save_load_roundtrip(tmp_path, kind):
     model = tiny(kind)
     x = ids()
     pa.apply_adapters(model, AdapterConfig.houlsby(bottleneck=5, non_linearity="gelu"), "one")
-    pa.add_adapter(model, "two", AdapterConfig.pfeiffer(bottleneck=3))
+    pa.add_bottleneck_adapter(model, "two", AdapterConfig.pfeiffer(bottleneck=3))
     randomize(model, seed=7)
     with torch.no_grad():
         ref = model(x).logits
