@@ -406,9 +406,27 @@ def adapter_cases(device: str, quick: bool = False) -> list[Case]:
 
         return build
 
-    def support_args():
-        return (torch.empty(N, H, device=device, dtype=dtype), torch.empty(m, H, device=device, dtype=dtype),
-                torch.empty(H, m, device=device, dtype=dtype))
+    def record():
+        from peft_kernels.ops.adapter import AdapterInputs
+
+        h, Wd, bd, Wu, bu, _ = make()
+        return AdapterInputs(h, Wd, bd, Wu, bu, "relu", 1.0, True)
+
+    def mixed(n_adapters: int):
+        # Every row picks one of n adapters (random ids) in the same fused kernel, fwd+bwd.
+        def setup():
+            from peft_kernels.ops.adapter import bottleneck_adapter_mixed
+
+            h, _, _, _, _, dy = make()
+            Wd = _rand((n_adapters, m, H), device, dtype, H**-0.5, grad=True)
+            bd = _rand((n_adapters, m), device, dtype, 0.1, grad=True)
+            Wu = _rand((n_adapters, H, m), device, dtype, m**-0.5, grad=True)
+            bu = _rand((n_adapters, H), device, dtype, 0.1, grad=True)
+            ids = torch.randint(0, n_adapters, (N,), device=device)
+            return _step(lambda: bottleneck_adapter_mixed(h, Wd, bd, Wu, bu, ids, "relu"), [h, Wd, bd, Wu, bu], dy,
+                         note=f"{n_adapters} adapters, random id per row")
+
+        return setup
 
     cases = [
         Case("adapter", shape, "copy_floor", floor, floor=True, note="h*1.0: 4 passes over N·H"),
@@ -416,7 +434,7 @@ def adapter_cases(device: str, quick: bool = False) -> list[Case]:
     ]
     ours = build_with(activation="relu", scaling=1.0, residual=True)
     return cases + _ours_cases("adapter", shape, device, "peft_kernels.ops.adapter", "bottleneck_adapter",
-                               ours, support_args)
+                               ours, record) + [Case("adapter", shape, "ours_mixed4", mixed(4))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,35 +447,45 @@ def prompt_cases(device: str, quick: bool = False) -> list[Case]:
         B, S, P, H, V, dtype = 2, 128, 8, 256, 1000, torch.float32
     shape = f"B={B} S={S} P={P} H={H} V={V}"
 
-    def make():
+    def make(batched=False):
         ids = torch.randint(0, V, (B, S), device=device)
         emb = _rand((V, H), device, dtype)
-        prompt = _rand((P, H), device, dtype, grad=True)
+        prompt = _rand(((B,) if batched else ()) + (P, H), device, torch.float32, grad=True)  # fp32 master prompt
         return ids, emb, prompt, _rand((B, P + S, H), device, dtype)
 
-    def eager_prompt(ids, emb, prompt):
-        return torch.cat([prompt.unsqueeze(0).expand(B, P, H), F.embedding(ids, emb)], dim=1)
+    def eager_prompt(ids, emb, prompt, positions=None):
+        return torch.cat([prompt.to(emb.dtype).unsqueeze(0).expand(B, P, H), F.embedding(ids, emb)], dim=1)
 
     def floor():
         ids, emb, _, _ = make()
         # The frozen lookup has nothing to differentiate: its fwd is the whole step.
         return _step(lambda: F.embedding(ids, emb), [])
 
-    def build(fn):
-        ids, emb, prompt, dy = make()
-        return _step(lambda: fn(ids, emb, prompt), [prompt], dy)
+    def build_with(template=False, batched=False):
+        def build(fn):
+            ids, emb, prompt, dy = make(batched)
+            # A P-tuning template: virtual tokens spread over the sequence (device positions: the maps are built
+            # per call, as the model patch does).
+            positions = torch.linspace(0, S, P, device=device).long() if template else None
+            return _step(lambda: fn(ids, emb, prompt, positions), [prompt], dy)
 
-    def support_args():
-        return (torch.zeros(B, S, device=device, dtype=torch.int64),
-                torch.empty(V, H, device=device, dtype=dtype),
-                torch.empty(P, H, device=device, dtype=dtype))
+        return build
+
+    def inputs():
+        from peft_kernels.ops.prompt import FAMILY
+
+        return FAMILY.Inputs(torch.zeros(B, S, device=device, dtype=torch.int64),
+                             torch.empty(V, H, device=device, dtype=dtype),
+                             torch.empty(P, H, device=device, dtype=torch.float32, requires_grad=True), None, None)
 
     cases = [
         Case("prompt", shape, "embedding_lookup", floor, floor=True, note="frozen F.embedding, S tokens"),
-        *_eager_cases("prompt", shape, device, build, eager_prompt, eager_name="eager_cat"),
+        *_eager_cases("prompt", shape, device, build_with(), eager_prompt, eager_name="eager_cat"),
     ]
     return cases + _ours_cases("prompt", shape, device, "peft_kernels.ops.prompt", "soft_prompt_embed",
-                               build, support_args)
+                               build_with(), inputs,
+                               extra=[("template", build_with(template=True)),
+                                      ("per_example", build_with(batched=True))])
 
 
 # --------------------------------------------------------------------------------------------------
