@@ -17,6 +17,7 @@ same weights and data) in the same process, and the ratio column divides by the 
     peft_prefix_tuning  HF peft prefix tuning, 32 virtual tokens (peft's default: no projection MLP)
     apply_p_tuning_v2   ours, 32 virtual tokens, no projection (the parameterization of peft's default)
     apply_prefix_tuning ours, 32 virtual tokens, with the projection MLP (Li & Liang)
+    apply_adapters_houlsby  ours, Houlsby bottleneck adapters (after attention and MLP), bottleneck 64, fp32 masters
 
 A variant whose dependency is missing (peft, a patch module not written yet) is reported as skipped with the
 reason; one that fails is reported as an error with its traceback in the JSON. Nothing stops the run.
@@ -153,6 +154,13 @@ def _apply_prefix(name: str, **kw):
     return build
 
 
+def _apply_houlsby(model):
+    from peft_kernels.nn.adapter import AdapterConfig
+
+    m = min(64, model.config.hidden_size)
+    return _ours("apply_adapters")(model, AdapterConfig.houlsby(bottleneck=m)), f"Houlsby, bottleneck {m}"
+
+
 @dataclass
 class Variant:
     build: Callable[[nn.Module], tuple[nn.Module, str] | nn.Module]
@@ -169,6 +177,7 @@ VARIANTS: dict[str, Variant] = {
     "peft_prefix_tuning": Variant(_peft_prefix_tuning, needs="apply_prefix_tuning"),
     "apply_p_tuning_v2": Variant(_apply_prefix("apply_p_tuning_v2"), needs="apply_prefix_tuning"),
     "apply_prefix_tuning": Variant(_apply_prefix("apply_prefix_tuning"), needs="apply_prefix_tuning"),
+    "apply_adapters_houlsby": Variant(_apply_houlsby, needs="apply_adapters"),
 }
 
 
