@@ -27,6 +27,17 @@ from peft_kernels.patch.lora_model import (
 )
 from peft_kernels.patch.peft_model import patch_peft_model, unpatch_peft_model
 from peft_kernels.patch.prefix import apply_p_tuning_v2, apply_prefix_tuning, load_prefix, remove_prefix, save_prefix
+from peft_kernels.patch.prompt import (
+    apply_p_tuning,
+    apply_prompt_tuning,
+    freeze_prompt,
+    load_prompt,
+    patch_peft_prompt_model,
+    remove_p_tuning,
+    remove_prompt_tuning,
+    save_prompt,
+    unpatch_peft_prompt_model,
+)
 
 __all__ = [
     "Stack",
@@ -59,4 +70,13 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unpatch_peft_model",
+    "apply_p_tuning",
+    "apply_prompt_tuning",
+    "freeze_prompt",
+    "load_prompt",
+    "patch_peft_prompt_model",
+    "remove_p_tuning",
+    "remove_prompt_tuning",
+    "save_prompt",
+    "unpatch_peft_prompt_model",
 ]

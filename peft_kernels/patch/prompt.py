@@ -635,6 +635,12 @@ def _peft_fused_forward(self, input_ids=None, attention_mask=None, inputs_embeds
     return self.base_model(inputs_embeds=embeds, **kwargs)
 
 
+def is_peft_prompt_model(model) -> bool:
+    """Whether ``model`` is an HF peft model whose active adapter is Prompt Tuning or P-Tuning."""
+    return _peft_type(getattr(model, "active_peft_config", None)) in PEFT_TYPES.values() \
+        if hasattr(model, "peft_config") else False
+
+
 def patch_peft_prompt_model(peft_model):
     """Run an HF peft Prompt Tuning / P-Tuning model's forward through the fused op (peft's prompt encoder, mask,
     label and position handling kept). ``generate()`` keeps peft's own path. Returns ``peft_model``."""
@@ -669,6 +675,7 @@ __all__ = [
     "apply_prompt_tuning",
     "freeze_prompt",
     "get_prompt_state",
+    "is_peft_prompt_model",
     "load_prompt",
     "patch_peft_prompt_model",
     "remove_p_tuning",

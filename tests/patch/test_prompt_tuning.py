@@ -426,3 +426,13 @@ def test_errors():
         apply_prompt_tuning(peft_model(llama(), "prompt", "CAUSAL_LM"), P)
     with pytest.raises(ValueError, match="has no soft prompt"):
         save_prompt(llama(), "/nonexistent")
+
+
+def test_is_peft_prompt_model():
+    from peft_kernels.patch.prompt import is_peft_prompt_model
+
+    assert is_peft_prompt_model(peft_model(llama(), "p_tuning", "CAUSAL_LM"))
+    assert not is_peft_prompt_model(llama())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not is_peft_prompt_model(peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules=["q_proj"])))
