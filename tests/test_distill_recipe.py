@@ -224,3 +224,18 @@ def test_distillation_trainer_runs_and_learns(tmp_path):
     changed = [n for n, p in student.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert changed, "no student parameter was updated"
     assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_example_distill_bert_runs():
+    """examples/distill_bert.py end to end with a few steps: it reports both models' losses and sizes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "examples" / "distill_bert.py"), "--teacher-steps", "4",
+                          "--student-steps", "3", "--batch-size", "8"], capture_output=True, text=True, timeout=600,
+                         cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "teacher  : 4 layers" in out.stdout and "student  : 2 layers" in out.stdout
+    assert "after distillation" in out.stdout and "MiB" in out.stdout
