@@ -51,6 +51,15 @@ TORCH_LIBRARY(peft_kernels, m) {
       "soft_prompt_embed_bwd_cuda(Tensor dout, Tensor? vpos, int num_prompt, bool batched, ScalarType prompt_dtype) "
       "-> Tensor");
 
+  // Distillation loss, row-wise (csrc/cuda/distill.cu; CUDA only): per-row losses [N] fp32 of
+  // w_kd T^2 D(t, s; T) + w_ce CE(s, label) (divergence 0 forward KL, 1 reverse KL, 2 JSD(beta)), each term
+  // divided by counts = (n_kd, n_ce) when mean; d(loss)/ds written into grad_out when given (it may be s).
+  m.def(
+      "distill_loss_fwd_cuda(Tensor s, Tensor t, Tensor? labels, Tensor? kd_mask, Tensor counts, Tensor(a!)? grad_out, "
+      "float temperature, float w_kd, float w_ce, int ignore_index, bool mean, int divergence, float beta) -> Tensor");
+  // ds *= dloss in place (one fp32 value, or one per row).
+  m.def("distill_scale_grad_cuda_(Tensor(a!) ds, Tensor dloss) -> ()");
+
   // Which device kernels this build carries: "cpu" or "cpu,cuda".
   m.def("build_info() -> str", []() -> std::string {
 #ifdef PEFT_KERNELS_WITH_CUDA

@@ -61,5 +61,16 @@ def _register() -> None:
             B, _, H = dout.shape
             return dout.new_empty((B, num_prompt, H) if batched else (num_prompt, H), dtype=prompt_dtype)
 
+    if hasattr(torch.ops.peft_kernels, "distill_loss_fwd_cuda"):  # absent from an extension built before it
+
+        @torch.library.register_fake(lib + "distill_loss_fwd_cuda")
+        def _(s, t, labels, kd_mask, counts, grad_out, temperature, w_kd, w_ce, ignore_index, mean, divergence,
+              beta):
+            return s.new_empty(s.shape[0], dtype=torch.float32)
+
+        @torch.library.register_fake(lib + "distill_scale_grad_cuda_")
+        def _(ds, dloss):
+            return None
+
 
 _register()
