@@ -339,7 +339,9 @@ def _blocks(kernel: str, m_pad: int, dtype: torch.dtype) -> dict:
         default = {"fwd": (16, 32, 32), "rows": (16, 32), "cols": (16, 32, 2)}[kernel]
         return dict(zip(("a", "b", "c"), _config.interpret_blocks(kernel, default)))
     if kernel == "fwd":  # BLOCK_M, BLOCK_K, BLOCK_N
-        return {"a": 32 if wide else 64, "b": 64, "c": 64, "warps": 8 if m_pad >= 128 else 4, "stages": 3}
+        # 32 rows: a program's [32, H] slice of h (256 KB at H = 4096 bf16) times ~132 resident programs fits in
+        # L2, so phase 2's second read of h (the residual) should hit L2 rather than HBM.
+        return {"a": 32, "b": 64, "c": 64, "warps": 8 if m_pad >= 128 else 4, "stages": 3}
     if kernel == "rows":  # BLOCK_M, BLOCK_N
         return {"a": 32 if wide else 64, "b": 64, "warps": 8 if m_pad >= 128 else 4, "stages": 3}
     # cols: BLOCK_M, BLOCK_N (two [BLOCK_N, m_pad] fp32 accumulators), split chosen by the launcher
