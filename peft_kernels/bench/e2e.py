@@ -18,6 +18,11 @@ same weights and data) in the same process, and the ratio column divides by the 
     apply_p_tuning_v2   ours, 32 virtual tokens, no projection (the parameterization of peft's default)
     apply_prefix_tuning ours, 32 virtual tokens, with the projection MLP (Li & Liang)
     apply_adapters_houlsby  ours, Houlsby bottleneck adapters (after attention and MLP), bottleneck 64, fp32 masters
+    peft_prompt_tuning  HF peft prompt tuning, 32 virtual tokens (fp32 prompt, embedding + cat)
+    peft_p_tuning       HF peft P-tuning, MLP encoder, 32 virtual tokens
+    peft_p_tuning_patched  the same, forward served by peft_kernels (patch_peft_prompt_model: the fused embedding)
+    apply_prompt_tuning ours, 32 virtual tokens, fp32 prompt, fused soft-prompt embedding
+    apply_p_tuning      ours, P-tuning with the MLP encoder (peft's layers), 32 virtual tokens
 
 A variant whose dependency is missing (peft, a patch module not written yet) is reported as skipped with the
 reason; one that fails is reported as an error with its traceback in the JSON. Nothing stops the run.
@@ -161,6 +166,31 @@ def _apply_houlsby(model):
     return _ours("apply_adapters")(model, AdapterConfig.houlsby(bottleneck=m)), f"Houlsby, bottleneck {m}"
 
 
+def _peft_prompt(kind: str):
+    def build(model):
+        peft = _peft()
+        if kind == "prompt":
+            config = peft.PromptTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, task_type="CAUSAL_LM")
+        else:
+            config = peft.PromptEncoderConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, task_type="CAUSAL_LM",
+                                              encoder_hidden_size=model.config.hidden_size)
+        return peft.get_peft_model(model, config), f"{NUM_VIRTUAL_TOKENS} tokens"
+
+    return build
+
+
+def _peft_p_tuning_patched(model):
+    model, note = _peft_prompt("p_tuning")(model)
+    return _ours("patch_peft_prompt_model")(model), note + ", fused embedding"
+
+
+def _apply_prompt(name: str, **kw):
+    def build(model):
+        return _ours(name)(model, NUM_VIRTUAL_TOKENS, **kw), f"{NUM_VIRTUAL_TOKENS} tokens"
+
+    return build
+
+
 @dataclass
 class Variant:
     build: Callable[[nn.Module], tuple[nn.Module, str] | nn.Module]
@@ -178,6 +208,11 @@ VARIANTS: dict[str, Variant] = {
     "apply_p_tuning_v2": Variant(_apply_prefix("apply_p_tuning_v2"), needs="apply_prefix_tuning"),
     "apply_prefix_tuning": Variant(_apply_prefix("apply_prefix_tuning"), needs="apply_prefix_tuning"),
     "apply_adapters_houlsby": Variant(_apply_houlsby, needs="apply_adapters"),
+    "peft_prompt_tuning": Variant(_peft_prompt("prompt"), needs="apply_prompt_tuning"),
+    "peft_p_tuning": Variant(_peft_prompt("p_tuning"), needs="apply_p_tuning"),
+    "peft_p_tuning_patched": Variant(_peft_p_tuning_patched, needs="patch_peft_prompt_model"),
+    "apply_prompt_tuning": Variant(_apply_prompt("apply_prompt_tuning"), needs="apply_prompt_tuning"),
+    "apply_p_tuning": Variant(_apply_prompt("apply_p_tuning", encoder="mlp"), needs="apply_p_tuning"),
 }
 
 
