@@ -14,6 +14,14 @@ from peft_kernels.patch.adapter import (
     save_adapters,
     set_active_adapters,
 )
+from peft_kernels.patch.bitfit import (
+    apply_bitfit,
+    load_bitfit,
+    patch_trainable_biases,
+    remove_bitfit,
+    save_bitfit,
+    unpatch_trainable_biases,
+)
 from peft_kernels.patch.lora_checkpoint import load_lora, save_lora
 from peft_kernels.patch.lora_model import (
     add_lora_adapter,
@@ -41,6 +49,12 @@ from peft_kernels.patch.prompt import (
 
 __all__ = [
     "Stack",
+    "apply_bitfit",
+    "load_bitfit",
+    "patch_trainable_biases",
+    "remove_bitfit",
+    "save_bitfit",
+    "unpatch_trainable_biases",
     "active_adapters",
     "adapter_routing",
     "add_bottleneck_adapter",
