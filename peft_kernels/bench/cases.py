@@ -492,19 +492,17 @@ def prompt_cases(device: str, quick: bool = False) -> list[Case]:
 # Distillation loss (KL at temperature T + hard-label CE)
 # --------------------------------------------------------------------------------------------------
 def distill_cases(device: str, quick: bool = False) -> list[Case]:
-    if device == "cuda":
-        N, V, dtype = 8192, 32000, torch.bfloat16
-    else:
-        N, V, dtype = 256, 1000, torch.float32
+    """Row-wise loss on [N, V] logits (KL at T + hard CE, fwd+bwd, the gradient of the student logits), and the
+    fused-linear loss with both heads (student head trains; vocab 32000 and 128256)."""
     T, alpha = 2.0, 0.5
-    shape = f"{N}x{V} T={T}"
+    cuda = device == "cuda"
 
-    def make():
-        student = _rand((N, V), device, dtype, 2.0, grad=True)
-        teacher = _rand((N, V), device, dtype, 2.0)
-        labels = torch.randint(0, V, (N,), device=device)
-        labels[torch.rand(N, device=device) < 0.05] = -100  # some ignored (padding) positions
-        return student, teacher, labels
+    def liger(what: str):
+        _cuda_only(device, "Liger-Kernel")
+        try:
+            return importlib.import_module(what)
+        except ImportError as exc:
+            raise Skip(f"Liger-Kernel not installed ({exc})") from None
 
     def eager_loss(s, t, labels):
         # The DistilBERT recipe as users write it, with the usual fp32 upcast of the logits.
@@ -514,6 +512,18 @@ def distill_cases(device: str, quick: bool = False) -> list[Case]:
         ce = F.cross_entropy(s32, labels, ignore_index=-100)
         return alpha * kd + (1.0 - alpha) * ce
 
+    def make_labels(N, V):
+        labels = torch.randint(0, V, (N,), device=device)
+        labels[torch.rand(N, device=device) < 0.05] = -100  # some ignored (padding) positions
+        return labels
+
+    # ---- row-wise: [N, V] logits ----
+    N, V, dtype = (8192, 32000, torch.bfloat16) if cuda else (256, 1000, torch.float32)
+    shape = f"{N}x{V} {str(dtype).replace('torch.', '')} T={T}"
+
+    def make():
+        return _rand((N, V), device, dtype, 2.0, grad=True), _rand((N, V), device, dtype, 2.0), make_labels(N, V)
+
     def build_with(**kwargs):
         def build(fn):
             s, t, labels = make()
@@ -521,10 +531,97 @@ def distill_cases(device: str, quick: bool = False) -> list[Case]:
 
         return build
 
-    cases = _eager_cases("distill", shape, device, build_with(), eager_loss, floor=True,
-                         note="no floor op: ratios are to eager")
-    return cases + _ours_cases("distill", shape, device, "peft_kernels.ops.distill", "distillation_loss",
-                               build_with(temperature=T, alpha=alpha, ignore_index=-100))
+    def bytes_floor():
+        s, t, _ = make()
+        out = torch.empty_like(s)
+        return Workload(lambda: torch.add(s.detach(), t, out=out), None,
+                        "reads student + teacher, writes one [N, V]: the bytes the fused loss must move")
+
+    def liger_rows():
+        kl = liger("liger_kernel.transformers.kl_div").LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        ce = liger("liger_kernel.transformers.cross_entropy").LigerCrossEntropyLoss(ignore_index=-100)
+
+        def loss(s, t, labels):
+            kd = kl(F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1)) * (T * T)
+            return alpha * kd + (1.0 - alpha) * ce(s, labels)
+
+        work = build_with()(loss)
+        work.note = "Liger KL on log-probs (log_softmax in PyTorch) + Liger CE"
+        return work
+
+    def row_record():
+        from peft_kernels.ops.distill import DistillInputs
+
+        s, t = (torch.empty((N, V), device=device, dtype=dtype) for _ in range(2))
+        return DistillInputs(s, t, torch.empty(N, device=device, dtype=torch.long), None, T, alpha, -100, "mean",
+                             "forward_kl", 0.5, True, False)
+
+    cases = [Case("distill", shape, "bytes_floor", bytes_floor, floor=True)]
+    cases += _eager_cases("distill", shape, device, build_with(), eager_loss)
+    cases.append(Case("distill", shape, "liger", liger_rows))
+    cases += _ours_cases("distill", shape, device, "peft_kernels.ops.distill", "distillation_loss",
+                         build_with(temperature=T, alpha=alpha, ignore_index=-100), inputs=row_record,
+                         extra=[("grad_in_logits", build_with(temperature=T, alpha=alpha, grad_in_logits=True))])
+
+    # ---- fused linear: hidden states + both heads, the student head trains ----
+    sizes = [(8192, 2048, 32000), (8192, 2048, 128256)] if cuda else [(256, 64, 1000)]
+    for Nl, H, Vl in sizes[:1] if quick else sizes:
+        lshape = f"{Nl}x{H}->{Vl} {str(dtype).replace('torch.', '')} T={T}"
+        big = Vl > 32000
+
+        def make_linear(Nl=Nl, H=H, Vl=Vl):
+            h = _rand((Nl, H), device, dtype, grad=True)
+            W = _rand((Vl, H), device, dtype, H**-0.5, grad=True)
+            th = _rand((Nl, H), device, dtype)
+            tW = _rand((Vl, H), device, dtype, H**-0.5)
+            return h, W, th, tW, make_labels(Nl, Vl)
+
+        def eager_linear(h, W, th, tW, labels):
+            return eager_loss(h @ W.t(), th @ tW.t(), labels)
+
+        def build_linear(fn, **kwargs):
+            h, W, th, tW, labels = make_linear()
+            return _step(lambda: fn(h, W, th, tW, labels, **kwargs), [h, W])
+
+        def gemm_floor(make_linear=make_linear):
+            h, W, th, tW, _ = make_linear()
+            h, W = h.detach(), W.detach()
+
+            def four():
+                g = h @ W.t()
+                th @ tW.t()
+                g @ W
+                g.t() @ h
+
+            return Workload(four, None, "the four head GEMMs alone (student, teacher, dh, dW): holds the logits")
+
+        def liger_linear(build_linear=build_linear):
+            mod = liger("liger_kernel.chunked_loss")
+            loss = mod.LigerFusedLinearJSDLoss(weight_hard_loss=1 - alpha, weight_soft_loss=alpha, beta=0.0,
+                                               temperature=T)
+            work = build_linear(lambda h, W, th, tW, labels: loss(h, W, th, tW, labels))
+            work.note = "LigerFusedLinearJSDLoss(beta=0): forward KL, chunked, torch.compile'd chunks"
+            return work
+
+        def linear_record(Nl=Nl, H=H, Vl=Vl):
+            from peft_kernels.ops.distill_linear import LinearDistillInputs, auto_chunk_size
+
+            h, th = (torch.empty((Nl, H), device=device, dtype=dtype) for _ in range(2))
+            W, tW = (torch.empty((Vl, H), device=device, dtype=dtype) for _ in range(2))
+            return LinearDistillInputs(h, W, None, None, None, th, tW, None, None,
+                                       torch.empty(Nl, device=device, dtype=torch.long), None, 1.0, T, alpha, -100,
+                                       "mean", "forward_kl", 0.5, auto_chunk_size(Nl, H, Vl), 0b11)
+
+        cases.append(Case("distill_linear", lshape, "gemm_floor", gemm_floor, floor=True))
+        if not big:
+            cases += _eager_cases("distill_linear", lshape, device, build_linear, eager_linear)
+        cases.append(Case("distill_linear", lshape, "liger", liger_linear))
+        ours = _ours_cases("distill_linear", lshape, device, "peft_kernels.ops.distill_linear",
+                           "fused_linear_distillation_loss",
+                           lambda fn, b=build_linear: b(lambda h, W, th, tW, labels: fn(
+                               h, W, th, tW, labels, temperature=T, alpha=alpha)), inputs=linear_record)
+        cases += [c for c in ours if not big or c.variant == "ours_auto"]
+    return cases
 
 
 FAMILIES: dict[str, Callable[[str, bool], list[Case]]] = {
