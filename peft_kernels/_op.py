@@ -310,15 +310,19 @@ class OpFamily:
             outs = self._fwd_op(*inputs, fwd, bwd)
         else:
             backend = self.forward_backends[fwd]
-            if not backend.autograd and torch.is_grad_enabled() and any(
-                isinstance(inputs[i], Tensor) and inputs[i].requires_grad for i in self._diff_idx
-            ):
-                outs = _EagerFunction.apply(self, fwd, bwd, *inputs)
-            else:
-                outs = backend.run(*inputs)
+            if not backend.autograd and torch.is_grad_enabled() and self._any_requires_grad(inputs):
+                return _EagerFunction.apply(self, fwd, bwd, *inputs)  # the public outputs only
+            outs = backend.run(*inputs)
         if self.public_outputs == 1:
             return outs[0] if isinstance(outs, (tuple, list)) else outs
         return tuple(outs[: self.public_outputs])
+
+    def _any_requires_grad(self, inputs) -> bool:
+        for i in self._diff_idx:
+            t = inputs[i]
+            if t is not None and t.requires_grad:
+                return True
+        return False
 
     def _autocast(self, inputs):
         device_type = self.device_type(inputs)
@@ -413,18 +417,17 @@ class OpFamily:
 
 
 class _EagerFunction(torch.autograd.Function):
-    """The eager path: the same backend functions as the custom ops, without the custom-op dispatcher."""
+    """The eager path: the same backend functions as the custom ops, without the custom-op dispatcher. It
+    returns only the public outputs (auxiliary ones are saved, not returned: fewer autograd outputs to wrap)."""
 
     @staticmethod
     def forward(ctx, family: OpFamily, fwd: str, bwd: str, *args):
         inputs = family.Inputs(*args)
-        outs = family.forward_backends[fwd].run(*inputs)
-        outs_t = _as_tuple(outs)
-        family._save(ctx, inputs, outs_t, bwd)
+        outs = _as_tuple(family.forward_backends[fwd].run(*inputs))
+        family._save(ctx, inputs, outs, bwd)
         ctx.pk_family = family
-        if len(outs_t) > family.public_outputs:
-            ctx.mark_non_differentiable(*outs_t[family.public_outputs:])
-        return outs
+        public = family.public_outputs
+        return outs[0] if public == 1 else outs[:public]
 
     @staticmethod
     def backward(ctx, *grad_outs):
@@ -432,9 +435,7 @@ class _EagerFunction(torch.autograd.Function):
         needs = family._needs(ctx, 3)
         if not any(needs):
             return (None,) * (3 + len(family.fields))
-        grads = family.backward_backends[ctx.pk_bwd].run(
-            *grad_outs[: family.public_outputs], *family._saved_args(ctx), needs
-        )
+        grads = family.backward_backends[ctx.pk_bwd].run(*grad_outs, *family._saved_args(ctx), needs)
         return family._grads_to_inputs(grads, needs, 3, 0)
 
 

@@ -103,6 +103,8 @@ def _number(op: str, name: str, value, what: str = "a number") -> bool:
 
 
 def check_probability(op: str, name: str, p) -> float:
+    if type(p) is float and 0.0 <= p < 1.0:  # the steady-state call: one type test and a comparison
+        return p
     if not _number(op, name, p, "a float"):
         return p
     if not 0.0 <= p < 1.0:
@@ -111,6 +113,8 @@ def check_probability(op: str, name: str, p) -> float:
 
 
 def check_finite(op: str, name: str, value) -> float:
+    if type(value) is float and math.isfinite(value):  # the steady-state call
+        return value
     if not _number(op, name, value):
         return value
     if not math.isfinite(value):

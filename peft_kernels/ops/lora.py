@@ -100,7 +100,7 @@ FAMILY = OpFamily(
 )
 
 
-@FAMILY.forward("reference", autograd=True)
+@FAMILY.forward("reference")
 def _reference_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """Plain PyTorch (cuBLAS / MKL GEMMs): the oracle and the fallback."""
     # As few ATen calls as the math allows: on tiny CPU tensors each one is most of the layer's time.
@@ -115,25 +115,27 @@ def _reference_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
 @FAMILY.backward("reference")
 def _reference_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
     need_dx, need_dW, need_db, need_dA, need_dB = needs
-    seed = seed_value(seed)
-    A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
-    G = (dy @ B) * scaling if (need_dx or need_dA) else None
+    dt = dy.dtype
+    A = lora_A if lora_A.dtype == dt else lora_A.to(dt)
+    B = lora_B if lora_B.dtype == dt else lora_B.to(dt)
+    dropped = dropout_reference(x, dropout_p, seed_value(seed)) if dropout_p > 0 and need_dA else x
+    G = dy.mm(B).mul_(scaling) if (need_dx or need_dA) else None
     dx = dW = db = dA = dB = None
     if need_dx:
-        dx = dy @ weight.to(dy.dtype)
+        dx = dy.mm(weight if weight.dtype == dt else weight.to(dt))
         if dropout_p > 0.0:
-            keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-            dx = dx + (G @ A) * keep.to(dy.dtype) / (1.0 - dropout_p)
+            keep = dropout_keep_mask(seed_value(seed), x.shape[0], x.shape[1], dropout_p, x.device)
+            dx = dx + G.mm(A) * keep.to(dt) / (1.0 - dropout_p)
         else:
             dx = dx.addmm_(G, A)
     if need_dW:
-        dW = (dy.t() @ x).to(weight.dtype)
+        dW = dy.t().mm(x).to(weight.dtype)
     if need_db:
-        db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if dy.dtype != torch.float64 else dy.sum(0)
+        db = dy.sum(0, dtype=torch.float32).to(dt) if dt != torch.float64 else dy.sum(0)
     if need_dA:
-        dA = (G.t() @ dropout_reference(x, dropout_p, seed)).to(lora_A.dtype)
+        dA = G.t().mm(dropped).to(lora_A.dtype)
     if need_dB:
-        dB = ((dy.t() @ S) * scaling).to(lora_B.dtype)
+        dB = dy.t().mm(S).mul_(scaling).to(lora_B.dtype)
     return dx, dW, db, dA, dB
 
 
@@ -212,6 +214,19 @@ def validate(x, weight, bias, lora_A, lora_B) -> None:
 _VALIDATED = v.Validated()
 
 
+def _key(x, weight, bias, lora_A, lora_B):
+    """What validation and dispatch depend on (strides: only W's; x is made contiguous), or None for a
+    non-tensor argument (the full checks then raise)."""
+    try:
+        return (x.shape, x.dtype, x.device, x.requires_grad, weight.shape, weight.stride(), weight.dtype,
+                weight.device, weight.requires_grad,
+                None if bias is None else (bias.shape, bias.dtype, bias.device, bias.requires_grad),
+                lora_A.shape, lora_A.dtype, lora_A.device, lora_A.requires_grad,
+                lora_B.shape, lora_B.dtype, lora_B.device, lora_B.requires_grad)
+    except AttributeError:
+        return None
+
+
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # no dropout: the seed is unused (one shared tensor, no allocation)
 
 
@@ -227,17 +242,18 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         dropout_p: dropout on the adapter's input, in [0, 1).
         seed: int or int tensor for the dropout mask; None draws one from torch's generator.
     """
-    key = None if torch.compiler.is_compiling() else v.tensor_key(x, weight, bias, lora_A, lora_B)
+    key = None if torch.compiler.is_compiling() else _key(x, weight, bias, lora_A, lora_B)
     if key not in _VALIDATED:
         validate(x, weight, bias, lora_A, lora_B)
         _VALIDATED.add(key)
     scaling = v.check_finite(OP, "scaling", scaling)
     dropout_p = v.check_probability(OP, "dropout_p", dropout_p)
     seed_t = as_seed_tensor(OP, seed) if dropout_p > 0 else _NO_SEED
-    x2d = x.reshape(-1, x.shape[-1])
+    # Views cost an autograd node each on a tensor that needs a gradient: only where there are leading dims.
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     # The tensor signature plus "is dropout on" is all dispatch depends on: no second signature to compute.
     dispatch_key = None if key is None else (key, dropout_p > 0)
     y = FAMILY(LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t), dispatch_key)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
