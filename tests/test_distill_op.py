@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from peft_kernels.ops import distill as distill_mod
 from peft_kernels.ops import distillation_loss, distillation_loss_reference
 from peft_kernels.ops.distill import FAMILY, DistillInputs
+from peft_kernels.ops.distill_linear import FAMILY as FAMILY_LINEAR
+from peft_kernels.ops.distill_linear import LinearDistillInputs, fused_linear_distillation_loss
 from tests.helpers import assert_close, assert_within_eager_error, rel_err
 
 OP = "distillation_loss"
@@ -532,3 +534,128 @@ def test_torch_compile_temperature_changes_between_calls():
         assert_close(torch.autograd.grad(loss_c, s)[0], torch.autograd.grad(f(s, t, labels, T), s)[0])
     with pytest.raises(TypeError, match=f"{OP}: temperature must be a number"):
         f(s, t, labels, "2")
+
+
+# --------------------------------------------------------------------------------------------------
+# fused_linear_distillation_loss: the heads inside the chunked loss == the unfused loss on full logits
+# --------------------------------------------------------------------------------------------------
+def _linear_inputs(N=29, H=12, Ht=20, V=41, r=3, dtype=torch.float64, bias=True, lora=True):
+    h = torch.randn(N, H, dtype=dtype, requires_grad=True)
+    W = (torch.randn(V, H, dtype=dtype) / 3).requires_grad_(True)
+    b = torch.randn(V, dtype=dtype, requires_grad=True) if bias else None
+    A = torch.randn(r, H, dtype=dtype, requires_grad=True) if lora else None
+    B = torch.randn(V, r, dtype=dtype, requires_grad=True) if lora else None
+    th, tW, tb = torch.randn(N, Ht, dtype=dtype), torch.randn(V, Ht, dtype=dtype) / 3, torch.randn(V, dtype=dtype)
+    labels = torch.randint(0, V, (N,))
+    labels[torch.randperm(N)[:6]] = -100
+    return h, W, b, A, B, th, tW, tb, labels
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_fused_linear_equals_unfused(lora, bias, chunk):
+    h, W, b, A, B, th, tW, tb, labels = _linear_inputs(bias=bias, lora=lora)
+    leaves = [x for x in (h, W, b, A, B) if x is not None]
+    loss = fused_linear_distillation_loss(h, W, th, tW, labels, student_bias=b, teacher_bias=tb, lora_A=A, lora_B=B,
+                                          lora_scaling=0.7, temperature=1.5, alpha=0.4, chunk_size=chunk) * 1.7
+    logits = h @ W.t() + (b if bias else 0.0) + (0.7 * (h @ A.t()) @ B.t() if lora else 0.0)
+    ref = distillation_loss(logits, th @ tW.t() + tb, labels, 1.5, 0.4) * 1.7
+    theirs = users_formula(logits, th @ tW.t() + tb, labels, 1.5, 0.4) * 1.7
+    assert_close(loss, ref, name="loss vs unfused")
+    assert_close(loss, theirs, name="loss vs F.kl_div + F.cross_entropy")
+    names = [n for n, x in zip(["dh", "dW", "db", "dA", "dB"], (h, W, b, A, B)) if x is not None]
+    for name, g, g_ref in zip(names, torch.autograd.grad(loss, leaves), torch.autograd.grad(theirs, leaves)):
+        assert_close(g, g_ref, name=name)
+
+
+@pytest.mark.parametrize("kw", [dict(divergence="reverse_kl"), dict(divergence="jsd", beta=0.2),
+                                dict(reduction="sum"), dict(kd_mask=True), dict(labels=None)])
+def test_fused_linear_options_and_teacher_logits(kw):
+    h, W, b, A, B, th, tW, tb, labels = _linear_inputs(bias=False)
+    kw = dict(kw)
+    if kw.pop("kd_mask", False):
+        kw["kd_mask"] = torch.rand(h.shape[0]) < 0.6
+    labels = kw.pop("labels", labels)
+    t_logits = th @ tW.t()
+    loss = fused_linear_distillation_loss(h, W, labels=labels, teacher_logits=t_logits, lora_A=A, lora_B=B,
+                                          chunk_size=5, **kw)
+    ref = distillation_loss(h @ W.t() + (h @ A.t()) @ B.t(), t_logits, labels, **kw)
+    assert_close(loss, ref)
+    for g, g_ref in zip(torch.autograd.grad(loss, (h, W, A, B)), torch.autograd.grad(ref, (h, W, A, B))):
+        assert_close(g, g_ref)
+
+
+def test_fused_linear_frozen_head_gets_no_gradient():
+    """A frozen head (the LoRA case): only the hidden states and the adapters get gradients, none computed for W."""
+    h, W, _, A, B, th, tW, _, labels = _linear_inputs(bias=False)
+    W.requires_grad_(False)
+    loss = fused_linear_distillation_loss(h, W, th, tW, labels, lora_A=A, lora_B=B, chunk_size=8)
+    loss.backward()
+    assert W.grad is None and h.grad is not None and A.grad is not None and B.grad is not None
+    ref = distillation_loss(h @ W.t() + (h @ A.t()) @ B.t(), th @ tW.t(), labels)
+    for x, g_ref in zip((h, A, B), torch.autograd.grad(ref, (h, A, B))):
+        assert_close(x.grad, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_linear_low_precision(dtype):
+    """bf16/fp16 hidden states and heads, fp32 LoRA masters: within ~2x eager PyTorch's error vs float64."""
+    h, W, _, A, B, th, tW, _, labels = _linear_inputs(N=64, H=32, Ht=32, V=97, bias=False, dtype=torch.float32)
+    A32, B32 = A.detach().requires_grad_(True), B.detach().requires_grad_(True)
+    low = [x.detach().to(dtype).requires_grad_(x.requires_grad) for x in (h, W, th, tW)]
+    hl, Wl, thl, tWl = low
+    loss = fused_linear_distillation_loss(hl, Wl, thl, tWl, labels, lora_A=A32, lora_B=B32, chunk_size=16)
+    g = torch.autograd.grad(loss, (hl, Wl, A32, B32))
+    assert g[0].dtype == dtype and g[2].dtype == torch.float32
+    hl2, Wl2 = hl.detach().requires_grad_(True), Wl.detach().requires_grad_(True)
+    A2, B2 = A32.detach().requires_grad_(True), B32.detach().requires_grad_(True)
+    eager = users_formula(hl2 @ Wl2.t() + (hl2 @ A2.to(dtype).t()) @ B2.to(dtype).t(), thl @ tWl.t(), labels, 2.0, 0.5)
+    g_eager = torch.autograd.grad(eager, (hl2, Wl2, A2, B2))
+    x64 = [x.detach().double().requires_grad_(True) for x in (hl, Wl, A32, B32)]
+    oracle = users_formula(x64[0] @ x64[1].t() + (x64[0] @ x64[2].t()) @ x64[3].t(),
+                           thl.double() @ tWl.double().t(), labels, 2.0, 0.5)
+    g64 = torch.autograd.grad(oracle, x64)
+    assert_close(loss, oracle, dtype=torch.bfloat16, name="loss")
+    for name, ours, theirs, ref in zip(["dh", "dW", "dA", "dB"], g, g_eager, g64):
+        assert_within_eager_error(ours, theirs, ref, name=name)
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(student_weight=torch.randn(41, 13, dtype=torch.float64)), ValueError, "student_weight of shape"),
+    (dict(lora_B=None), ValueError, "lora_A and lora_B go together"),
+    (dict(teacher_hidden=None), ValueError, "pass teacher_hidden and teacher_weight"),
+    (dict(teacher_logits=torch.randn(29, 41, dtype=torch.float64)), ValueError, "pass teacher_logits or"),
+    (dict(labels=torch.zeros(28, dtype=torch.long)), ValueError, r"labels has shape \(28,\)"),
+    (dict(reduction="none"), ValueError, r"reduction must be one of \('mean', 'sum'\)"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (dict(ignore_index=2**70), ValueError, "ignore_index must fit in int64"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
+])
+def test_fused_linear_validation(over, exc, match):
+    h, W, _, A, B, th, tW, _, labels = _linear_inputs(bias=False)
+    args = dict(student_hidden=h, student_weight=W, teacher_hidden=th, teacher_weight=tW, labels=labels, lora_A=A,
+                lora_B=B)
+    args.update(over)
+    with pytest.raises(exc, match=f"fused_linear_distillation_loss: {match}"):
+        fused_linear_distillation_loss(**args)
+
+
+def test_fused_linear_opcheck_and_compile():
+    h, W, b, A, B, th, tW, tb, labels = _linear_inputs(N=9, H=6, Ht=5, V=11, r=2, dtype=torch.float32)
+    fwd, bwd = FAMILY_LINEAR.custom_ops
+    record = LinearDistillInputs(h, W, b, A, B, th, tW, tb, None, labels, None, 0.5, 2.0, 0.5, -100, "mean",
+                                 "forward_kl", 0.5, 4, 0b11111)
+    torch.library.opcheck(fwd, (*record, "reference", "reference"))
+
+    def f(h, W, b, A, B, th, tW, tb, labels, T):
+        return fused_linear_distillation_loss(h, W, th, tW, labels, student_bias=b, teacher_bias=tb, lora_A=A,
+                                              lora_B=B, lora_scaling=0.5, temperature=T, chunk_size=4)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for T in (2.0, 3.0):
+        args = (h, W, b, A, B, th, tW, tb, labels, T)
+        loss_c, loss = compiled(*args), f(*args)
+        assert_close(loss_c, loss)
+        for g_c, g in zip(torch.autograd.grad(loss_c, (h, W, b, A, B)), torch.autograd.grad(loss, (h, W, b, A, B))):
+            assert_close(g_c, g)
