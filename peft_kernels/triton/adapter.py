@@ -457,3 +457,66 @@ def adapter_backward(dy, h, W_down, b_down, W_up, b_up, z, activation: str, scal
         return (g if mixed else g[0]).to(like.dtype)
 
     return dh, _reduce(dwd_p, W_down), _reduce(dbd_p, b_down), _reduce(dwu_p, W_up), _reduce(dbu_p, b_up)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile-check protocol (peft_kernels/triton/_compile_check.py)
+# ----------------------------------------------------------------------------------------------------------
+def compile_variants(quick: bool = False) -> list:
+    """Every kernel at the launchers' GPU tile choices: bf16/fp16/fp32 x bottleneck pads 16/64/128/256 x one
+    adapter / a mixed batch (per-adapter scaling), with biases and residual (the benchmark case). The dots are
+    thin ([32-64, m] x [m, 64]): mma, not wgmma, and memory-bound, so every variant is a "stream".
+    quick (CI): bf16, m = 64, one adapter and mixed."""
+    from ._compile_check import Variant
+
+    out = []
+    dtypes, pads = (("bf16",), (64,)) if quick else (("bf16", "fp16", "fp32"), (16, 64, 128, 256))
+    torch_dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for dt in dtypes:
+        for m_pad in pads:
+            for mixed in (False, True):
+                tag = f"{dt}.m{m_pad}{'.mixed' if mixed else ''}"
+                order_t, ids_t = ("*i64", "*i32") if mixed else (f"*{dt}", f"*{dt}")
+                scale_t = "*fp32" if mixed else f"*{dt}"
+                prec = "ieee" if dt == "fp32" else None
+                common = dict(MIXED=mixed, PER_ADAPTER_SCALE=mixed, M_PAD=m_pad, DOT_PREC=prec)
+                b = _blocks("fwd", m_pad, torch_dt[dt])
+                out.append(Variant(
+                    name=f"adapter.fwd.{tag}.{b['a']}x{b['b']}x{b['c']}w{b['warps']}s{b['stages']}",
+                    kernel=_adapter_fwd_kernel,
+                    signature={"h_ptr": f"*{dt}", "y_ptr": f"*{dt}", "z_ptr": f"*{dt}", "wd_ptr": f"*{dt}",
+                               "bd_ptr": f"*{dt}", "wu_ptr": f"*{dt}", "bu_ptr": f"*{dt}", "scale_ptr": scale_t,
+                               "order_ptr": order_t, "ids_ptr": ids_t, "N": "i32", "H": "i32", "M": "i32",
+                               "scaling": "fp32"},
+                    constexprs=dict(ACT=0, HAS_BD=True, HAS_BU=True, RESIDUAL=True, BLOCK_M=b["a"],
+                                    BLOCK_K=b["b"], BLOCK_N=b["c"], **common),
+                    num_warps=b["warps"], num_stages=b["stages"],
+                    divisible=("h_ptr", "y_ptr", "z_ptr", "wd_ptr", "wu_ptr", "N", "H", "M"),
+                ))  # fmt: skip
+                b = _blocks("rows", m_pad, torch_dt[dt])
+                out.append(Variant(
+                    name=f"adapter.bwd_rows.{tag}.{b['a']}x{b['b']}w{b['warps']}s{b['stages']}",
+                    kernel=_adapter_bwd_rows_kernel,
+                    signature={"dy_ptr": f"*{dt}", "z_ptr": f"*{dt}", "wu_ptr": f"*{dt}", "scale_ptr": scale_t,
+                               "order_ptr": order_t, "ids_ptr": ids_t, "dz_ptr": f"*{dt}", "a_ptr": f"*{dt}",
+                               "N": "i32", "H": "i32", "M": "i32", "scaling": "fp32"},
+                    constexprs=dict(ACT=0, NEED_DZ=True, BLOCK_M=b["a"], BLOCK_N=b["b"], **common),
+                    num_warps=b["warps"], num_stages=b["stages"],
+                    divisible=("dy_ptr", "z_ptr", "wu_ptr", "dz_ptr", "a_ptr", "N", "H", "M"),
+                ))  # fmt: skip
+                b = _blocks("cols", m_pad, torch_dt[dt])
+                out.append(Variant(
+                    name=f"adapter.bwd_cols.{tag}.{b['a']}x{b['b']}w{b['warps']}s{b['stages']}",
+                    kernel=_adapter_bwd_cols_kernel,
+                    signature={"dy_ptr": f"*{dt}", "h_ptr": f"*{dt}", "dz_ptr": f"*{dt}", "a_ptr": f"*{dt}",
+                               "wd_ptr": f"*{dt}", "order_ptr": order_t, "seg_ptr": "*i32" if mixed else f"*{dt}",
+                               "scale_ptr": scale_t, "dh_ptr": f"*{dt}", "dwu_ptr": "*fp32", "dbu_ptr": "*fp32",
+                               "dwd_ptr": "*fp32", "dbd_ptr": "*fp32", "N": "i32", "H": "i32", "M": "i32",
+                               "A": "i32", "scaling": "fp32"},
+                    constexprs=dict(RESIDUAL=True, NEED_DH=True, NEED_DWU=True, NEED_DBU=True, NEED_DWD=True,
+                                    NEED_DBD=True, BLOCK_M=b["a"], BLOCK_N=b["b"], **common),
+                    num_warps=b["warps"], num_stages=b["stages"],
+                    divisible=("dy_ptr", "h_ptr", "dz_ptr", "a_ptr", "wd_ptr", "dh_ptr", "dwu_ptr", "dwd_ptr", "N",
+                               "H", "M"),
+                ))  # fmt: skip
+    return out

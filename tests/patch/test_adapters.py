@@ -371,3 +371,17 @@ def test_hf_trainer_runs(tmp_path):
     assert any((after[n] - b).abs().max() > 0 for n, b in before.items())
     frozen = "bert.encoder.layer.0.attention.self.query.weight"
     assert not after[frozen].requires_grad
+
+
+def test_example_script_runs():
+    """examples/adapters.py end to end with a few steps: both adapters learn, the mixed batch runs, reload matches."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "adapters.py")
+    spec = importlib.util.spec_from_file_location("adapters_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--steps", "6", "--device", "cpu"])
+    assert res["loss_first"][-1] < res["loss_first"][0]
+    assert res["loss_second"][-1] < res["loss_second"][0]
+    assert 0.0 <= res["mixed_accuracy"] <= 1.0 and res["reload_same"]
