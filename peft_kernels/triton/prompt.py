@@ -94,18 +94,22 @@ def _soft_prompt_bwd_kernel(
         tl.store(dst, acc.to(dprompt_ptr.dtype.element_ty), mask=mask)
 
 
-def _fwd_blocks(H: int, elem: int) -> tuple[int, int, int]:
-    if _INTERPRET:
-        return _config.interpret_blocks("prompt_fwd", (4, 32)) + (1,)
-    # 16-byte vectors per thread, rows of up to 4 KiB per loop step; 8 rows per program keeps ~32 KiB in flight.
-    block_h = min(triton.next_power_of_2(H), 4096 // elem)
-    return 8, block_h, 4
+def _gpu_fwd_blocks(H: int) -> tuple[int, int, int]:
+    # 8 rows x up to 1024 columns per loop step over 8 warps: 32 elements per thread per load (16-byte vectors for
+    # 16-bit types), ~16 KiB in flight per program.
+    return 8, min(triton.next_power_of_2(H), 1024), 8
+
+
+def _gpu_bwd_blocks(H: int) -> tuple[int, int, int]:
+    return 8, min(triton.next_power_of_2(H), 256), 4
+
+
+def _fwd_blocks(H: int) -> tuple[int, int, int]:
+    return _config.interpret_blocks("prompt_fwd", (4, 32)) + (1,) if _INTERPRET else _gpu_fwd_blocks(H)
 
 
 def _bwd_blocks(H: int) -> tuple[int, int, int]:
-    if _INTERPRET:
-        return _config.interpret_blocks("prompt_bwd", (4, 32)) + (1,)
-    return 8, min(triton.next_power_of_2(H), 256), 4
+    return _config.interpret_blocks("prompt_bwd", (4, 32)) + (1,) if _INTERPRET else _gpu_bwd_blocks(H)
 
 
 def soft_prompt_forward(input_ids, embedding_weight, prompt_embeds, slots):
@@ -127,7 +131,7 @@ def soft_prompt_forward(input_ids, embedding_weight, prompt_embeds, slots):
         slots_arg = slots
     else:
         stride_sb, slots_arg = 0, input_ids
-    block_t, block_h, warps = _fwd_blocks(H, out.element_size())
+    block_t, block_h, warps = _fwd_blocks(H)
     grid = (triton.cdiv(T, block_t), B)
     _soft_prompt_fwd_kernel[grid](
         input_ids, w, pr, slots_arg, out,
@@ -161,3 +165,47 @@ def soft_prompt_backward_prompt(dout, vpos, num_prompt: int, prompt_batched: boo
         HAS_VPOS=vpos is not None, BATCHED=prompt_batched, BLOCK_P=block_p, BLOCK_H=block_h, num_warps=warps,
     )
     return dprompt
+
+
+def compile_variants(quick: bool = False) -> list:
+    """Both kernels at the launchers' GPU blocks for the benchmark shape (H = 2048): bf16/fp16/fp32 embeddings, an
+    fp32 master prompt or one in the embedding's dtype, int64/int32 ids, prefix or template slots, shared or
+    per-example prompt gradients. Memory-bound copies: every variant is a "stream". quick (CI): bf16 only."""
+    from ._compile_check import Variant
+
+    H = 2048
+    out = []
+    for dt in ("bf16",) if quick else ("bf16", "fp16", "fp32"):
+        block_t, block_h, warps = _gpu_fwd_blocks(H)
+        for pdt in dict.fromkeys(("fp32", dt)):
+            for ids_t in ("i64",) if quick else ("i64", "i32"):
+                for has_slots in (False, True):
+                    out.append(Variant(
+                        name=f"prompt.fwd.{'slots' if has_slots else 'prefix'}.{dt}.p{pdt}.{ids_t}."
+                             f"{block_t}x{block_h}w{warps}",
+                        kernel=_soft_prompt_fwd_kernel,
+                        signature={"ids_ptr": f"*{ids_t}", "w_ptr": f"*{dt}", "prompt_ptr": f"*{pdt}",
+                                   "slots_ptr": "*i32", "out_ptr": f"*{dt}", "S": "i32", "T": "i32", "P": "i32",
+                                   "H": "i32", "V": "i32", "stride_ib": "i32", "stride_is": "i32", "stride_wv": "i32",
+                                   "stride_pb": "i32", "stride_pp": "i32", "stride_sb": "i32", "stride_ob": "i32",
+                                   "stride_ot": "i32"},
+                        constexprs=dict(HAS_SLOTS=has_slots, BLOCK_T=block_t, BLOCK_H=block_h),
+                        num_warps=warps, num_stages=1,
+                        divisible=("ids_ptr", "w_ptr", "prompt_ptr", "slots_ptr", "out_ptr", "H", "stride_wv",
+                                   "stride_pp", "stride_ob", "stride_ot"),
+                    ))  # fmt: skip
+            block_p, block_hb, warps_b = _gpu_bwd_blocks(H)
+            for has_vpos in (False, True):
+                for batched in (False, True):
+                    out.append(Variant(
+                        name=f"prompt.bwd.{'vpos' if has_vpos else 'prefix'}.{'batched' if batched else 'shared'}."
+                             f"{dt}.p{pdt}.{block_p}x{block_hb}w{warps_b}",
+                        kernel=_soft_prompt_bwd_kernel,
+                        signature={"dout_ptr": f"*{dt}", "vpos_ptr": "*i32", "dprompt_ptr": f"*{pdt}", "B": "i32",
+                                   "P": "i32", "H": "i32", "stride_ob": "i32", "stride_ot": "i32", "stride_vb": "i32",
+                                   "stride_db": "i32", "stride_dp": "i32"},
+                        constexprs=dict(HAS_VPOS=has_vpos, BATCHED=batched, BLOCK_P=block_p, BLOCK_H=block_hb),
+                        num_warps=warps_b, num_stages=1,
+                        divisible=("dout_ptr", "vpos_ptr", "dprompt_ptr", "H", "stride_ob", "stride_ot", "stride_dp"),
+                    ))  # fmt: skip
+    return out
