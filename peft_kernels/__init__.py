@@ -15,6 +15,7 @@ from peft_kernels.ops import (
     prefix_attention,
     soft_prompt_embed,
 )
+from peft_kernels.ops.distill_linear import fused_linear_distillation_loss
 from peft_kernels.patch import (
     Stack,
     active_adapters,
@@ -94,6 +95,7 @@ __all__ = [
     "save_adapters",
     "set_active_adapters",
     "distillation_loss",
+    "fused_linear_distillation_loss",
     "info",
     "load_lora",
     "load_prefix",
