@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import peft_kernels
-from peft_kernels import _backends
+from peft_kernels import _config
 from peft_kernels.ops.bias_only import bias_only_linear
 from peft_kernels.ops.lora import lora_linear, lora_linear_reference
 from tests.helpers import assert_within_eager_error
@@ -30,7 +30,7 @@ def _fwd_bwd(fn, inputs, dy):
     return [y.detach()] + [leaves[i].grad for i in (0, 2, 3, 4)]
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["aten", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 64, 96, 1), (123, 431, 256, 16), (1024, 4096, 1024, 64), (2048, 768, 4096, 128)])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
@@ -46,7 +46,7 @@ def test_lora_backends_within_eager_error(backend, dtype, shape, dropout_p):
         assert_within_eager_error(o, e, w, factor=2.0, floor=1e-3, name=f"{backend} {name}")
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["aten", "triton"])
 def test_lora_activation_memory_over_frozen_base(backend):
     """Saved activations over the frozen base layer's: S (M x r in bf16) only, dropout included."""
     M, K, N, r = 8192, 4096, 4096, 16
@@ -71,12 +71,12 @@ def test_lora_activation_memory_over_frozen_base(backend):
 
 
 def test_measured_dispatch_picks_a_kernel_backend():
-    _backends.clear_tuning_cache()
+    _config.clear_tuning_cache()
     x, W, b, A, B = _lora_inputs(4096, 2048, 2048, 16, torch.bfloat16)
     A.requires_grad_(True)
     lora_linear(x, W, b, A, B)
-    choices = _backends.tuned_choices()
-    assert choices and set(choices.values()) <= {"cuda", "triton"}
+    choices = _config.tuned_choices()
+    assert choices and set(choices.values()) <= {"aten", "triton"}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

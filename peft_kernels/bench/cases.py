@@ -17,8 +17,6 @@ from torch import nn
 
 from peft_kernels.bench.harness import Case, Skip, Workload
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
-
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -58,8 +56,8 @@ def _compile(fn):
 
 
 def _family(module: str):
-    """The op family an ops module defines (its FAMILY), or None for a module not yet on peft_kernels._op."""
-    return getattr(importlib.import_module(module), "FAMILY", None)
+    """The op family an ops module defines (its FAMILY)."""
+    return importlib.import_module(module).FAMILY
 
 
 def _ours_cases(family: str, shape: str, device: str, module: str, name: str,
@@ -76,12 +74,12 @@ def _ours_cases(family: str, shape: str, device: str, module: str, name: str,
     from peft_kernels import _backends
 
     op_family = _family(module)
-    backends = list(op_family.forward_backends) if op_family is not None else list(BACKENDS)
+    backends = list(op_family.forward_backends)
 
     def forced(backend: str | None, build_fn):
         def setup():
             fn = getattr(importlib.import_module(module), name)
-            record = inputs() if inputs is not None and op_family is not None else None
+            record = inputs() if inputs is not None else None
             if backend is not None:
                 if record is not None:
                     reason = op_family.why_not_reason(backend, record)
@@ -240,11 +238,16 @@ def lora_cases(device: str, quick: bool = False) -> list[Case]:
 # BitFit (bias-only linear)
 # --------------------------------------------------------------------------------------------------
 def bias_only_cases(device: str, quick: bool = False) -> list[Case]:
+    """BitFit: the frozen-W linear with a trainable bias (fwd + bwd: dX and db, never dW) beside the no-bias
+    layer (the floor: the dX GEMM alone), eager nn.Linear and torch.compile; and the bias-only LayerNorm beside
+    F.layer_norm with a frozen weight."""
     if device == "cuda":
         M, K, N, dtype = 8192, 4096, 14336, torch.bfloat16
     else:
         M, K, N, dtype = 256, 256, 512, torch.float32
     shape = f"M={M} {K}->{N}"
+    from peft_kernels.ops.bias_norm import FAMILY as NORM
+    from peft_kernels.ops.bias_only import FAMILY as LINEAR
 
     def make():
         x = _rand((M, K), device, dtype, grad=True)
@@ -273,16 +276,62 @@ def bias_only_cases(device: str, quick: bool = False) -> list[Case]:
         x, W, b, dy = make()
         return _step(lambda: fn(x, W, b), [x, b], dy)
 
-    def support_args():
-        return torch.empty(M, K, device=device, dtype=dtype), torch.empty(N, K, device=device, dtype=dtype)
+    def record():  # what dispatch sees (tune key: shapes, dtypes, which inputs need grads)
+        return LINEAR.Inputs(torch.empty(M, K, device=device, dtype=dtype, requires_grad=True),
+                             torch.empty(N, K, device=device, dtype=dtype),
+                             torch.empty(N, device=device, dtype=dtype, requires_grad=True))
 
     cases = [
         Case("bias_only", shape, "frozen_nobias", floor, floor=True, note="F.linear without bias, dX only"),
         Case("bias_only", shape, "eager_bias", linear_module(False), note="nn.Linear, frozen W, trainable b"),
         Case("bias_only", shape, "compile_bias", linear_module(True), compiled=True),
     ]
-    return cases + _ours_cases("bias_only", shape, device, "peft_kernels.ops.bias_only", "bias_only_linear",
-                               build, support_args)
+    cases += _ours_cases("bias_only", shape, device, "peft_kernels.ops.bias_only", "bias_only_linear",
+                         build, record)
+    if quick:
+        return cases
+
+    # The bias-only LayerNorm (BERT's norms under BitFit): M x H = M x K, frozen weight, trainable bias.
+    H = K
+    nshape = f"layer_norm M={M} H={H}"
+
+    def make_norm():
+        x = _rand((M, H), device, dtype, grad=True)
+        w = (1 + 0.1 * torch.randn(H, device=device)).to(dtype)
+        b = _rand((H,), device, dtype, 0.1, grad=True)
+        return x, w, b, _rand((M, H), device, dtype)
+
+    def norm_floor():  # what any norm backward must move: read x and dy, write dx (no bias, no weight grad)
+        x, w, _, dy = make_norm()
+        return _step(lambda: F.layer_norm(x, (H,), w), [x], dy)
+
+    def norm_eager(compiled):
+        def setup():
+            if compiled:
+                _cuda_only(device, "torch.compile")
+            x, w, b, dy = make_norm()
+            fn = _compile(F.layer_norm) if compiled else F.layer_norm
+            return _step(lambda: fn(x, (H,), w, b), [x, b], dy)
+
+        return setup
+
+    def norm_build(fn):
+        x, w, b, dy = make_norm()
+        return _step(lambda: fn(x, w, b), [x, b], dy)
+
+    def norm_record():
+        return NORM.Inputs(torch.empty(M, H, device=device, dtype=dtype, requires_grad=True),
+                           torch.empty(H, device=device, dtype=dtype),
+                           torch.empty(H, device=device, dtype=dtype, requires_grad=True), 1e-5, False)
+
+    cases += [
+        Case("bias_only", nshape, "layer_norm_nobias", norm_floor, floor=True,
+             note="F.layer_norm, frozen w, no bias: dx only"),
+        Case("bias_only", nshape, "eager_layer_norm", norm_eager(False), note="F.layer_norm, frozen w, trainable b"),
+        Case("bias_only", nshape, "compile_layer_norm", norm_eager(True), compiled=True),
+    ]
+    return cases + _ours_cases("bias_only", nshape, device, "peft_kernels.ops.bias_norm", "bias_only_norm",
+                               norm_build, norm_record)
 
 
 # --------------------------------------------------------------------------------------------------
