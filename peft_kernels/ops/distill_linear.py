@@ -155,10 +155,9 @@ def _chunked_forward(rows_fn, h, W, b, A, B, th, tW, tb, t_logits, labels, kd_ma
             dA += (G.t() @ hc).to(cdt).mul_(scaling)
         if need_dB:
             dB += (g.t() @ S).to(cdt).mul_(scaling)
-    empty = h.new_empty(0)
     grads = [dh, dW, db.to(b.dtype) if db is not None else None, dA.to(A.dtype) if dA is not None else None,
              dB.to(B.dtype) if dB is not None else None]
-    return (loss, *(g if g is not None else empty for g in grads))
+    return (loss, *(g if g is not None else h.new_empty(0) for g in grads))  # one empty each: outputs never alias
 
 
 @FAMILY.forward("reference")
