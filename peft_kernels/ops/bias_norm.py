@@ -64,7 +64,7 @@ FAMILY = OpFamily(
     fake=_fake,
     backward_fake=_backward_fake,
     public_outputs=1,
-    preference={"cuda": ("triton",), "cpu": ("reference",)},
+    preference={"cuda": ("triton", "layer_norm"), "cpu": ("layer_norm",)},
     doc="y = norm(x) w + b (LayerNorm or RMSNorm), w frozen: backward dx and db in one pass, never dw",
 )
 
@@ -101,6 +101,34 @@ def _reference_backward(dy, x, weight, mean, rstd, rms, db_dtype, needs):
     if needs[1]:
         db = dy.sum(0, dtype=_acc(dy.dtype)).to(db_dtype)
     return dx, db
+
+
+@FAMILY.forward("layer_norm", requires=None)
+def _native_forward(x, weight, bias, eps, rms):
+    """PyTorch's own LayerNorm kernels (aten::native_layer_norm and its backward with dweight masked off): the
+    fast path on the CPU; on CUDA its backward reads dy twice (dx, then the bias in a second kernel)."""
+    y, mean, rstd = torch.native_layer_norm(x, (x.shape[1],), weight, bias, eps)
+    return y, mean.reshape(-1), rstd.reshape(-1)
+
+
+@FAMILY.backward("layer_norm", requires=None)
+def _native_backward(dy, x, weight, mean, rstd, rms, db_dtype, needs):
+    m = x.shape[0]
+    bias_like = torch.empty((x.shape[1],), dtype=weight.dtype, device=x.device)
+    dx, _, db = torch.ops.aten.native_layer_norm_backward(
+        dy, x, [x.shape[1]], mean.reshape(m, 1), rstd.reshape(m, 1), weight, bias_like, [needs[0], False, needs[1]]
+    )
+    return (dx if needs[0] else None), (db.to(db_dtype) if needs[1] else None)
+
+
+@FAMILY.why_not("layer_norm", both=True)
+def _native_why_not(inp) -> str | None:
+    if inp.rms:
+        return "rms=True: PyTorch has no fused RMSNorm backward to compose with"
+    if inp.weight.dtype != inp.x.dtype or inp.bias.dtype != inp.x.dtype:
+        return (f"weight/bias have dtypes {inp.weight.dtype}/{inp.bias.dtype}, x {inp.x.dtype}; "
+                "aten::native_layer_norm needs them equal here")
+    return None
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -157,3 +157,29 @@ def bias_norm_backward(dy, x, weight, mean, rstd, rms: bool, need_dx: bool, need
         )  # fmt: skip
         db = _reduce(part, db_dtype) if need_db else None
     return dx, db
+
+
+def compile_variants(quick: bool = False) -> list:
+    """Forward and backward at the benchmark width (H = 4096, M = 8192) and the widest served (16384)."""
+    from ._compile_check import jit_variant
+
+    out = []
+    for dt in ("bf16",) if quick else ("bf16", "fp16", "fp32"):
+        for H in (4096,) if quick else (4096, 431, MAX_HIDDEN):
+            h_pad = triton.next_power_of_2(H)
+            bm = max(1, min(16, 8192 // h_pad))
+            w = _warps(h_pad, bm)
+            for rms in (False, True):
+                tag = f"{'rms' if rms else 'layer'}.{dt}.H{H}"
+                out.append(jit_variant(
+                    f"bias_norm.fwd.{tag}", _bias_norm_fwd_kernel,
+                    dict(x_ptr=f"*{dt}", w_ptr="*fp32", b_ptr="*fp32", y_ptr=f"*{dt}", mean_ptr="*fp32",
+                         rstd_ptr="*fp32", M=8192, H=H, eps=1e-5),
+                    dict(RMS=rms, BLOCK_M=bm, BLOCK_H=h_pad), num_warps=w, num_stages=1, kind="stream"))
+                out.append(jit_variant(
+                    f"bias_norm.bwd.{tag}", _bias_norm_bwd_kernel,
+                    dict(dy_ptr=f"*{dt}", x_ptr=f"*{dt}", w_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
+                         dx_ptr=f"*{dt}", part_ptr="*fp32", M=8192, H=H, n_programs=264),
+                    dict(RMS=rms, NEED_DX=True, NEED_DB=True, BLOCK_M=bm, BLOCK_H=h_pad), num_warps=w,
+                    num_stages=1, kind="stream"))
+    return out

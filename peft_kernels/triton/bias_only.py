@@ -42,37 +42,52 @@ _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------------------------------------
 
 
+# BM, BN, BK, warps, stages (BN is the output tile width, BK the reduction step).
+_GEMM_SHAPES = [
+    (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 32, 4, 4),
+]
+# PEFT_KERNELS_TRITON_AUTOTUNE=0: the fast config and a small one that fits where it does not (fp32).
+_GEMM_FIXED = [(128, 128, 64, 8, 3), (64, 64, 32, 4, 2)]
+SMEM_LIMIT = 232448  # Hopper's opt-in shared memory per block (227 KB)
+
+
 def _gemm_configs() -> list[triton.Config]:
     if _INTERPRET:
-        # The launcher overrides nothing here: tests pick block sizes with _config.override_interpret_blocks.
+        # The launcher passes the block sizes (tests pick them with _config.override_interpret_blocks).
         return [triton.Config({"GROUP_M": 2})]
-    if not _config.SETTINGS.triton_autotune:
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2)]
-    shapes = [
-        # BM, BN, BK, warps, stages (BN is the output tile width, BK the reduction step)
-        (128, 256, 64, 8, 3),
-        (128, 256, 64, 8, 4),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 32, 4, 4),
-    ]
+    shapes = _GEMM_SHAPES if _config.SETTINGS.triton_autotune else _GEMM_FIXED
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
     ]
 
 
+def gemm_smem_estimate(bm: int, bn: int, bk: int, stages: int, elem: int, tma: bool) -> int:
+    """Shared memory (bytes) of a config: the pipelined A/B ring and the TMA store's staging tile (the column
+    sums reduce a register tile: no shared buffer of their own beyond the reduction scratch)."""
+    return stages * (bm * bk + bk * bn) * elem + (bm * bn * elem if tma else 0) + 1024
+
+
 def _prune(configs, named_args, **kwargs):
+    # Tiles far larger than the problem only waste tuning time; configs over the shared memory limit would
+    # fail to launch.
     m, n = named_args["M"], named_args["N"]
+    elem = named_args["a_ptr"].element_size()
+    tma = "stride_a" in named_args
     keep = [
         c
         for c in configs
         if "BLOCK_M" not in c.kwargs
         or (c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))
-            and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n)))
+            and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
+            and gemm_smem_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                                   elem, tma) <= SMEM_LIMIT)
     ]
     return keep or configs[-1:]
 
@@ -364,3 +379,64 @@ def bias_only_backward(
     return dx, db
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile check (peft_kernels/triton/_compile_check.py): every variant the launchers can pick at the benchmark
+# shape (M = 8192 tokens, 4096 -> 14336), as it would be compiled for sm_90a.
+# ----------------------------------------------------------------------------------------------------------
+_BENCH = (8192, 4096, 14336)  # M, K, N
+
+
+def compile_variants(quick: bool = False) -> list:
+    from ._compile_check import jit_variant
+
+    M, K, N = _BENCH
+    out = []
+    dtypes = {"bf16": 2} if quick else {"bf16": 2, "fp16": 2, "fp32": 4}
+    sets = {"autotune": _GEMM_SHAPES} if quick else {"autotune": _GEMM_SHAPES, "fixed": _GEMM_FIXED}
+    for dt, elem in dtypes.items():
+        # (role, GEMM M, N, K, B stored [N, K]?, bias, column sums): y = x W^T + b; dx = dy W with db partials.
+        roles = [("fwd", M, N, K, True, True, False), ("dx_db", M, K, N, False, False, True)]
+        for role, gm, gn, gk, b_t, bias, colsum in roles:
+            for set_name, shapes in sets.items():
+                for bm, bn, bk, w, st in shapes:
+                    for path in ("tma", "pointer"):
+                        if path == "pointer" and (quick or set_name == "fixed" or (bm, bn) != (128, 256)):
+                            continue  # the fallback path: one config shows it compiles
+                        est = gemm_smem_estimate(bm, bn, bk, st, elem, path == "tma")
+                        if est > SMEM_LIMIT:
+                            continue  # pruned before launch, as _prune does
+                        ptrs = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": f"*{dt}", "bias_ptr": "*fp32",
+                                "part_ptr": "*fp32"}
+                        cx = dict(HAS_BIAS=bias, HAS_COLSUM=colsum, DOT_PREC="ieee" if dt == "fp32" else None,
+                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+                        if path == "tma":
+                            kern = _gemm_tma_kernel
+                            args = dict(ptrs, M=gm, N=gn, K=gk, M_BUCKET=gm, stride_a=gk, stride_b=gk if b_t else gn,
+                                        stride_c=gn)
+                            cx.update(B_T=b_t, NUM_SMS=132, FLATTEN=_config.SETTINGS.triton_flatten)
+                        else:
+                            kern = _gemm_ptr_kernel
+                            args = dict(ptrs, M=gm, N=gn, K=gk, M_BUCKET=gm, stride_am=gk, stride_ak=1,
+                                        stride_bk=1 if b_t else gn, stride_bn=gk if b_t else 1, stride_cm=gn,
+                                        stride_cn=1)
+                        # fp32 runs exact ieee products (no tf32): FMA by design, so no wgmma rule for it.
+                        low = dt != "fp32"
+                        out.append(jit_variant(
+                            f"bias_only.gemm_{path}.{role}.{dt}.{bm}x{bn}x{bk}w{w}s{st}"
+                            f"{'.fixed' if set_name == 'fixed' else ''}",
+                            kern, args, cx, num_warps=w, num_stages=st,
+                            kind=("gemm_tma" if path == "tma" else "gemm") if low else "stream",
+                            main=low and set_name == "autotune" and bm * bn >= 128 * 128, smem_estimate=est,
+                        ))  # fmt: skip
+        bm, bn = _COLSUM_BLOCKS
+        out.append(jit_variant(f"bias_only.column_sum.{dt}.{bm}x{bn}", _column_sum_kernel,
+                               dict(x_ptr=f"*{dt}", part_ptr="*fp32", M=M, N=N, stride_xm=N, stride_xn=1),
+                               dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=4, num_stages=1, kind="stream"))
+        if quick:
+            break
+    out.append(jit_variant(f"bias_only.reduce_rows.{_REDUCE_BLOCK_N}", _reduce_rows_kernel,
+                           dict(part_ptr="*fp32", out_ptr="*fp32", R=M // _MIN_BLOCK_M, N=N),
+                           dict(BLOCK_N=_REDUCE_BLOCK_N), num_warps=4, num_stages=1, kind="stream"))
+    return out
