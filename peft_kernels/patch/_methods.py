@@ -33,8 +33,8 @@ METHODS: dict[str, tuple[str, str]] = {
 DISPLAY = {"lora": "LoRA", "prefix": "prefix tuning", "p_tuning_v2": "P-Tuning v2", "p_tuning": "P-Tuning",
            "prompt": "prompt tuning", "adapters": "bottleneck adapters", "bitfit": "BitFit"}
 
-# Unordered pairs of methods that may be applied to one model together (the later one keeps the earlier
-# one's parameters trainable). Empty until a method is written to compose; add pairs with a test.
+# Unordered pairs of methods that may be applied to one model together, in either order: the later one keeps
+# the earlier one's trainable parameters trainable. Each method adds its pairs (with a test).
 COMPOSES: set[frozenset[str]] = set()
 
 

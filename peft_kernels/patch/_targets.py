@@ -205,6 +205,28 @@ def resolve_targets(
     return found
 
 
+def peft_moe_targets(model: nn.Module, target_modules, r: int, lora_alpha: float):
+    """peft's conversion of LoRA targets for the fused MoE layers of transformers 5 (Mixtral, Qwen2/3-MoE):
+    ``(target_modules, target_parameters, rank_pattern, alpha_pattern)``, or None when it changes nothing (not
+    an MoE model peft knows, or peft missing). Used so that ``"all-linear"`` adapts what peft's does: the
+    attention Linears, the router weight and the stacked experts (gate_up_proj at twice the rank, as the two
+    fused projections)."""
+    if getattr(getattr(model, "config", None), "model_type", None) is None:
+        return None
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        return None
+    cfg = LoraConfig(r=r, lora_alpha=lora_alpha,
+                     target_modules=list(target_modules) if isinstance(target_modules, tuple) else target_modules)
+    convert_peft_config_for_transformers(cfg, model, conversions=None)
+    if not cfg.target_parameters:
+        return None
+    return (tuple(sorted(cfg.target_modules or ())), tuple(sorted(cfg.target_parameters)),
+            dict(cfg.rank_pattern or {}), dict(cfg.alpha_pattern or {}))
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from peft_kernels.nn.lora import DEFAULT_ADAPTER, LoRALinear, check_adapter_name, check_float_dtype
 from peft_kernels.nn.lora_conv1d import LoRAConv1D
-from peft_kernels.patch import _io
+from peft_kernels.patch import _io, lora_params
 from peft_kernels.patch.lora_model import (
     LoraApplyConfig,
     add_lora_adapter,
@@ -47,6 +47,7 @@ def adapter_config_dict(model: nn.Module, cfg: LoraApplyConfig) -> dict:
         r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.bias,
         use_rslora=cfg.use_rslora, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules,
         task_type=cfg.task_type, base_model_name_or_path=name_or_path, modules_to_save=cfg.modules_to_save,
+        target_parameters=cfg.target_parameters, rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern,
         # peft sets this itself for Conv1D targets (with a warning if it was not set).
         fan_in_fan_out=any(isinstance(m, LoRAConv1D) for _, m in lora_modules(model)),
         inference_mode=True,  # what peft's save_pretrained writes
@@ -55,7 +56,7 @@ def adapter_config_dict(model: nn.Module, cfg: LoraApplyConfig) -> dict:
         from peft import LoraConfig
     except ImportError:
         d = dict(kwargs, peft_type="LORA", init_lora_weights=True, use_dora=False, lora_bias=False,
-                 layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={}, revision=None)
+                 layers_to_transform=None, layers_pattern=None, revision=None)
     else:
         d = LoraConfig(**kwargs).to_dict()
     return {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}
@@ -78,6 +79,10 @@ def adapter_state_dict(model: nn.Module, cfg: LoraApplyConfig) -> dict[str, Tens
                 # inside a peft LoRA layer the base layer's bias lives under ".base_layer".
                 key = f"{mod_name}.base_layer.bias" if isinstance(mod, LoRALinear) else n
                 out[PEFT_PREFIX + key] = p
+    prefixes = lora_params.peft_key_prefixes(model)
+    for mod, p, lp in lora_params.lora_parameters(model):  # peft's nested ParamWrapper keys
+        out[f"{PEFT_PREFIX}{prefixes[(mod, p)]}.lora_A.weight"] = lp.lora_A
+        out[f"{PEFT_PREFIX}{prefixes[(mod, p)]}.lora_B.weight"] = lp.lora_B
     for h in cfg.saved_modules:  # peft strips "modules_to_save.<adapter>." from these keys
         for n, t in model.get_submodule(h).state_dict().items():
             out[f"{PEFT_PREFIX}{h}.{n}"] = t
@@ -115,7 +120,6 @@ def save_lora(model: nn.Module, save_directory: str | os.PathLike, *, adapter_na
 _UNSUPPORTED_KEYS = {
     "use_dora": "DoRA", "lora_bias": "a bias on lora_B (lora_bias)",
     "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
-    "rank_pattern": "per-module ranks (rank_pattern)", "alpha_pattern": "per-module alphas (alpha_pattern)",
     "trainable_token_indices": "trainable_token_indices",
     "layer_replication": "layer_replication", "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA",
     "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow", "velora_config": "VeLoRA",
@@ -125,7 +129,8 @@ _BENIGN_KEYS = {
     "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
     "base_model_name_or_path", "revision", "task_type", "peft_version", "inference_mode", "auto_mapping",
     "init_lora_weights", "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying",
-    "corda_config", "eva_config", "lora_ga_config", "loftq_config", "modules_to_save",
+    "corda_config", "eva_config", "lora_ga_config", "loftq_config", "modules_to_save", "target_parameters",
+    "rank_pattern", "alpha_pattern",
 }
 
 
@@ -133,16 +138,13 @@ def check_adapter_config(d: dict, path: str) -> None:
     owner = f"load_lora({path!r})"
     if str(d.get("peft_type", "")).upper() != "LORA":
         raise ValueError(f"{owner}: peft_type is {d.get('peft_type')!r}; only LORA adapters are supported")
-    if d.get("target_parameters"):
-        # peft's "all-linear" on a model with fused MoE experts (Mixtral, Qwen3-MoE in transformers 5) adds
-        # LoRA on the 3-D expert weights and the router through target_parameters, and rank_pattern /
-        # alpha_pattern entries for them: name that, not the patterns the user never wrote.
-        raise ValueError(
-            f"{owner}: the adapter puts LoRA on parameters target_parameters={d['target_parameters']!r} (the "
-            "fused MoE experts / router that peft's 'all-linear' adds on models such as Mixtral and Qwen3-MoE); "
-            "peft_kernels' fused layers serve nn.Linear modules only: load it with peft (PeftModel."
-            "from_pretrained, then patch_peft_model fuses its Linear layers), or train with target_modules "
-            "naming the Linear layers")
+    for key in ("target_parameters", "modules_to_save"):
+        v = d.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(n, str) and n for n in v)):
+            raise ValueError(f"{owner}: {key}={v!r} must be a list of names")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ValueError(f"{owner}: {key}={d[key]!r} must be an object (regex -> value)")
     unsupported = dict(_UNSUPPORTED_KEYS)
     try:
         from peft import LoraConfig
@@ -157,9 +159,6 @@ def check_adapter_config(d: dict, path: str) -> None:
     init = d.get("init_lora_weights")
     if isinstance(init, str) and init.lower() in ("loftq", "mica"):
         bad.append(f"init_lora_weights={init!r} (changes the base weights or what is trained)")
-    mts = d.get("modules_to_save")
-    if mts is not None and not (isinstance(mts, list) and all(isinstance(n, str) and n for n in mts)):
-        bad.append(f"modules_to_save={mts!r} (must be a list of module names)")
     if bad:
         raise ValueError(f"{owner}: unsupported adapter config: {', '.join(bad)}")
 
@@ -192,6 +191,10 @@ def _plan_copies(model: nn.Module, cfg: LoraApplyConfig, state: dict[str, Tensor
         A, B, _, _ = m.adapter_weights(cfg.adapter_name)
         needed[f"{name}.lora_A.weight"] = A
         needed[f"{name}.lora_B.weight"] = B
+    prefixes = lora_params.peft_key_prefixes(model)
+    for mod, p, lp in lora_params.lora_parameters(model):
+        needed[f"{prefixes[(mod, p)]}.lora_A.weight"] = lp.lora_A
+        needed[f"{prefixes[(mod, p)]}.lora_B.weight"] = lp.lora_B
     lora_names = {n for n, _ in lora_modules(model)}
     heads = tuple(h + "." for h in cfg.saved_modules)
     unexpected, plan, loaded = [], [], set()
@@ -233,12 +236,13 @@ def load_lora(
     """Apply LoRA to ``model`` from an HF peft adapter directory and load its weights.
 
     Reads ``adapter_config.json`` (rejecting what the fused layers cannot compute: DoRA, lora_bias,
-    per-layer ranks, MoE target_parameters, ...), calls :func:`apply_lora` with it (with its
-    ``modules_to_save`` and ``task_type``) and loads ``adapter_model.safetensors`` (or ``.bin``); every LoRA
-    layer must get its A and B, and nothing else may be in the file. On a model that already has LoRA from
-    apply_lora/load_lora, a new ``adapter_name`` adds the file as another adapter (peft's ``load_adapter``).
-    With ``is_trainable=False`` every parameter is frozen (peft's default on load). All or nothing: a damaged
-    file or a checkpoint that does not fit raises ``ValueError`` naming the file, and the model is unchanged.
+    layers_to_transform, ...; per-module ranks and MoE ``target_parameters`` are served), calls
+    :func:`apply_lora` with it (with its ``modules_to_save`` and ``task_type``) and loads
+    ``adapter_model.safetensors`` (or ``.bin``); every LoRA layer must get its A and B, and nothing else may
+    be in the file. On a model that already has LoRA from apply_lora/load_lora, a new ``adapter_name`` adds
+    the file as another adapter (peft's ``load_adapter``). With ``is_trainable=False`` every parameter is
+    frozen (peft's default on load). All or nothing: a damaged file or a checkpoint that does not fit raises
+    ``ValueError`` naming the file, and the model is unchanged.
     """
     owner = "load_lora"
     path = _check_path(owner, path)
@@ -271,15 +275,17 @@ def load_lora(
     adding = "lora" in _methods.applied_methods(model)
     if adding:
         state = lora_state(model, owner)
-        if d.get("modules_to_save") or d.get("bias", "none") != "none":
-            raise ValueError(f"{owner}: {cfg_path!r} has modules_to_save or trained biases; the adapters of one "
-                             "model share its heads and biases, so a second adapter cannot bring its own (load it "
-                             "into a fresh model)")
+        if d.get("modules_to_save") or d.get("bias", "none") != "none" or d.get("target_parameters"):
+            raise ValueError(f"{owner}: {cfg_path!r} has modules_to_save, trained biases or target_parameters; "
+                             "the adapters of one model share its heads, biases and adapted parameters, so a second "
+                             "adapter cannot bring its own (load it into a fresh model)")
         add_lora_adapter(model, adapter_name, **hp, bias=d.get("bias", "none"), target_modules=targets)
     else:
         apply_lora(model, target_modules=targets, bias=d.get("bias", "none"),
                    exclude_modules=d.get("exclude_modules"), modules_to_save=d.get("modules_to_save"),
-                   task_type=d.get("task_type"), adapter_name=adapter_name, **hp)
+                   task_type=d.get("task_type"), adapter_name=adapter_name,
+                   target_parameters=d.get("target_parameters") or [], rank_pattern=d.get("rank_pattern"),
+                   alpha_pattern=d.get("alpha_pattern"), **hp)
         state = lora_state(model, owner)
     try:
         plan = _plan_copies(model, state.adapters[adapter_name], weights, f"{owner}({path!r})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -26,13 +27,15 @@ from peft_kernels.nn.lora import (
     check_lora_hparams,
 )
 from peft_kernels.nn.lora_conv1d import LoRAConv1D
-from peft_kernels.patch import _methods
+from peft_kernels.patch import _methods, lora_params
 from peft_kernels.patch._targets import (
     ALL_LINEAR,
+    check_regex,
     is_conv1d,
     linear_kind,
     name_matches,
     normalize_targets,
+    peft_moe_targets,
     resolve_targets,
     set_module,
     why_not_linear,
@@ -71,6 +74,10 @@ class LoraApplyConfig:
     saved_modules: list[str] = field(default_factory=list)
     task_type: str | None = None
     adapter_name: str = DEFAULT_ADAPTER
+    target_parameters: list[str] | None = None
+    parameters: list[str] = field(default_factory=list)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,6 +94,9 @@ class LoraState:
     original_requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
     original_modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
     original_heads: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    # trainable parameters of a method applied before LoRA that composes with it (_methods.COMPOSES): they stay
+    # trainable.
+    kept_trainable: set[str] = field(default_factory=set, repr=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -165,6 +175,9 @@ def apply_lora(
     modules_to_save: list[str] | None = None,
     task_type: str | None = "auto",
     adapter_name: str = DEFAULT_ADAPTER,
+    target_parameters: list[str] | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` / ``Conv1D`` modules of ``model`` with fused LoRA layers, in place.
 
@@ -175,8 +188,11 @@ def apply_lora(
     except the biases that ``bias`` ("none" | "all" | "lora_only") makes trainable and the modules of
     ``modules_to_save``, trained whole. ``task_type`` is peft's (``"SEQ_CLS"``, ...); ``"auto"`` takes it from
     the model's class, so a sequence-classification head trains (peft's default ``modules_to_save`` for the
-    task) instead of getting LoRA; ``None`` adds no head. Base weights are reused, never copied. Returns
-    ``model``. All or nothing: on any error the model is unchanged.
+    task) instead of getting LoRA; ``None`` adds no head. ``target_parameters`` puts LoRA on parameters (MoE
+    experts / routers, see patch/lora_params.py); on MoE models peft knows (Mixtral, Qwen2/3-MoE) the targets
+    are converted as peft converts them, so ``"all-linear"`` adapts the router and the experts as in peft.
+    ``rank_pattern`` / ``alpha_pattern`` give per-module ranks / alphas (peft's matching). Base weights are
+    reused, never copied. Returns ``model``. All or nothing: on any error the model is unchanged.
     """
     owner = "apply_lora"
     if not isinstance(model, nn.Module):
@@ -192,6 +208,14 @@ def apply_lora(
     heads_given = normalize_targets(owner, "modules_to_save", modules_to_save)
     if isinstance(heads_given, str):
         raise TypeError(f"{owner}: modules_to_save must be a list of module names, got {modules_to_save!r}")
+    rank_pattern = _check_pattern(owner, "rank_pattern", rank_pattern, int)
+    alpha_pattern = _check_pattern(owner, "alpha_pattern", alpha_pattern, float)
+    if isinstance(target_parameters, (list, tuple)) and not target_parameters:
+        target_parameters = ()  # explicitly none: no MoE conversion either (an adapter_config.json without them)
+    elif target_parameters is not None:
+        target_parameters = normalize_targets(owner, "target_parameters", target_parameters)
+        if isinstance(target_parameters, str):
+            raise TypeError(f"{owner}: target_parameters must be a list of parameter names, got {target_parameters!r}")
     model = unwrap(model)
     if task_type == "auto":
         task_type = infer_task_type(model)
@@ -201,11 +225,23 @@ def apply_lora(
     if lora_modules(model):
         raise ValueError(f"{owner}: {type(model).__name__} already has LoRA layers; call remove_lora(model) first")
 
+    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    if target_parameters is None:  # peft's conversion for the fused MoE layers of transformers 5
+        moe = peft_moe_targets(model, targets, r, lora_alpha)
+        if moe is not None:
+            targets, target_parameters, moe_rank, moe_alpha = moe
+            rank_pattern, alpha_pattern = {**moe_rank, **rank_pattern}, {**moe_alpha, **alpha_pattern}
+            all_linear = False
+    if target_parameters and lora_dropout:
+        raise ValueError(f"{owner}: lora_dropout={lora_dropout} with target_parameters {list(target_parameters)}: "
+                         "a dropout on the input cannot be applied to an adapted parameter (peft refuses it too)")
     heads_saved, heads = _resolve_heads(owner, model, heads_given, task_type)
     in_head = tuple(h + "." for h in heads)
-    found = [(n, m) for n, m in resolve_targets(model, targets, excludes, owner=owner)
+    found = [] if not targets else resolve_targets(model, targets, excludes, owner=owner)
+    found = [(n, m) for n, m in found
              if n not in heads and not n.startswith(in_head)]  # peft trains a saved head whole, no LoRA in it
-    if not found:
+    params = lora_params.resolve_target_parameters(owner, model, target_parameters) if target_parameters else []
+    if not found and not params:
         raise ValueError(f"{owner}: target_modules={target_modules!r} only matched modules_to_save heads {heads}")
     for name, module in found:
         if linear_kind(module) is None:
@@ -213,27 +249,36 @@ def apply_lora(
                              f"{why_not_linear(module)}; leave it out with exclude_modules")
 
     # Build everything first (allocations can fail): the model is touched only once nothing else can.
-    kw = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-              adapter_dtype=adapter_dtype, freeze_base=False)
-    new = [(name, LoRAConv1D.from_conv1d(m, **kw) if is_conv1d(m) else LoRALinear.from_linear(m, **kw))
-           for name, m in found]
+    def hp(key):
+        return dict(r=rank_pattern.get(pattern_key(rank_pattern, key), r),
+                    lora_alpha=alpha_pattern.get(pattern_key(alpha_pattern, key), lora_alpha), use_rslora=use_rslora,
+                    adapter_dtype=adapter_dtype)
+
+    kw = dict(lora_dropout=lora_dropout, freeze_base=False)
+    new = [(name, LoRAConv1D.from_conv1d(m, **kw, **hp(name)) if is_conv1d(m) else
+            LoRALinear.from_linear(m, **kw, **hp(name))) for name, m in found]
+    new_params = [(mod, p, lora_params.LoRAParameter(t, **hp(f"{mod}.{p}"))) for mod, p, t in params]
     original_heads = {h: copy.deepcopy(model.get_submodule(h)) for h in heads}
 
     original = {n: p.requires_grad for n, p in model.named_parameters()}
     for name, layer in new:
         layer.adapter_name = layer.active_adapter = adapter_name
         set_module(model, name, layer)
-    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    for mod, p, lp in new_params:
+        lora_params.attach(model.get_submodule(mod), p, lp)
     cfg = LoraApplyConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias, use_rslora=use_rslora,
         target_modules=sorted(n for n, _ in found) if all_linear else _as_saved(targets),
         exclude_modules=None if all_linear else _as_saved(excludes),
         adapter_dtype=None if adapter_dtype is None else str(adapter_dtype).removeprefix("torch."),
         modules=[n for n, _ in found], modules_to_save=heads_saved, saved_modules=heads, task_type=task_type,
-        adapter_name=adapter_name,
+        adapter_name=adapter_name, target_parameters=sorted(target_parameters) if target_parameters else None,
+        parameters=[f"{mod}.{p}" for mod, p, _ in new_params], rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
     )
+    kept = {n for n, g in original.items() if g} if _methods.applied_methods(model) else set()
     state = LoraState(adapters={adapter_name: cfg}, active=adapter_name, original_requires_grad=original,
-                      original_modules=dict(found), original_heads=original_heads)
+                      original_modules=dict(found), original_heads=original_heads, kept_trainable=kept)
     _set_trainable(model, state)
     _methods.register_method(model, "lora", state)
     model.__dict__[CONFIG_ATTR] = cfg
@@ -241,6 +286,39 @@ def apply_lora(
 
     install_save_pretrained(model)
     return model
+
+
+def pattern_key(pattern: dict, key: str) -> str | None:
+    """peft's ``get_pattern_key``: the first pattern that matches the end of ``key`` at a name boundary."""
+    for k in pattern:
+        if re.match(rf"(.*\.)?({k})$", key):
+            return k
+    return None
+
+
+def _check_pattern(owner: str, arg: str, value, kind) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{owner}: {arg} must be a dict of regex -> {kind.__name__}, got {value!r}")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k:
+            raise ValueError(f"{owner}: {arg} keys must be non-empty regexes, got {k!r}")
+        check_regex(owner, f"{arg} key", k)
+        if kind is int:
+            out[k] = _positive(owner, f"{arg}[{k!r}]", v)
+        else:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), -float("inf")):
+                raise ValueError(f"{owner}: {arg}[{k!r}] must be a finite number, got {v!r}")
+            out[k] = float(v)
+    return out
+
+
+def _positive(owner: str, arg: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{owner}: {arg} must be a positive int, got {v!r}")
+    return v
 
 
 def _as_saved(value):
@@ -257,6 +335,8 @@ def _set_trainable(model: nn.Module, state: LoraState) -> None:
         A, B, _, _ = m.adapter_weights(state.active)
         A.requires_grad_(True)
         B.requires_grad_(True)
+    for _, _, lp in lora_params.lora_parameters(model):
+        lp.requires_grad_(True)
     if cfg.bias == "all":  # peft's rule: every parameter named "bias"
         for n, p in model.named_parameters():
             if n == "bias" or n.endswith(".bias"):
@@ -267,6 +347,10 @@ def _set_trainable(model: nn.Module, state: LoraState) -> None:
                 m.bias.requires_grad_(True)
     for h in cfg.saved_modules:
         model.get_submodule(h).requires_grad_(True)
+    if state.kept_trainable:
+        for n, p in model.named_parameters():
+            if n in state.kept_trainable:
+                p.requires_grad_(True)
 
 
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -287,6 +371,8 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
 
     uninstall_save_pretrained(model)
     originals = state.original_modules if state is not None else {}
+    for _, owner_module in lora_params.param_owners(model):
+        lora_params.detach(owner_module, merge=merge)
     for name, m in lora_modules(model):
         if merge:
             m.merge(keep_original=False)
@@ -353,6 +439,9 @@ def add_lora_adapter(
     """
     owner = "add_lora_adapter"
     state = lora_state(model, owner)
+    if lora_params.param_owners(unwrap(model)):
+        raise ValueError(f"{owner}: the model has LoRA on parameters (target_parameters, e.g. MoE experts); "
+                         "several named adapters are served for LoRA layers only")
     check_adapter_name(owner, adapter_name)
     hp = check_lora_hparams(owner, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
     first = state.adapters[next(iter(state.adapters))]
@@ -425,17 +514,17 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     ``modules_to_save`` in place of the trained ones (peft's ``disable_adapter()``)."""
     state = lora_state(model, "disable_adapter")
     model = unwrap(model)
-    layers = [m for _, m in lora_modules(model)]
-    before = [m.adapter_enabled for m in layers]
+    layers = [m for _, m in lora_modules(model)] + [lp for _, _, lp in lora_params.lora_parameters(model)]
+    before = [m.adapter_enabled if isinstance(m, LoRALinear) else m.enabled for m in layers]
     trained = {h: model.get_submodule(h) for h in state.original_heads}
     try:
         for m in layers:
-            m.adapter_enabled = False
+            setattr(m, "adapter_enabled" if isinstance(m, LoRALinear) else "enabled", False)
         for h, original in state.original_heads.items():
             set_module(model, h, original)
         yield model
     finally:
         for m, enabled in zip(layers, before):
-            m.adapter_enabled = enabled
+            setattr(m, "adapter_enabled" if isinstance(m, LoRALinear) else "enabled", enabled)
         for h, head in trained.items():
             set_module(model, h, head)

@@ -290,19 +290,78 @@ def test_refusal_names_the_real_reason():
         apply_lora(model)
 
 
-def test_moe_adapter_with_target_parameters_is_refused_precisely(tmp_path):
-    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-                                     num_local_experts=4, num_experts_per_tok=2)
+def build_moe(arch: str, layers: int = 2):
+    common = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=VOCAB, max_position_embeddings=64, num_experts_per_tok=2)
+    if arch == "mixtral":
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            intermediate_size=64, num_local_experts=4, **common)).eval()
+    return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        intermediate_size=64, moe_intermediate_size=16, num_experts=4, head_dim=8, **common)).eval()
+
+
+def copy_from_peft_moe(ref, ours, inputs):
+    """Give ours peft's (random, non-zero) adapter weights, through peft's own file format."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(d, "adapter_model.safetensors"))
+    from peft_kernels.patch.lora_checkpoint import _plan_copies
+
+    plan = _plan_copies(ours, ours.peft_kernels_lora_config, state, "test")
+    with torch.no_grad():
+        for target, value in plan:
+            target.copy_(value)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_all_linear_matches_peft_targets_and_numbers(tmp_path, arch):
     torch.manual_seed(0)
-    base = transformers.MixtralForCausalLM(cfg)
-    fresh = copy.deepcopy(base)
-    pm = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
-    pm.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"target_parameters=.*gate_up_proj.*MoE experts") as info:
-        load_lora(fresh, tmp_path)
-    assert "rank_pattern" not in str(info.value)
-    assert not lora_names(fresh)
+    base = build_moe(arch)
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear",
+                                                         init_lora_weights=False)).eval()
+    ours = apply_lora(copy.deepcopy(base), target_modules="all-linear", r=4)
+    assert tuple(peft_kernels.trainable_parameters(ours)) == ref.get_nb_trainable_parameters()
+    cfg = ours.peft_kernels_lora_config
+    assert cfg.target_parameters == ["down_proj", "gate.weight", "gate_up_proj"]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in cfg.parameters and "model.layers.0.mlp.gate.weight" in \
+        cfg.parameters
+    inputs = batch("llama")
+    copy_from_peft_moe(ref, ours, inputs)
+    loss_o, grads_o = loss_and_grads(ours, inputs)
+    loss_r, grads_r = loss_and_grads(ref, inputs)
+    assert_close(loss_o, loss_r, rtol=1e-5, atol=1e-6, name="loss")
+    g_o = sorted(g.norm().item() for g in grads_o.values())
+    g_r = sorted(g.norm().item() for g in grads_r.values())
+    assert len(g_o) == len(g_r) and all(abs(a - b) <= 1e-4 * max(b, 1e-3) for a, b in zip(g_o, g_r))
+
+    save_lora(ours, tmp_path / "ours")  # ours -> peft
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert_close(logits(back, inputs), logits(ours, inputs), rtol=1e-4, atol=1e-5, name="ours -> peft")
+    ref.save_pretrained(tmp_path / "peft")  # peft -> ours
+    loaded = load_lora(copy.deepcopy(base), tmp_path / "peft")
+    assert_close(logits(loaded, inputs), logits(ref, inputs), rtol=1e-4, atol=1e-5, name="peft -> ours")
+    with disable_adapter(loaded):
+        assert_close(logits(loaded, inputs), logits(base, inputs), name="disabled")
+    merged = merge_and_unload(copy.deepcopy(loaded))
+    assert not any("lora" in n for n in merged.state_dict())
+    assert_close(logits(merged, inputs), logits(ref, inputs), rtol=1e-4, atol=1e-5, name="merged")
+    plain = unload(loaded)
+    assert set(plain.state_dict()) == set(base.state_dict())
+    assert_close(logits(plain, inputs), logits(base, inputs), name="unloaded")
+
+
+def test_moe_parameter_lora_refuses_dropout_and_extra_adapters():
+    with pytest.raises(ValueError, match="lora_dropout=0.1 with target_parameters"):
+        apply_lora(build_moe("mixtral", 1), lora_dropout=0.1)
+    model = apply_lora(build_moe("mixtral", 1), target_modules=["q_proj"], r=2)  # no MoE params: as peft
+    assert model.peft_kernels_lora_config.target_parameters is None
+    moe = apply_lora(build_moe("mixtral", 1), r=2)
+    with pytest.raises(ValueError, match="LoRA on parameters"):
+        add_lora_adapter(moe, "other")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,3 +583,35 @@ def test_ordinary_regexes_still_work():
         assert lora_names(model)
     with pytest.raises(ValueError, match="not a valid regular expression"):
         apply_lora(build("llama"), target_modules="q_proj(")
+
+
+def test_rank_and_alpha_patterns_match_peft(tmp_path):
+    torch.manual_seed(0)
+    base = build("llama")
+    kw = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={r"layers\.1\.self_attn\.q_proj": 6},
+              alpha_pattern={"v_proj": 12})
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **kw)).eval()
+    pm.save_pretrained(tmp_path)
+    ours = load_lora(copy.deepcopy(base), tmp_path)
+    assert ours.model.layers[1].self_attn.q_proj.r == 6 and ours.model.layers[0].self_attn.q_proj.r == 2
+    assert ours.model.layers[0].self_attn.v_proj.scaling == 6.0
+    inputs = batch("llama")
+    assert_close(logits(ours, inputs), logits(pm, inputs), rtol=1e-4, atol=1e-5)
+    fresh = apply_lora(copy.deepcopy(base), **kw)
+    assert {n: m.r for n, m in fresh.named_modules() if isinstance(m, LoRALinear)} == {
+        n: m.r for n, m in ours.named_modules() if isinstance(m, LoRALinear)}
+    with pytest.raises(ValueError, match=r"apply_lora: rank_pattern\['q_proj'\] must be a positive int"):
+        apply_lora(copy.deepcopy(base), rank_pattern={"q_proj": 0})
+
+
+def test_composing_method_applied_first_keeps_its_parameters_trainable(monkeypatch):
+    model = build("qwen2")
+    model.requires_grad_(False)
+    biases = {n for n, p in model.named_parameters() if n.endswith(".bias")}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in biases)  # what a bias-only method leaves trainable
+    _methods.register_method(model, "bitfit", None)
+    monkeypatch.setattr(_methods, "COMPOSES", {frozenset(("bitfit", "lora"))})
+    apply_lora(model, target_modules=["o_proj"], r=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert biases <= trainable and any(n.endswith("lora_A") for n in trainable)

@@ -156,7 +156,7 @@ def test_load_lora_rejects_dora_and_leaves_model_alone(tmp_path):
     [
         ({"peft_type": "IA3"}, "only LORA"),
         ({"modules_to_save": ["no_such_head"]}, "modules_to_save"),  # supported, but must match a module
-        ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+        ({"rank_pattern": {"(a+)+": 8}}, "rank_pattern"),  # per-module ranks are served, hostile regexes not
         ({"layers_to_transform": [0]}, "layers_to_transform"),
         ({"some_future_variant": {"x": 1}}, "unknown key 'some_future_variant'"),
         ({"bias": "bogus"}, "bias"),
