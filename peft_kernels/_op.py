@@ -304,7 +304,9 @@ class OpFamily:
         """Run the op on a validated input record: dispatch, autograd, autocast. Returns the public outputs.
         `key`: see ``select``."""
         if self.autocast:
-            inputs = self._autocast(inputs)
+            cast = self._autocast(inputs)
+            if cast is not inputs:
+                inputs, key = cast, None  # the caller's key described the inputs before the cast
         fwd, bwd = self.select(inputs, key)
         if torch.compiler.is_compiling():
             outs = self._fwd_op(*inputs, fwd, bwd)

@@ -255,3 +255,17 @@ def test_measured_dispatch_survives_a_failing_backend(monkeypatch):
         chosen = FAMILY._fastest(["aten", "reference"], inputs)
     assert calls and chosen == "reference"
     _config.clear_tuning_cache()
+
+
+def test_autocast_runs_in_the_autocast_dtype_with_fp32_adapter_grads():
+    x, W, b, A, B = make_inputs(9, 16, 12, 4)
+    A.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, W, b, A, B, scaling=2.0)
+        ref = F.linear(x, W, b)
+    assert y.dtype == torch.bfloat16 == ref.dtype
+    y.float().sum().backward()
+    assert A.grad.dtype == torch.float32
+    expected = lora_linear_reference(x.bfloat16(), W.bfloat16(), b.bfloat16(), A, B, 2.0, upcast=True)
+    assert_within_eager_error(y, lora_linear_reference(x.bfloat16(), W.bfloat16(), b.bfloat16(), A, B, 2.0),
+                              expected, factor=2.0, floor=1e-2)

@@ -96,6 +96,9 @@ FAMILY = OpFamily(
     preference={"cuda": ("triton", "aten"),
                 "cpu": lambda i: ("aten", "reference") if i.dropout_p > 0 else ("reference", "aten")},
     tune_key=_tune_key,
+    # Under autocast the activation, W and b run in the autocast dtype (as F.linear's would); the adapters stay
+    # fp32 masters (cast inside the backends, their gradients come back fp32).
+    autocast=("x", "weight", "bias"),
     doc="y = x W^T + b + s (drop(x) A^T) B^T",
 )
 
