@@ -323,18 +323,18 @@ def test_gradient_checkpointing_same_grads():
 # --------------------------------------------------------------------------------------------------
 # Masks the op cannot express, attention dropout
 # --------------------------------------------------------------------------------------------------
-def test_sliding_window_mask_runs_explicit_path():
-    model = apply(make("mistral", sliding_window=3), "p_tuning_v2")
+def test_sliding_window_exact_when_it_cannot_cut_refused_when_it_can():
+    """P + keys <= window: the window never masks anything (peft, which counts the prefix inside the window, sees
+    the same keys): served, equal to the model without a window. P + keys > window: refused, naming the layer."""
     ids, mask, labels = inputs("mistral")
-    with pytest.warns(UserWarning, match="not causal/bidirectional"):
-        fused = run(model, ids, mask, labels)
-    get_prefix_state(model).mode = "explicit"
-    explicit = run(model, ids, mask, labels)
-    assert_close(fused[0], explicit[0], name="logits", **TOL)
-    # and the window really is applied: without it the logits differ
-    wide = apply(make("mistral"), "p_tuning_v2")
-    wide.peft_kernels_prefix.load_state_dict(model.peft_kernels_prefix.state_dict())
-    assert not torch.allclose(wide(input_ids=ids, attention_mask=mask).logits.detach(), fused[0], atol=1e-4)
+    wide = apply(make("mistral", sliding_window=P + L), "p_tuning_v2")
+    plain = apply(make("mistral"), "p_tuning_v2")
+    plain.peft_kernels_prefix.load_state_dict(wide.peft_kernels_prefix.state_dict())
+    assert_close(run(wide, ids, mask, labels)[0], run(plain, ids, mask, labels)[0], name="logits", **TOL)
+    narrow = apply(make("mistral", sliding_window=4), "p_tuning_v2")
+    with pytest.raises(ValueError, match=r"layer 0, MistralAttention.*sliding window of 4 tokens is shorter than "
+                                         r"the 4 prefix tokens plus 7 keys.*HF peft hides its prefix"):
+        narrow(input_ids=ids, attention_mask=mask)
 
 
 def test_attention_dropout_in_training():
@@ -592,3 +592,272 @@ def test_gpu_triton_backend_in_model(kind):
         eager = bf16(input_ids=ids, attention_mask=mask).logits.float()
     real = mask.bool() if kind in DECODERS else slice(None)
     assert_within_eager_error(logits[real], eager[real], fused[0][real], name="bf16 logits")
+
+
+# --------------------------------------------------------------------------------------------------
+# Drop-in parity with HF peft: patch_peft_prefix_model, peft checkpoints, failed loads, architectures
+# --------------------------------------------------------------------------------------------------
+PEFT_KINDS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2"]
+
+
+def make_arch(kind, seed=0, **overrides):
+    """Tiny decoders of every architecture peft and the patch both prefix-tune (GQA where the family has it)."""
+    t = transformers
+    if kind in ("llama", "mistral", "qwen2", "gpt2"):
+        return make(kind, seed, **overrides)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  initializer_range=0.1)
+    config_cls, model_cls, extra = {
+        "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM, {"head_dim": 8}),
+        "phi3": (t.Phi3Config, t.Phi3ForCausalLM, {}),
+        "gemma2": (t.Gemma2Config, t.Gemma2ForCausalLM, {"head_dim": 8}),  # soft-capped logits, sliding layers
+        "gemma3": (t.Gemma3TextConfig, t.Gemma3ForCausalLM, {"head_dim": 8}),  # sliding layers
+    }[kind]
+    return model_cls(config_cls(**common, **{**extra, **overrides})).eval()
+
+
+def peft_prefix_model(kind, projection, seed=0):
+    peft = pytest.importorskip("peft")
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection,
+                                     encoder_hidden_size=24)
+    model = peft.get_peft_model(make_arch(kind, seed), config).eval()
+    with torch.no_grad():  # a trained-looking prefix (peft's init is small)
+        for p in model.prompt_encoder.parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def _peft_step(model, ids, mask, labels, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def _greedy_by_forward(model, ids, mask, steps):
+    """Greedy decoding by full forwards (positions as generate() assigns them: from the attention mask). peft's own
+    generate() is not the oracle: with transformers 5 its prefill builds the causal mask without the cached prefix
+    (a [L, L] mask over P + L keys, top-left), so it disagrees with peft's forward on the same tokens."""
+    for _ in range(steps):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("projection", [True, False], ids=["prefix_tuning", "p_tuning_v2"])
+@pytest.mark.parametrize("kind", PEFT_KINDS)
+def test_patch_peft_prefix_model_matches_peft(kind, projection):
+    """Same logits, loss and prompt-encoder gradients as peft's own forward (positions as peft assigns them), same
+    greedy tokens as decoding with peft's forward; unpatching gives peft's own path back."""
+    from peft_kernels.patch.prefix import patch_peft_prefix_model, unpatch_peft_prefix_model
+
+    model = peft_prefix_model(kind, projection)
+    ids, mask, labels = inputs("llama")
+    theirs = _peft_step(model, ids, mask, labels)
+    want_tokens = _greedy_by_forward(model, ids[:2], mask[:2], 4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert patch_peft_prefix_model(model) is model
+    ours = _peft_step(model, ids, mask, labels)
+    real = mask.bool()
+    assert_close(ours[0][real], theirs[0][real], name="logits", **TOL)
+    assert_close(ours[1], theirs[1], name="loss", **TOL)
+    assert ours[2].keys() == theirs[2].keys() and all(n.startswith("prompt_encoder.") for n in ours[2])
+    for n, g in theirs[2].items():
+        assert_close(ours[2][n], g, name=f"grad {n}", **TOL)
+    got = model.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=4, min_new_tokens=4,
+                         do_sample=False)
+    assert torch.equal(got, want_tokens)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing of peft's was replaced
+    unpatch_peft_prefix_model(model)
+    assert_close(_peft_step(model, ids, mask, labels)[0], theirs[0], name="logits after unpatch", rtol=0, atol=0)
+
+
+def test_patch_peft_prefix_model_position_option_and_errors():
+    from peft_kernels.patch.prefix import patch_peft_prefix_model
+
+    model = peft_prefix_model("llama", False)
+    ids, mask, labels = inputs("llama")
+    theirs = _peft_step(model, ids, mask, labels)
+    patch_peft_prefix_model(model, positions="model")  # the model's own positions: not peft's outputs
+    ours = _peft_step(model, ids, mask, labels)
+    assert not torch.allclose(ours[0], theirs[0], atol=1e-3)
+    # ... but exactly peft's outputs once the caller shifts the positions by P itself
+    pos = torch.arange(L)[None].expand(B, -1)
+    shifted = model(input_ids=ids, attention_mask=mask, position_ids=pos + P).logits.detach()
+    assert_close(shifted[mask.bool()], theirs[0][mask.bool()], name="logits", **TOL)
+    with pytest.raises(ValueError, match="patched already"):
+        patch_peft_prefix_model(model)
+    with pytest.raises(ValueError, match="positions must be one of"):
+        apply_prefix_tuning(make("llama"), num_virtual_tokens=P, positions="shifted")
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(make("llama"), peft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="LORA, not PREFIX_TUNING"):
+        patch_peft_prefix_model(lora)
+
+
+def test_apply_with_peft_positions_matches_peft():
+    """apply_prefix_tuning(positions="peft") with peft's prefix is peft's forward, position ids given or not."""
+    model = peft_prefix_model("qwen3", True)
+    ids, mask, labels = inputs("llama")
+    theirs = _peft_step(model, ids, mask, labels)[0]
+    ours = apply_p_tuning_v2(make_arch("qwen3"), prefix=_peft_pairs(model),
+                             positions="peft")
+    real = mask.bool()
+    assert_close(ours(input_ids=ids, attention_mask=mask).logits.detach()[real], theirs[real], name="logits", **TOL)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    assert_close(ours(input_ids=ids, attention_mask=mask, position_ids=pos).logits.detach()[real], want[real],
+                 name="logits with position_ids", **TOL)
+
+
+def _peft_pairs(peft_model):
+    from peft_kernels.patch.prefix import _PeftPromptSource
+
+    with torch.no_grad():
+        return [(k.clone(), v.clone()) for k, v in _PeftPromptSource(peft_model, "default")()]
+
+
+def test_gradient_checkpointing_on_a_patched_peft_model():
+    from peft_kernels.patch.prefix import patch_peft_prefix_model
+
+    model = patch_peft_prefix_model(peft_prefix_model("llama", True))
+    ids, mask, labels = inputs("llama")
+    model.train()
+    plain = _peft_step(model, ids, mask, labels)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt = _peft_step(model, ids, mask, labels)
+    assert_close(ckpt[1], plain[1], name="loss", **TOL)
+    for n, g in plain[2].items():
+        assert_close(ckpt[2][n], g, name=f"grad {n}", **TOL)
+
+
+@pytest.mark.parametrize("projection", [True, False])
+def test_peft_checkpoint_round_trips(projection, tmp_path):
+    """peft save_pretrained -> load_prefix gives peft's outputs (peft's positions); save_prefix(format="peft") ->
+    PeftModel.from_pretrained gives ours."""
+    peft = pytest.importorskip("peft")
+    model = peft_prefix_model("llama", projection)
+    ids, mask, _ = inputs("llama")
+    real = mask.bool()
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path / "from_peft")
+    ours = load_prefix(make("llama"), tmp_path / "from_peft")
+    state = get_prefix_state(ours)
+    assert state.positions == "peft" and state.method == "p_tuning_v2" and state.train_modules == []
+    assert_close(ours(input_ids=ids, attention_mask=mask).logits.detach()[real], theirs[real], name="logits", **TOL)
+    mine = load_prefix(make("llama"), tmp_path / "from_peft", positions="model")  # the option overrides
+    assert get_prefix_state(mine).positions == "model"
+
+    trained = apply_prefix_tuning(make("llama"), num_virtual_tokens=P, projection=projection, projection_hidden=24,
+                                  positions="peft")
+    _train_step(trained, "llama")
+    with torch.no_grad():
+        expected = trained(input_ids=ids, attention_mask=mask).logits
+    save_prefix(trained, tmp_path / "to_peft", format="peft")
+    cfg = json.loads((tmp_path / "to_peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["num_virtual_tokens"] == P
+    loaded = peft.PeftModel.from_pretrained(make("llama"), tmp_path / "to_peft").eval()
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    assert_close(got[real], expected[real], name="logits", **TOL)
+    again = load_prefix(make("llama"), tmp_path / "to_peft")  # and back
+    assert_close(again(input_ids=ids, attention_mask=mask).logits.detach()[real], expected[real], name="logits", **TOL)
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, model.config._attn_implementation,
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def _assert_unchanged(model, snap):
+    sd, impl, flags = snap
+    now = model.state_dict()
+    assert now.keys() == sd.keys()
+    assert all(torch.equal(now[k], v) for k, v in sd.items())
+    assert model.config._attn_implementation == impl
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_failed_load_leaves_the_model_exactly_as_it_was(tmp_path):
+    peft = pytest.importorskip("peft")
+    src = peft_prefix_model("llama", False)
+    src.save_pretrained(tmp_path / "peft_ckpt")
+    # a model of another size: the checkpoint's prompt_embeddings do not fit it
+    other = make("llama", head_dim=16)
+    snap = _snapshot(other)
+    with pytest.raises(ValueError, match=r"adapter_config.json has head_dim=8, the model LlamaForCausalLM has "
+                                         r"head_dim=16"):
+        load_prefix(other, tmp_path / "peft_ckpt")
+    _assert_unchanged(other, snap)
+    assert get_prefix_state(other) is None
+    # a damaged tensor in our own format: named, nothing applied
+    model = apply(make("llama"), "p_tuning_v2")
+    save_prefix(model, tmp_path / "ours")
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "ours" / "prefix_model.safetensors"
+    tensors = load_file(weights)
+    tensors["prefix.embedding.weight"] = tensors["prefix.embedding.weight"][:, :-1].contiguous()
+    save_file(tensors, weights)
+    fresh = make("llama")
+    snap = _snapshot(fresh)
+    with pytest.raises(ValueError, match=r"prefix_model.safetensors: prefix.embedding.weight has shape"):
+        load_prefix(fresh, tmp_path / "ours")
+    _assert_unchanged(fresh, snap)
+    # into a model that has a prefix: its prefix and flags stay
+    patched = apply(make("llama"), "p_tuning_v2")
+    snap = _snapshot(patched)
+    with pytest.raises(ValueError, match="prefix_model.safetensors"):
+        load_prefix(patched, tmp_path / "ours")
+    _assert_unchanged(patched, snap)
+
+
+def test_checkpoint_writes_only_what_its_config_trains(tmp_path):
+    """A modules.* entry outside the config's train_modules (here the embedding, with train_modules=[]) is refused,
+    not written (it used to overwrite the embedding)."""
+    model = apply(make("llama"), "p_tuning_v2", train_modules=[])
+    save_prefix(model, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "prefix_model.safetensors"
+    tensors = load_file(weights)
+    tensors["modules.model.embed_tokens.weight"] = torch.zeros(VOCAB, 32)
+    save_file(tensors, weights)
+    fresh = make("llama")
+    snap = _snapshot(fresh)
+    with pytest.raises(ValueError, match=r"prefix_model.safetensors: entry 'model.embed_tokens.weight' is not under "
+                                         r"the checkpoint's train_modules \[\]"):
+        load_prefix(fresh, tmp_path)
+    _assert_unchanged(fresh, snap)
+
+
+def test_config_missing_a_key_gives_a_message(tmp_path):
+    model = apply(make("llama"), "p_tuning_v2")
+    save_prefix(model, tmp_path)
+    cfg_path = tmp_path / "prefix_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["num_virtual_tokens"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"prefix_config.json has no 'num_virtual_tokens' entry"):
+        load_prefix(make("llama"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="has neither prefix_config.json"):
+        load_prefix(make("llama"), tmp_path / "nothing")
+
+
+def test_gemma2_softcap_runs_the_explicit_path_exactly():
+    model = peft_prefix_model("gemma2", False)
+    ids, mask, labels = inputs("llama")
+    theirs = _peft_step(model, ids, mask, labels)
+    from peft_kernels.patch.prefix import patch_peft_prefix_model
+
+    patch_peft_prefix_model(model)
+    with pytest.warns(UserWarning, match="soft-caps its attention logits"):
+        ours = _peft_step(model, ids, mask, labels)
+    assert_close(ours[0][mask.bool()], theirs[0][mask.bool()], name="logits", **TOL)
