@@ -12,6 +12,11 @@ the same directory:
 
 A state it cannot save faithfully (LoRA merged into the weights) raises instead of writing a model that
 would reload different.
+
+It also gives the model the peft methods a peft user calls on it, with peft's names and meaning:
+``model.print_trainable_parameters()``, ``model.get_nb_trainable_parameters()``, ``model.set_adapter(name)``,
+``with model.disable_adapter():``, ``model.merge_and_unload()``, ``model.unload()`` (each the module-level
+function of the same name on this model). ``remove_lora`` takes them away again.
 """
 
 from __future__ import annotations
@@ -23,6 +28,33 @@ from torch import nn
 from peft_kernels.patch.lora_model import lora_modules, lora_state, unwrap
 
 _ATTR = "save_pretrained"
+
+
+class _BoundToModel:
+    """``function(model, ...)`` as an instance attribute of ``model`` (a plain object: copies and pickles)."""
+
+    def __init__(self, function, model: nn.Module) -> None:
+        self.function, self.model = function, model
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.model, *args, **kwargs)
+
+
+def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """peft's ``(trainable, all)`` parameter counts."""
+    from peft_kernels.patch._methods import trainable_parameters
+
+    return tuple(trainable_parameters(model))
+
+
+def _peft_methods() -> dict:
+    from peft_kernels.patch._methods import print_trainable_parameters
+    from peft_kernels.patch.lora_model import disable_adapter, merge_and_unload, set_adapter, unload
+
+    return {"print_trainable_parameters": print_trainable_parameters,
+            "get_nb_trainable_parameters": get_nb_trainable_parameters,
+            "set_adapter": set_adapter, "disable_adapter": disable_adapter,
+            "merge_and_unload": merge_and_unload, "unload": unload}
 
 
 class _SavePretrainedWithLoRA:
@@ -54,16 +86,20 @@ class _SavePretrainedWithLoRA:
 
 
 def install_save_pretrained(model: nn.Module) -> None:
+    """``save_pretrained`` (transformers models) and the peft methods above, on the model instance."""
+    model = unwrap(model)
+    for name, function in _peft_methods().items():
+        model.__dict__[name] = _BoundToModel(function, model)
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover
         return
-    model = unwrap(model)
     if isinstance(model, PreTrainedModel):
         model.__dict__[_ATTR] = _SavePretrainedWithLoRA(model)
 
 
 def uninstall_save_pretrained(model: nn.Module) -> None:
     model = unwrap(model)
-    if isinstance(model.__dict__.get(_ATTR), _SavePretrainedWithLoRA):
-        del model.__dict__[_ATTR]
+    for name in (_ATTR, *_peft_methods()):
+        if isinstance(model.__dict__.get(name), (_SavePretrainedWithLoRA, _BoundToModel)):
+            del model.__dict__[name]

@@ -615,3 +615,75 @@ def test_composing_method_applied_first_keeps_its_parameters_trainable(monkeypat
     apply_lora(model, target_modules=["o_proj"], r=2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert biases <= trainable and any(n.endswith("lora_A") for n in trainable)
+
+
+def test_peft_methods_on_the_model(capsys):
+    import pickle
+
+    torch.manual_seed(0)
+    base = build("llama")
+    model = apply_lora(copy.deepcopy(base), target_modules=["q_proj"], r=2)
+    perturb_trainable(model)
+    counts = model.print_trainable_parameters()
+    assert capsys.readouterr().out.startswith(f"trainable params: {counts.trainable:,d} || all params:")
+    assert model.get_nb_trainable_parameters() == tuple(counts) and counts.trainable == 2 * 2 * (32 + 32)
+    inputs = batch("llama")
+    with model.disable_adapter():
+        assert_close(logits(model, inputs), logits(base, inputs), name="disabled")
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.print_trainable_parameters.model is clone  # bound to the copy, not the original
+        assert_close(logits(clone, inputs), logits(model, inputs), name="copy")
+    merged = model.merge_and_unload()
+    assert "merge_and_unload" not in merged.__dict__ and not lora_names(merged)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument errors of apply_lora / load_lora / save_lora name the function and the argument (issue 8 item 3)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(lora_dropout="0.1"), TypeError, "apply_lora: lora_dropout must be a real number"),
+    (dict(lora_alpha=None), TypeError, "apply_lora: lora_alpha must be a real number"),
+    (dict(lora_alpha=float("nan")), ValueError, "apply_lora: lora_alpha must be finite"),
+    (dict(adapter_dtype=torch.int8), TypeError, "apply_lora: adapter_dtype must be a floating torch.dtype"),
+    (dict(r=0), ValueError, "apply_lora: r must be a positive int"),
+    (dict(r="4"), TypeError, "apply_lora: r must be a positive int"),
+    (dict(use_rslora="yes"), TypeError, "apply_lora: use_rslora must be a bool"),
+    (dict(target_modules=3), TypeError, "apply_lora: target_modules must be a str"),
+    (dict(modules_to_save="score"), TypeError, "apply_lora: modules_to_save must be a list"),
+    (dict(task_type="SEQ_CLASS"), ValueError, "apply_lora: task_type must be one of"),
+    (dict(adapter_name="a.b"), ValueError, "apply_lora: adapter_name"),
+    (dict(rank_pattern=[("q_proj", 2)]), TypeError, "apply_lora: rank_pattern must be a dict"),
+    (dict(alpha_pattern={"q_proj": float("inf")}), ValueError, r"apply_lora: alpha_pattern\['q_proj'\]"),
+    (dict(target_parameters="gate.weight"), TypeError, "apply_lora: target_parameters must be a list"),
+])
+def test_apply_lora_argument_errors(kwargs, exc, match):
+    model = build("llama")
+    snap = snapshot(model)
+    with pytest.raises(exc, match=match):
+        apply_lora(model, **kwargs)
+    assert_same_state(model, snap) and not lora_names(model)
+
+
+def test_apply_lora_rejects_non_modules():
+    with pytest.raises(TypeError, match="apply_lora: model must be an nn.Module"):
+        apply_lora("model")
+
+
+def test_load_and_save_argument_errors(saved, tmp_path):
+    base, model, path = saved
+    with pytest.raises(TypeError, match="load_lora: path must be a str or os.PathLike"):
+        load_lora(base, 3)
+    with pytest.raises(TypeError, match="load_lora: adapter_dtype"):
+        load_lora(base, path, adapter_dtype=torch.int32)
+    with pytest.raises(TypeError, match="load_lora: is_trainable must be a bool"):
+        load_lora(base, path, is_trainable="no")
+    with pytest.raises(TypeError, match="load_lora: model must be an nn.Module"):
+        load_lora(None, path)
+    with pytest.raises(TypeError, match="save_lora: path must be a str"):
+        save_lora(model, None)
+    with pytest.raises(ValueError, match="save_lora: no adapter 'nope'"):
+        save_lora(model, tmp_path / "x", adapter_name="nope")
+    with pytest.raises(ValueError, match="save_lora: LlamaForCausalLM has no LoRA applied"):
+        save_lora(build("llama"), tmp_path / "y")
+    with pytest.raises(TypeError, match="remove_lora: merge must be a bool"):
+        remove_lora(model, merge="yes")
