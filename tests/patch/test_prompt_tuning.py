@@ -436,3 +436,23 @@ def test_is_peft_prompt_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert not is_peft_prompt_model(peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules=["q_proj"])))
+
+
+def test_example_trains_generates_and_saves(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "examples"))
+    try:
+        spec = importlib.util.spec_from_file_location("prompt_tuning_example", root / "examples" / "prompt_tuning.py")
+        ex = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ex)
+        model, first, last, n = ex.train(steps=8, num_virtual_tokens=4, batch_size=4, seq_len=32, progress=False)
+        assert last < first and n == 4 * model.config.hidden_size
+        assert isinstance(ex.generate(model, "anna ", max_new_tokens=5), str)
+        save_prompt(model, tmp_path)
+        assert (tmp_path / "adapter_model.safetensors").exists()
+    finally:
+        sys.path.remove(str(root / "examples"))
