@@ -338,19 +338,27 @@ def bias_only_cases(device: str, quick: bool = False) -> list[Case]:
 # Prefix attention (prefix tuning / P-tuning v2)
 # --------------------------------------------------------------------------------------------------
 def prefix_attention_cases(device: str, quick: bool = False) -> list[Case]:
+    """Prefix attention as a model runs it: q/k/v in transformers' [B, L, H, D] layout viewed as [B, H, L, D] (and
+    an upstream gradient in that layout), fp32 master prefixes; anchors on the same tensors (the floor: SDPA causal
+    without a prefix; SDPA over the concatenated keys with a bool mask / causal_lower_right; FlexAttention)."""
     if device == "cuda":
         B, H, L, D, P, dtype = 4, 32, 2048, 128, 32, torch.bfloat16
     else:
         B, H, L, D, P, dtype = 1, 2, 128, 64, 8, torch.float32
-    shape = f"B={B} H={H} L={L} D={D} P={P} causal"
+    shape = f"B={B} H={H} L={L} D={D} P={P} causal bf16-act fp32-prefix HL" if device == "cuda" else \
+        f"B={B} H={H} L={L} D={D} P={P} causal fp32 HL"
+
+    def hl(grad):  # [B, H, L, D] view of a [B, L, H, D] tensor: what transformers passes
+        return _rand((B, L, H, D), device, dtype).transpose(1, 2).requires_grad_(grad)
 
     def make():
-        q, k, v = (_rand((B, H, L, D), device, dtype, grad=True) for _ in range(3))
-        pk, pv = (_rand((H, P, D), device, dtype, grad=True) for _ in range(2))
-        return q, k, v, pk, pv, _rand((B, H, L, D), device, dtype)
+        q, k, v = (hl(True) for _ in range(3))
+        pk, pv = (_rand((H, P, D), device, torch.float32, grad=True) for _ in range(2))
+        return q, k, v, pk, pv, _rand((B, L, H, D), device, dtype).transpose(1, 2)
 
     def cat_kv(k, v, pk, pv):
-        return (torch.cat([pk.expand(B, H, P, D), k], dim=2), torch.cat([pv.expand(B, H, P, D), v], dim=2))
+        return (torch.cat([pk.to(dtype).expand(B, H, P, D), k], dim=2),
+                torch.cat([pv.to(dtype).expand(B, H, P, D), v], dim=2))
 
     def floor():
         q, k, v, _, _, dy = make()
@@ -408,9 +416,11 @@ def prefix_attention_cases(device: str, quick: bool = False) -> list[Case]:
         return _step(lambda: fn(q, k, v, pk, pv, causal=True), [q, k, v, pk, pv], dy)
 
     def support_args():
-        qkv = [torch.empty(B, H, L, D, device=device, dtype=dtype) for _ in range(3)]
-        pkv = [torch.empty(H, P, D, device=device, dtype=dtype) for _ in range(2)]
-        return (*qkv, *pkv, None)
+        from peft_kernels.ops.prefix_attention import FAMILY
+
+        q, k, v = (hl(True) for _ in range(3))
+        pk, pv = (torch.empty(H, P, D, device=device, dtype=torch.float32, requires_grad=True) for _ in range(2))
+        return FAMILY.Inputs(q, k, v, pk, pv, True, None, D**-0.5)
 
     cases = [
         Case("prefix_attention", shape, "sdpa_causal_noprefix", floor, floor=True),
