@@ -380,3 +380,21 @@ def test_misuse_raises():
     pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"]))
     with pytest.raises(ValueError, match="apply_bitfit: .* already an HF peft model"):
         apply_bitfit(pm)
+
+
+def test_bitfit_layers_compile_fullgraph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.LayerNorm(24), nn.GELU(), nn.Linear(24, 8, bias=False),
+                          nn.RMSNorm(8, eps=1e-6))
+    apply_bitfit(model, add_missing_biases=True)
+    x = torch.randn(5, 16)
+    model(x).pow(2).sum().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(x).pow(2).sum().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, eager[n], rtol=1e-5, atol=1e-6, name=n)
+        else:
+            assert p.grad is None
