@@ -116,3 +116,32 @@ def test_3d_input_keeps_its_shape():
 def test_validation(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         bias_only_norm(*args, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "layer_norm"])
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("M, H", [(1, 80), (123, 431), (8192, 4096)])
+def test_gpu_bf16_within_eager_error(backend, rms, M, H):
+    import peft_kernels
+
+    if backend == "layer_norm" and rms:
+        pytest.skip("the layer_norm backend serves LayerNorm only")
+    g = torch.Generator(device="cuda").manual_seed(M + H)
+    x = (torch.randn(M, H, device="cuda", generator=g) * 2).bfloat16()
+    w = (1 + 0.3 * torch.randn(H, device="cuda", generator=g)).bfloat16()
+    b = torch.randn(H, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(M, H, device="cuda", generator=g).bfloat16()
+
+    def run(fn):
+        xl, bl = x.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        y = fn(xl, bl)
+        y.backward(dy)
+        return y.detach(), xl.grad, bl.grad
+
+    oracle = run(lambda xl, bl: bias_only_norm_reference(xl, w, bl, 1e-5, rms, upcast=True))
+    eager = run(lambda xl, bl: (F.rms_norm(xl, (H,), w, 1e-5) + bl) if rms else F.layer_norm(xl, (H,), w, bl, 1e-5))
+    with peft_kernels.use_backend(backend, strict=True):
+        ours = run(lambda xl, bl: bias_only_norm(xl, w, bl, 1e-5, rms))
+    for name, o, e, o64 in zip(["y", "dx", "db"], ours, eager, oracle):
+        assert_within_eager_error(o, e, o64, factor=2.0, floor=1e-3, name=f"{backend} {name}")

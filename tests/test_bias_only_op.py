@@ -203,3 +203,51 @@ def test_trainable_weight_is_refused():
 def test_validation(args, exc, match):
     with pytest.raises(exc, match=match):
         bias_only_linear(*args)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA; benchmarks/gpu_suite.sh runs them)
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "aten"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M, K, N", [(1, 80, 431), (123, 431, 80), (1000, 1024, 4096), (4096, 4096, 1024)])
+def test_gpu_backends_within_eager_error(backend, dtype, M, K, N):
+    g = torch.Generator(device="cuda").manual_seed(M + K + N)
+    x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+    W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, device="cuda", generator=g)  # an fp32 master bias
+    dy = torch.randn(M, N, device="cuda", generator=g).to(dtype)
+
+    def run(fn, bias):
+        xl, bl = x.clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+        y = fn(xl, bl)
+        y.backward(dy)
+        return y.detach(), xl.grad, bl.grad
+
+    oracle = run(lambda xl, bl: bias_only_linear_reference(xl, W, bl, upcast=True), b.double())
+    eager = run(lambda xl, bl: F.linear(xl, W, bl), b.to(dtype))
+    with peft_kernels.use_backend(backend, strict=True):
+        ours = run(lambda xl, bl: bias_only_linear(xl, W, bl), b)
+        again = run(lambda xl, bl: bias_only_linear(xl, W, bl), b)
+    assert ours[2].dtype == torch.float32
+    for name, o, e, w in zip(["y", "dx", "db"], ours, eager, oracle):
+        assert_within_eager_error(o, e.to(o.dtype), w, factor=2.0, floor=1e-3, name=f"{backend} {name}")
+    assert torch.equal(ours[2], again[2]), f"{backend}: db differs between two runs"
+
+
+@pytest.mark.gpu
+def test_gpu_saves_no_activation():
+    """The BitFit backward needs only W: nothing of size M is held between forward and backward."""
+    M, K, N = 8192, 1024, 4096
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(N, device="cuda", requires_grad=True)
+    for backend in ("triton", "cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with peft_kernels.use_backend(backend, strict=True):
+            y = bias_only_linear(x, W, b)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() - before - y.numel() * y.element_size() <= 4096, backend
+        del y
