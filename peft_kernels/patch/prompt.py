@@ -18,12 +18,14 @@ also drops any ``position_ids`` it is given); given ``position_ids`` are kept fo
 virtual tokens (so left-padded generation keeps its positions), and shifted by P during generation.
 
 ``patch_peft_prompt_model(peft_model)`` runs an HF peft ``PromptTuningConfig`` / ``PromptEncoderConfig`` model's
-forward through the fused op with peft's own prompt encoder and semantics; ``save_prompt`` writes peft's format and
+forward (peft's own prompt encoder and semantics) and ``generate()`` (the hook above, holding peft's prompt)
+through the fused op; ``save_prompt`` writes peft's format and
 ``load_prompt`` reads checkpoints peft saved.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import types
 import warnings
@@ -362,8 +364,6 @@ def _positive(n, who: str) -> int:
 
 
 def _apply(model, method, encoder, positions, train_modules, encoder_config, who):
-    import inspect
-
     _methods.check_compatible(model, method, owner=who)
     emb = _check_model(model, who)
     H = emb.embedding_dim
@@ -641,9 +641,43 @@ def is_peft_prompt_model(model) -> bool:
         if hasattr(model, "peft_config") else False
 
 
+class _PeftPromptView(nn.Module):
+    """peft's virtual tokens as a module for our forward hook (holds the peft model without registering it)."""
+
+    def __init__(self, peft_model) -> None:
+        super().__init__()
+        self.__dict__["_peft_model"] = peft_model
+
+    def forward(self) -> Tensor:
+        return _peft_prompt(self.__dict__["_peft_model"])
+
+
+def _peft_fused_generate(self, *args, **kwargs):
+    """generate() of the base model with our pre-hook holding peft's prompt: the virtual tokens are embedded once
+    (fused) and kept in the KV cache; the mask and position ids are extended on every step."""
+    cfg = self.active_peft_config
+    base = self.get_base_model()
+    emb = base.get_input_embeddings()
+    state = _PromptState(
+        _PeftPromptView(self), {"PROMPT_TUNING": "prompt", "P_TUNING": "p_tuning"}[_peft_type(cfg)],
+        cfg.num_virtual_tokens, emb.embedding_dim, None, _max_positions(base),
+        tuple(n for n, p in inspect.signature(base.forward).parameters.items()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)),
+        [], {}, _task_type(base), {},
+    )
+    setattr(base, _STATE_ATTR, state)
+    handle = base.register_forward_pre_hook(_before_forward, with_kwargs=True)
+    try:
+        return base.generate(*args, **kwargs)
+    finally:
+        handle.remove()
+        delattr(base, _STATE_ATTR)
+
+
 def patch_peft_prompt_model(peft_model):
-    """Run an HF peft Prompt Tuning / P-Tuning model's forward through the fused op (peft's prompt encoder, mask,
-    label and position handling kept). ``generate()`` keeps peft's own path. Returns ``peft_model``."""
+    """Run an HF peft Prompt Tuning / P-Tuning model through the fused op: its forward (peft's prompt encoder,
+    mask, label and position handling kept) and, for causal LMs, ``generate()`` (the virtual tokens embedded once
+    and kept in the KV cache, as :func:`apply_prompt_tuning` does). Returns ``peft_model``."""
     who = "patch_peft_prompt_model"
     cfg = getattr(peft_model, "active_peft_config", None)
     peft_type = _peft_type(cfg)
@@ -659,6 +693,8 @@ def patch_peft_prompt_model(peft_model):
                                   "FEATURE_EXTRACTION are)")
     if _PEFT_FORWARD_ATTR not in peft_model.__dict__:
         peft_model.forward = types.MethodType(_peft_fused_forward, peft_model)
+        if task == "CAUSAL_LM":
+            peft_model.generate = types.MethodType(_peft_fused_generate, peft_model)
         peft_model.__dict__[_PEFT_FORWARD_ATTR] = True
     return peft_model
 
@@ -667,6 +703,7 @@ def unpatch_peft_prompt_model(peft_model):
     """Undo :func:`patch_peft_prompt_model`. Returns ``peft_model``."""
     if peft_model.__dict__.pop(_PEFT_FORWARD_ATTR, None):
         peft_model.__dict__.pop("forward", None)
+        peft_model.__dict__.pop("generate", None)
     return peft_model
 
 

@@ -201,6 +201,19 @@ def test_patch_peft_prompt_model_runs_the_fused_op(monkeypatch):
         assert "forward" not in pm.__dict__
 
 
+@pytest.mark.parametrize("method", ["prompt", "p_tuning"])
+def test_patched_peft_generate_uses_the_kv_cache_and_gives_peft_forward_tokens(method):
+    pm = peft_model(llama(), method, "CAUSAL_LM")
+    ids = batch(B=2, S=6, seed=4)
+    expected = greedy_without_cache(pm, ids, 6)
+    patch_peft_prompt_model(pm)
+    out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert torch.equal(out[:, 6:], expected)
+    assert get_prompt_state(pm.get_base_model()) is None  # the hook is gone after generate()
+    unpatch_peft_prompt_model(pm)
+    assert "generate" not in pm.__dict__
+
+
 def test_patch_peft_prompt_model_refuses_other_methods():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
