@@ -1,6 +1,8 @@
 # make test   : create .venv if missing, install everything, build the extension, run the CPU + interpreter tests
 # make bench  : same set-up, then the kernel microbenchmarks (small sizes on CPU, the full suite on a GPU)
 # make gpu-suite : benchmarks/gpu_suite.sh (on a GPU machine: build for sm_90a, pytest -m gpu, benchmarks)
+# make compile-check : compile every Triton kernel variant for sm_90a (no GPU needed) with the installed Triton
+#                      and Triton $(COMPILE_CHECK_TRITON) from a side folder; reports in benchmarks/results/compile/
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
@@ -9,7 +11,7 @@ STAMP := $(VENV)/.peft_kernels-installed
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 BENCH_ARGS ?=
 
-.PHONY: install build test test-cpu test-triton bench gpu-suite lint info clean
+.PHONY: install build test test-cpu test-triton bench gpu-suite lint info clean compile-check
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +49,20 @@ bench: install
 
 gpu-suite:
 	bash benchmarks/gpu_suite.sh
+
+# Triton of the GPU machine, pip-installed without dependencies into a cached side folder (never into the venv).
+COMPILE_CHECK_TRITON ?= 3.6.0
+COMPILE_CHECK_SIDE := build/compile-check/triton-$(COMPILE_CHECK_TRITON)
+$(COMPILE_CHECK_SIDE)/triton/__init__.py:
+	$(VPY) -m pip install -q --no-deps --target $(COMPILE_CHECK_SIDE) triton==$(COMPILE_CHECK_TRITON)
+
+compile-check: install $(COMPILE_CHECK_SIDE)/triton/__init__.py
+	@status=0; \
+	env -u TRITON_INTERPRET $(VPY) -m peft_kernels.triton._compile_check \
+		--json benchmarks/results/compile/triton-$$($(VPY) -c 'import triton; print(triton.__version__)').json || status=1; \
+	env -u TRITON_INTERPRET PYTHONPATH=$(COMPILE_CHECK_SIDE):. $(VPY) -m peft_kernels.triton._compile_check \
+		--json benchmarks/results/compile/triton-$(COMPILE_CHECK_TRITON).json || status=1; \
+	exit $$status
 
 lint: install
 	$(VENV)/bin/ruff check .

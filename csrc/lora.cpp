@@ -1,9 +1,13 @@
-// LoRA linear as a composition of cuBLAS/ATen GEMMs and the Philox dropout kernels.
+// LoRA linear as a composition of cuBLAS/ATen GEMMs and the Philox dropout kernels: the `aten` backend, the
+// portable fallback (CPU and any CUDA GPU, any dtype incl. fp64), not a fused kernel. On CUDA the Triton
+// backend is preferred (and measured dispatch keeps whichever is faster per shape bucket): this path is the
+// design of the cuBLAS `mm` + `addmm_` anchor (1.22-1.27x of the frozen base), and with dropout it
+// materializes drop(x) once per direction and G.A once -- see benchmarks/NOTES.md.
 //
-// Registered for CPU and CUDA: the GEMMs go to MKL/OpenBLAS or cuBLAS, and the dropout mask kernels to
-// csrc/cpu/dropout.cpp or csrc/cuda/dropout.cu. The low-rank term is accumulated into the base GEMM's
-// output in place (addmm_ with beta = 1), the dropped input is never saved, and the adapter weights are
-// cast once to the activation dtype (they are r x K / N x r: tiny next to the activations).
+// The GEMMs go to MKL/OpenBLAS or cuBLAS, and the dropout mask kernels to csrc/cpu/dropout.cpp or
+// csrc/cuda/dropout.cu. The low-rank term is accumulated into the base GEMM's output in place (addmm_ with
+// beta = 1), the dropped input is never saved, and the adapter weights are cast once per call to the
+// activation dtype (they are r x K / N x r: tiny next to the activations).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -10,7 +10,7 @@ from tests.helpers import assert_close
 pytestmark = pytest.mark.skipif(not _backends.native_status()[0], reason="peft_kernels._C not built")
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (123, 431)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (5, 8), (7, 13), (123, 431)])
 @pytest.mark.parametrize("p", [0.05, 0.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_philox_dropout_matches_reference_mask(shape, p, dtype):

@@ -1,14 +1,32 @@
-// CPU kernels of the Philox dropout (same mask as Triton's tl.rand) and the fp32-accumulated column sum.
+// CPU kernels of the Philox dropout (the mask of peft_kernels/philox.h, as the Triton kernels draw it) and
+// the fp32-accumulated column sum.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "peft_kernels/check.h"
 #include "peft_kernels/philox.h"
 
 namespace peft_kernels {
 namespace {
+
+// Applies f(offset, kept) to every element of a contiguous rows x cols tensor, one Philox call per four
+// columns of a row (the mask definition of peft_kernels/philox.h).
+template <typename F>
+void for_each_keep(int64_t rows, int64_t cols, uint64_t seed, float p, const F& f) {
+  const int64_t groups = (cols + 3) / 4;
+  at::parallel_for(0, rows * groups, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t i = g / groups, q = g % groups;
+      const unsigned bits = dropout_keep4(seed, static_cast<uint64_t>(i), static_cast<uint64_t>(q), p);
+      const int64_t j0 = 4 * q, j1 = std::min<int64_t>(cols, j0 + 4);
+      for (int64_t j = j0; j < j1; ++j) f(i * cols + j, ((bits >> (j - j0)) & 1u) != 0);
+    }
+  });
+}
 
 at::Tensor philox_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
   PK_CHECK(x.dim() == 2, "philox_dropout: x must be 2-D, got ", x.dim(), "-D");
@@ -17,16 +35,12 @@ at::Tensor philox_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
   const int64_t rows = xc.size(0), cols = xc.size(1);
   const float pf = static_cast<float>(p);
   const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
-  const uint64_t s = static_cast<uint64_t>(seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "philox_dropout_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* in = xc.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows * cols, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const bool keep = dropout_keep(s, static_cast<uint64_t>(i), pf);
-        using opmath_t = at::opmath_type<scalar_t>;
-        o[i] = keep ? static_cast<scalar_t>(static_cast<opmath_t>(in[i]) * static_cast<opmath_t>(scale)) : scalar_t(0);
-      }
+    for_each_keep(rows, cols, static_cast<uint64_t>(seed), pf, [&](int64_t k, bool keep) {
+      o[k] = keep ? static_cast<scalar_t>(static_cast<opmath_t>(in[k]) * static_cast<opmath_t>(scale)) : scalar_t(0);
     });
   });
   return out;
@@ -35,23 +49,18 @@ at::Tensor philox_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
 void philox_dropout_add_cpu(at::Tensor& out, const at::Tensor& src, double p, int64_t seed) {
   PK_CHECK(out.dim() == 2 && src.sizes() == out.sizes(), "philox_dropout_add_: out and src must be equal 2-D");
   PK_CHECK(out.is_contiguous(), "philox_dropout_add_: out must be contiguous");
-  auto sc = src.contiguous();
-  const int64_t n = out.numel();
   const float pf = static_cast<float>(p);
   const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
-  const uint64_t s = static_cast<uint64_t>(seed);
   // src is cast to out's dtype first: it is an M x K product, small next to the GEMMs around it.
-  auto s2 = sc.to(out.scalar_type());
+  auto s2 = src.to(out.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "philox_dropout_add_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* in = s2.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if (dropout_keep(s, static_cast<uint64_t>(i), pf)) {
-          using opmath_t = at::opmath_type<scalar_t>;
-          o[i] = static_cast<scalar_t>(static_cast<opmath_t>(o[i]) +
-                                       static_cast<opmath_t>(in[i]) * static_cast<opmath_t>(scale));
-        }
+    for_each_keep(out.size(0), out.size(1), static_cast<uint64_t>(seed), pf, [&](int64_t k, bool keep) {
+      if (keep) {
+        o[k] = static_cast<scalar_t>(static_cast<opmath_t>(o[k]) +
+                                     static_cast<opmath_t>(in[k]) * static_cast<opmath_t>(scale));
       }
     });
   });

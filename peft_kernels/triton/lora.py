@@ -5,123 +5,139 @@ Math (x [M, K], W [N, K], A [r, K], B [N, r], scaling s, dropout p, mask from ``
     S  = drop(x) @ A^T                       [M, r]  activation dtype: the only extra saved activation
     y  = x @ W^T + bias + S @ (s B)^T        one GEMM, the LoRA term a second phase into the same accumulator
     G  = dy @ (s B)                          [M, r]
-    dx = dy @ W + keep/(1-p) * (G @ A)       one GEMM, same two-phase epilogue (masked when p > 0)
     dB = s dy^T @ S,  db = sum_m dy          fused into the pass over dy that computes G
-    dA = G^T @ drop(x)                       split-M pass over x, mask regenerated
+    dx = dy @ W + keep/(1-p) * (G @ A)       one GEMM, same two-phase epilogue (masked when p > 0) ...
+    dA = G^T @ drop(x)                       ... whose epilogue also reads the x tile of its output tile and
+                                             adds G_tile^T @ drop(x_tile) into dA (the keep mask computed
+                                             once for both): no separate pass over x in the backward
     dW = dy^T @ x                            only when W is trainable
 
-Adapter weights (usually fp32 masters) are cast to the activation dtype once (they are tiny); every dot
-accumulates in fp32, activations are never copied to fp32. The dropout mask is regenerated from
-(seed, offset) with ``tl.rand`` -- bit-identical to ``ops.dropout_mask.dropout_keep_mask`` -- never stored.
+Passes over the big activations beyond the frozen base (x: M*K, dy: M*N): one read of x (S), one read of
+dy (G/dB/db), and one read of x inside the compute-bound dx GEMM (overlapped with its tensor-core work).
+Launches per forward + backward (fp32 adapters, frozen W and bias): 5 -- S, y, one zeroed fp32 workspace for
+the dB/db/dA atomics, the dy pass, dx(+dA). The adapters are read in their own dtype and rounded to the
+activation dtype in registers (s folded in fp32 first), so no cast kernels run; every dot accumulates in fp32.
+Why S is not accumulated inside the forward GEMM's K loop (and G inside dx's): every column tile would
+recompute it, r/BLOCK_N more tensor-core work (6-12 %) against the 1-3 % of a separate memory-bound pass;
+benchmarks/NOTES.md has the numbers.
+
+The dropout mask (definition in ops/dropout_mask.py) is regenerated, never stored: one Philox-4x32-10 call
+yields the keep bits of four neighbouring columns (:func:`_keep_tile`).
 
 Two paths for the big GEMMs: TMA tensor descriptors + a persistent, L2-grouped tile loop (the fast path on
 Hopper), and a pointer-based ``tl.load``/``tl.dot`` fallback for strides/base pointers TMA cannot take
-(it needs 16-byte aligned leading strides and bases and a unit inner stride). ``force_path`` picks one.
+(it needs 16-byte aligned leading strides and bases and a unit inner stride).
+``peft_kernels._config.force_gemm_path`` picks one. The persistent loop is flattened (pipelined across
+tiles) only on Triton >= 3.8: with Triton 3.6 + ptxas 12.8 the flattened loop with the LoRA epilogue
+serializes every wgmma (ptxas C7515; see ``compile_variants`` and benchmarks/results/compile/).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _config
 from ..ops.dropout_mask import normalize_seed
 
-__all__ = ["lora_forward", "lora_backward", "supports", "tma_compatible", "force_path"]
+__all__ = ["lora_forward", "lora_backward", "why_not", "tma_compatible", "compile_variants", "launch_hook"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# PEFT_KERNELS_TRITON_AUTOTUNE=0: one fixed config per kernel (GPU test runs: many shapes, no time to tune each).
-_AUTOTUNE = os.environ.get("PEFT_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+_INTERPRET = _config.SETTINGS.triton_interpret
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_RANK = 128
 _HAS_TMA_API = hasattr(tl, "make_tensor_descriptor")
-# Flattening the persistent loop lets the compiler pipeline across tiles; the env switch is an escape hatch
-# should a Triton release miscompile the two-phase epilogue with it.
-_FLATTEN = os.environ.get("PEFT_KERNELS_TRITON_FLATTEN", "1") != "0"
-
-# None: choose per GEMM (TMA when the operands allow it); "tma" or "pointer": force (tests).
-FORCE_PATH: str | None = None
-# Tests set this: launchers then allocate their outputs filled with NaN, so an unwritten element shows.
-POISON_OUTPUTS: bool = os.environ.get("PEFT_KERNELS_POISON") == "1"
-
-
-@contextmanager
-def force_path(path: str | None) -> Iterator[None]:
-    """Force the GEMM path (``"tma"``, ``"pointer"``, or ``None`` for automatic) within the block."""
-    global FORCE_PATH
-    if path not in (None, "tma", "pointer"):
-        raise ValueError(f"force_path: path must be 'tma', 'pointer' or None, got {path!r}")
-    old, FORCE_PATH = FORCE_PATH, path
-    try:
-        yield
-    finally:
-        FORCE_PATH = old
-
+_TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
+# Flattening the persistent loop lets the compiler pipeline across tiles. Triton 3.6 (ptxas 12.8) then
+# serializes the wgmma of the main loop when the LoRA epilogue follows; 3.8 pipelines it (compile check).
+_FLATTEN = _config.SETTINGS.triton_flatten and _TRITON_VERSION >= (3, 8)
+# Hopper's opt-in shared memory per block: a config whose estimate exceeds it can never launch.
+SMEM_LIMIT = 232448  # 227 KB
 
 # ----------------------------------------------------------------------------------------------------------
-# Configs: autotuned on a GPU; one small config under the interpreter so tests stay fast.
+# Configs: autotuned on a GPU (pruned by problem size and a shared-memory estimate before anything compiles);
+# under the interpreter, block sizes from _config.interpret_blocks and no autotuning.
 # ----------------------------------------------------------------------------------------------------------
+
+# BM, BN, BK, warps, stages. 4-warp 128x128 spills its accumulator with the LoRA epilogue; dropped.
+_GEMM_SHAPES = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 3),
+]
+# The config of last resort: fits 227 KB for every dtype and rank (fp32 at r = 128 with dropout and dA).
+_GEMM_SMALLEST = (64, 64, 32, 4, 2)
+# PEFT_KERNELS_TRITON_AUTOTUNE=0: the fast config plus the smallest.
+_GEMM_FIXED = [(128, 128, 64, 8, 3), _GEMM_SMALLEST]
+_INTERPRET_GEMM = (32, 32, 32)
+
+
+def _gemm_config(bm, bn, bk, w, s) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
 
 
 def _gemm_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
-    if not _AUTOTUNE:
-        # The fast config, plus a small one that fits shared memory where it does not (fp32 at r = 128): the
-        # autotuner drops a config that fails with out-of-resources.
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2)]
-    shapes = [
-        # BM, BN, BK, warps, stages
-        (128, 256, 64, 8, 3),
-        (128, 256, 64, 8, 4),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 32, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+    return [_gemm_config(*c) for c in (_GEMM_SHAPES if _config.SETTINGS.triton_autotune else _GEMM_FIXED)]
+
+
+def gemm_smem_estimate(bm, bn, bk, stages, elem, out_elem, r_pad, tma, fuse_da=False, dropout=False) -> int:
+    """Shared memory (bytes) a GEMM config needs: the pipelined A/B ring, the TMA store's staging tile, the
+    LoRA prologue's dot operands (L, R tiles; the x tile of the fused dA dot) and, with dropout, the layout
+    conversion of the keep-mask tile. Checked against the compiled kernels' own figure by the compile check."""
+    ring = stages * (bm * bk + bk * bn) * elem
+    epi = r_pad * (bm + bn) * elem + (bm * bn * elem if fuse_da else 0)
+    store = bm * bn * out_elem if tma else 0
+    mask = bm * bn if dropout else 0
+    return ring + max(epi, store) + (epi if tma and fuse_da else 0) + mask + 1024  # + barriers, alignment
+
+
+def _config_fits(c: triton.Config, elem: int, out_elem: int, r_pad: int, tma: bool, fuse_da: bool,
+                 dropout: bool) -> bool:  # fmt: skip
+    kw = c.kwargs
+    est = gemm_smem_estimate(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, elem, out_elem, r_pad,
+                             tma, fuse_da, dropout)  # fmt: skip
+    return est <= SMEM_LIMIT
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    # Tiles far larger than the problem only waste benchmarking time (decode-sized M, tiny N).
     m, n = named_args["M"], named_args["N"]
+    elem = named_args["a_ptr"].element_size()
+    out_elem = named_args["c_ptr"].element_size()
+    tma = "stride_a" in named_args
+    r_pad, fuse, drop = kwargs.get("R_PAD", 16), kwargs.get("FUSE_DA", False), kwargs.get("HAS_DROPOUT", False)
+    fit = [c for c in configs if _config_fits(c, elem, out_elem, r_pad, tma, fuse, drop)]
+    # Tiles far larger than the problem only waste benchmarking time (decode-sized M, tiny N).
     keep = [
         c
-        for c in configs
+        for c in fit
         if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))
         and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
     ]
-    return keep or configs[-1:]
+    return keep or fit[-1:] or [_gemm_config(*_GEMM_SMALLEST)]
 
 
-def _skinny_configs(block_names: dict[str, list[int]]) -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({k: 32 for k in block_names})]
-    if not _AUTOTUNE:
+def _skinny_configs(block_names: dict[str, list[int]], warps=(4, 8), stages=(2, 3, 4)) -> list[triton.Config]:
+    if not _config.SETTINGS.triton_autotune:
         return [triton.Config({k: v[0] for k, v in block_names.items()}, num_warps=4, num_stages=3)]
     keys = list(block_names)
-    out = []
-    for vals in zip(*block_names.values()):
-        for w in (4, 8):
-            for s in (2, 3, 4):
-                out.append(triton.Config(dict(zip(keys, vals)), num_warps=w, num_stages=s))
-    return out
+    return [
+        triton.Config(dict(zip(keys, vals)), num_warps=w, num_stages=s)
+        for vals in zip(*block_names.values())
+        for w in warps
+        for s in stages
+    ]
 
 
-# Fixed (not autotuned) tile sizes where the launcher must size a buffer or a grid before launch.
-_DY_BLOCK_M = 32 if _INTERPRET else 64
-_DA_BLOCK_K = 32 if _INTERPRET else 128
+# Rows per program of the dy pass: fixed, the launcher sizes the deterministic partial buffers with it.
+# 32 rows: 256 programs at M = 8192 (two waves' worth on 132 SMs), still a 32-row dot for G.
+_DY_BLOCK_M = 32
+_DA_BLOCK_K = 128
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,66 +175,112 @@ def _store_2d(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok, value):
 
 
 @triton.jit
-def _keep_mask(seed, p, rows, cols, n_cols):
-    """Keep mask of the [rows, cols] tile of a [*, n_cols] activation: tl.rand(seed, (i*n_cols+j) mod 2**32)
-    >= p, the definition in ops/dropout_mask.py. uint32 arithmetic wraps exactly like the mod 2**32."""
-    offs = rows.to(tl.uint32)[:, None] * n_cols + cols.to(tl.uint32)[None, :]
-    tl.static_assert(offs.dtype == tl.uint32)
-    return tl.rand(seed, offs) >= p
+def _uniform(w):
+    # Triton's uint_to_uniform_float for a 32-bit word: read as int32, negatives folded with ~, times 2**-31.
+    x = w.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return x.to(tl.float32) * 4.6566127342e-10
 
 
 @triton.jit
-def _lora_epilogue(
-    acc, rm, rn, M, N, R,
-    l_ptr, r_ptr, bias_ptr,
-    stride_lm, stride_lr, stride_rr, stride_rn,
-    p, inv_keep, seed,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
-    """acc += L[rm, :R] @ Rt[:R, rn] (masked by the dropout keep mask, scaled by 1/(1-p)) + bias[rn].
+def _keep_tile(seed, p, rows, col0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Keep mask of the [BLOCK_R, BLOCK_C] tile at (rows, col0 + [0, BLOCK_C)) of an activation, col0 % 4 == 0:
+    column j of row i is word j % 4 of Philox-4x32-10(key = seed, counter = (j // 4, i, 0, 0)), kept iff its
+    uniform >= p (ops/dropout_mask.py). One Philox call per four elements."""
+    q = (col0 // 4 + tl.arange(0, BLOCK_C // 4)).to(tl.uint32)
+    r = rows.to(tl.uint32)
+    c0 = q[None, :] + tl.zeros((BLOCK_R, BLOCK_C // 4), dtype=tl.uint32)
+    c1 = r[:, None] + tl.zeros((BLOCK_R, BLOCK_C // 4), dtype=tl.uint32)
+    z = tl.zeros((BLOCK_R, BLOCK_C // 4), dtype=tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, z, z)
+    k0 = (_uniform(w0) >= p).to(tl.int8)
+    k1 = (_uniform(w1) >= p).to(tl.int8)
+    k2 = (_uniform(w2) >= p).to(tl.int8)
+    k3 = (_uniform(w3) >= p).to(tl.int8)
+    # join(join(k0, k2), join(k1, k3))[i, q, a, b] = k[2a + b]: row-major, column 4q + 2a + b gets word j % 4.
+    keep = tl.join(tl.join(k0, k2), tl.join(k1, k3))
+    return tl.reshape(keep, (BLOCK_R, BLOCK_C)) != 0
 
-    r is padded to R_PAD (>= 16, a power of two) by masked loads, so tl.dot gets legal shapes for any r."""
+
+@triton.jit
+def _lora_init(
+    rm, rn, off_n, pid_m, M, N, R,
+    l_ptr, r_ptr, bias_ptr, x_ptr, da_ptr,
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
+    r_scale, p, inv_keep, seed,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FUSE_DA: tl.constexpr, DA_PARTIALS: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The GEMM tile's initial accumulator: bias[rn] + L[rm, :R] @ (r_scale * Rt)[:R, rn], the LoRA term
+    masked by the keep mask and scaled by 1/(1-p) when HAS_DROPOUT.
+
+    Computed before the main K loop rather than after it: the low-rank dot and the mask then never live next
+    to the full accumulator (a second [BM, BN] fp32 accumulator spilled and serialized the wgmma of the dx
+    GEMM with dropout), and the main loop is followed by nothing but the store.
+    Rt is read in its own dtype (the fp32 adapter masters) and rounded to L's dtype after scaling in fp32.
+    FUSE_DA (dx GEMM): also dA[:, rn] += L^T @ drop(x[rm, rn]) -- the same keep mask -- as fp32 atomics, or
+    per-row-block partials (DA_PARTIALS, deterministic). r is padded to R_PAD (>= 16) by masked loads."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
         rr = tl.arange(0, R_PAD)
         r_ok = rr < R
         rm64 = rm.to(tl.int64)
         rn64 = rn.to(tl.int64)
-        lt = _load_2d(l_ptr, rm64, rr, stride_lm, stride_lr, rm < M, r_ok)
-        rt = _load_2d(r_ptr, rr, rn64, stride_rr, stride_rn, r_ok, rn < N)
+        m_ok = rm < M
+        n_ok = rn < N
+        lt = _load_2d(l_ptr, rm64, rr, stride_lm, stride_lr, m_ok, r_ok)
         if HAS_DROPOUT:
-            # The mask applies to the LoRA term only: a second small accumulator, masked here.
-            lo = tl.dot(lt, rt, input_precision=DOT_PREC)
-            keep = _keep_mask(seed, p, rm, rn, N)
-            acc += tl.where(keep, lo * inv_keep, 0.0)
-        else:
-            acc = tl.dot(lt, rt, acc, input_precision=DOT_PREC)
+            keep = _keep_tile(seed, p, rm, off_n, BLOCK_M, BLOCK_N)
+        if FUSE_DA:
+            # dA first: the x tile is dead before the LoRA accumulator exists (register pressure).
+            xt = _load_2d(x_ptr, rm64, rn64, stride_xm, stride_xk, m_ok, n_ok)
+            if HAS_DROPOUT:
+                xt = tl.where(keep, xt, 0.0)
+            part = tl.dot(tl.trans(lt), xt, input_precision=DOT_PREC)
+            if HAS_DROPOUT:
+                part = part * inv_keep
+            da_ptrs = da_ptr + rr[:, None] * N + rn64[None, :]
+            da_mask = r_ok[:, None] & n_ok[None, :]
+            if DA_PARTIALS:
+                tl.store(da_ptrs + pid_m.to(tl.int64) * stride_dap, part, mask=da_mask)
+            else:
+                tl.atomic_add(da_ptrs, part, mask=da_mask, sem="relaxed")
+        rt = _load_2d(r_ptr, rr, rn64, stride_rr, stride_rn, r_ok, n_ok)
+        rt = (rt.to(tl.float32) * r_scale).to(lt.dtype)
+        acc = tl.dot(lt, rt, acc, input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            acc = tl.where(keep, acc * inv_keep, 0.0)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + rn.to(tl.int64) * stride_bias, mask=rn < N, other=0.0).to(tl.float32)
         acc += bias[None, :]
     return acc
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Main GEMM: C[M, N] = A[M, K] @ B[K, N] (+ LoRA phase 2, + bias). fwd: A=x, B=W^T, L=S, Rt=(sB)^T.
-# dx: A=dy, B=W, L=G, Rt=A_lora (masked). dW: A=dy^T, B=x.
+# dx: A=dy, B=W, L=G, Rt=A_lora (masked), fused dA. dW: A=dy^T, B=x.
 # ----------------------------------------------------------------------------------------------------------
+
+_GEMM_KEY = ["M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "HAS_DROPOUT", "FUSE_DA"]
 
 
 @triton.autotune(
     configs=_gemm_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "HAS_DROPOUT", "A_T", "B_T"],
+    key=_GEMM_KEY + ["A_T", "B_T"],
     prune_configs_by={"early_config_prune": _prune_gemm},
+    restore_value=["da_ptr"],  # the fused dA atomics must not keep what benchmarking runs added
 )
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _gemm_lora_tma_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr, x_ptr, da_ptr,
     M, N, K, R, M_BUCKET,
     stride_a, stride_b, stride_c,
-    stride_lm, stride_lr, stride_rr, stride_rn,
-    p, inv_keep, seed,
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
+    r_scale, p, inv_keep, seed,
     A_T: tl.constexpr, B_T: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FUSE_DA: tl.constexpr, DA_PARTIALS: tl.constexpr,
     R_PAD: tl.constexpr, DOT_PREC: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -239,14 +301,20 @@ def _gemm_lora_tma_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
-    # The epilogue recomputes its tile id separately so the flattened loop's prologue (loads of the next
+    # The store recomputes its tile id separately so the flattened loop's prologue (loads of the next
     # tile) does not depend on it.
     tile_id_c = start_pid - NUM_SMS
     for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _lora_init(
+            off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), off_n, pid_m, M, N, R,
+            l_ptr, r_ptr, bias_ptr, x_ptr, da_ptr,
+            stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
+            r_scale, p, inv_keep, seed,
+            HAS_BIAS, HAS_LORA, HAS_DROPOUT, FUSE_DA, DA_PARTIALS, R_PAD, DOT_PREC, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             if A_T:
@@ -261,29 +329,24 @@ def _gemm_lora_tma_kernel(
 
         tile_id_c += NUM_SMS
         pid_m, pid_n = _tile_coords(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _lora_epilogue(
-            acc, rm, rn, M, N, R, l_ptr, r_ptr, bias_ptr,
-            stride_lm, stride_lr, stride_rr, stride_rn, p, inv_keep, seed,
-            HAS_BIAS, HAS_LORA, HAS_DROPOUT, R_PAD, DOT_PREC,
-        )  # fmt: skip
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
 
 
 @triton.autotune(
     configs=_gemm_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "HAS_DROPOUT"],
+    key=_GEMM_KEY,
     prune_configs_by={"early_config_prune": _prune_gemm},
+    restore_value=["da_ptr"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _gemm_lora_ptr_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr, x_ptr, da_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_lm, stride_lr, stride_rr, stride_rn,
-    p, inv_keep, seed,
+    stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
+    r_scale, p, inv_keep, seed,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FUSE_DA: tl.constexpr, DA_PARTIALS: tl.constexpr,
     R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -294,7 +357,12 @@ def _gemm_lora_ptr_kernel(
     n_ok = rn < N
     a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
     b_cols = b_ptr + rn.to(tl.int64)[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _lora_init(
+        rm, rn, pid_n * BLOCK_N, pid_m, M, N, R, l_ptr, r_ptr, bias_ptr, x_ptr, da_ptr,
+        stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
+        r_scale, p, inv_keep, seed,
+        HAS_BIAS, HAS_LORA, HAS_DROPOUT, FUSE_DA, DA_PARTIALS, R_PAD, DOT_PREC, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
@@ -302,11 +370,6 @@ def _gemm_lora_ptr_kernel(
         a = tl.load(a_rows + rk64[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_cols + rk64[:, None] * stride_bk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-    acc = _lora_epilogue(
-        acc, rm, rn, M, N, R, l_ptr, r_ptr, bias_ptr,
-        stride_lm, stride_lr, stride_rr, stride_rn, p, inv_keep, seed,
-        HAS_BIAS, HAS_LORA, HAS_DROPOUT, R_PAD, DOT_PREC,
-    )  # fmt: skip
     _store_2d(c_ptr, rm.to(tl.int64), rn.to(tl.int64), stride_cm, stride_cn, m_ok, n_ok, acc)
 
 
@@ -316,10 +379,10 @@ def _gemm_lora_ptr_kernel(
 
 
 @triton.autotune(
-    configs=_skinny_configs({"BLOCK_M": [64, 64, 128], "BLOCK_K": [64, 128, 64]}),
+    configs=_skinny_configs({"BLOCK_M": [32, 64, 32, 64], "BLOCK_K": [128, 128, 256, 64]}),
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(
     x_ptr, a_ptr, s_ptr, M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
@@ -327,7 +390,8 @@ def _lora_down_kernel(
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """S = (keep * x) @ A^T / (1 - p): one pass over x, the mask generated once per element."""
+    """S = (keep * x) @ A^T / (1 - p): one pass over x, the mask generated once per element; A read in its
+    own dtype and rounded to x's in registers."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, R_PAD)
     m_ok = rm < M
@@ -340,8 +404,8 @@ def _lora_down_kernel(
         rk64 = rk.to(tl.int64)
         x = tl.load(x_rows + rk64[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep_mask(seed, p, rm, rk, K), x, 0.0)
-        at = _load_2d(a_ptr, rk64, rr, stride_ak, stride_ar, k_ok, r_ok)
+            x = tl.where(_keep_tile(seed, p, rm, k0, BLOCK_M, BLOCK_K), x, 0.0)
+        at = _load_2d(a_ptr, rk64, rr, stride_ak, stride_ar, k_ok, r_ok).to(x.dtype)
         acc = tl.dot(x, at, acc, input_precision=DOT_PREC)
     if HAS_DROPOUT:
         acc = acc * inv_keep
@@ -356,7 +420,7 @@ def _lora_down_kernel(
 )
 @triton.jit
 def _lora_dy_kernel(
-    dy_ptr, bs_ptr, s_ptr, g_ptr, dlb_ptr, dbias_ptr,
+    dy_ptr, b_ptr, s_ptr, g_ptr, dlb_ptr, dbias_ptr,
     M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_gm, stride_gr,
     scaling,
@@ -392,7 +456,9 @@ def _lora_dy_kernel(
         rn64 = rn.to(tl.int64)
         dy = _load_2d(dy_ptr, rm64, rn64, stride_dym, stride_dyn, m_ok, n_ok)
         if COMPUTE_G:
-            bt = _load_2d(bs_ptr, rn64, rr, stride_bn, stride_br, n_ok, r_ok)
+            # s folded into B in fp32, then one rounding to the activation dtype.
+            bt = _load_2d(b_ptr, rn64, rr, stride_bn, stride_br, n_ok, r_ok)
+            bt = (bt.to(tl.float32) * scaling).to(dy.dtype)
             g = tl.dot(dy, bt, g, input_precision=DOT_PREC)
         if COMPUTE_DLB:
             part = tl.dot(tl.trans(dy), s_tile, input_precision=DOT_PREC) * scaling
@@ -416,7 +482,7 @@ def _lora_dy_kernel(
     configs=_skinny_configs({"BLOCK_M": [32, 64, 128]}),
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT", "SPLIT_M"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _lora_da_kernel(
     g_ptr, x_ptr, part_ptr, M, K, R, M_BUCKET, SPLIT_M,
     stride_gm, stride_gr, stride_xm, stride_xk,
@@ -424,9 +490,9 @@ def _lora_da_kernel(
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """dA partials: program (k block, split s) reduces G^T @ (keep * x) over row blocks s, s+SPLIT_M, ...
-    and stores [R, BLOCK_K] into part[s]; the launcher sums the SPLIT_M slices (two-stage, deterministic,
-    SPLIT_M * r * K floats: small). One pass over x, the mask regenerated once per element."""
+    """dA when dx is not needed (otherwise the dx GEMM's epilogue computes it): program (k block, split s)
+    reduces G^T @ (keep * x) over row blocks s, s+SPLIT_M, ... into part[s] ([R, K] slices, summed by the
+    launcher: two-stage, deterministic). One pass over x, the mask regenerated once per element."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -442,7 +508,7 @@ def _lora_da_kernel(
         g = _load_2d(g_ptr, rm64, rr, stride_gm, stride_gr, m_ok, r_ok)
         x = _load_2d(x_ptr, rm64, rk64, stride_xm, stride_xk, m_ok, k_ok)
         if HAS_DROPOUT:
-            x = tl.where(_keep_mask(seed, p, rm, rk, K), x, 0.0)
+            x = tl.where(_keep_tile(seed, p, rm, pid_k * BLOCK_K, BLOCK_M, BLOCK_K), x, 0.0)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=DOT_PREC)
     if HAS_DROPOUT:
         acc = acc * inv_keep
@@ -453,6 +519,30 @@ def _lora_da_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------
+
+# Interpreter block sizes per kernel (tests shrink them with _config.override_interpret_blocks).
+_INTERPRET_DEFAULTS = {
+    "lora_gemm": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
+    "lora_down": {"BLOCK_M": 32, "BLOCK_K": 32},
+    "lora_dy": {"BLOCK_N": 32},
+    "lora_da": {"BLOCK_M": 32},
+}
+
+
+def launch_hook(name: str, kernel, grid, *args, **kwargs) -> None:
+    """Every Triton launch of this module goes through here (tests patch it to count launches). Under the
+    interpreter the autotuner is bypassed and the block sizes come from ``_config.interpret_blocks``."""
+    if _INTERPRET and isinstance(kernel, triton.runtime.Autotuner):
+        blocks = dict(_INTERPRET_DEFAULTS[name])
+        blocks.update(_config.interpret_blocks(name, {}))
+        kernel.fn[grid](*args, **kwargs, **blocks)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def _launch(name, kernel, grid, *args, **kwargs) -> None:
+    # Indirection through the module attribute so a patched launch_hook sees every launch.
+    globals()["launch_hook"](name, kernel, grid, *args, **kwargs)
 
 
 @functools.cache
@@ -466,48 +556,41 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: a few persistent programs so each walks several tiles
 
 
-def _device_ok(device: torch.device) -> tuple[bool, str]:
-    if _INTERPRET:
-        return True, ""
-    if device.type != "cuda":
-        return False, f"device {device} needs CUDA (or TRITON_INTERPRET=1 for CPU tensors)"
-    return True, ""
-
-
-def supports(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> tuple[bool, str]:
-    """Whether these launchers can serve the inputs, and the reason when they cannot."""
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A)):
+def why_not(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor | None = None):
+    """None when these launchers can serve the inputs, else the reason (memory safety and kernel limits only;
+    the public op validated shapes)."""
+    named = (("x", x), ("weight", weight), ("lora_A", lora_A)) + ((("lora_B", lora_B),) if lora_B is not None else ())
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
-            return False, f"{name} must be a tensor"
+            return f"{name} must be a tensor"
         if t.dim() != 2:
-            return False, f"{name} must be 2-D, got shape {tuple(t.shape)}"
-    ok, why = _device_ok(x.device)
-    if not ok:
-        return False, why
-    if weight.device != x.device or lora_A.device != x.device:
-        return (
-            False,
-            f"x, weight and lora_A must share a device, got {x.device}, {weight.device}, {lora_A.device}",
-        )
+            return f"{name} must be 2-D, got shape {tuple(t.shape)}"
+        if t.device != x.device:
+            return f"{name} is on {t.device}, x on {x.device}: all operands must share a device"
+    if not _INTERPRET and x.device.type != "cuda":
+        return f"device {x.device} needs CUDA (or TRITON_INTERPRET=1 for CPU tensors)"
     if x.dtype not in _ACT_DTYPES:
-        return False, f"x dtype {x.dtype} not in fp16/bf16/fp32"
+        return f"x dtype {x.dtype} not in fp16/bf16/fp32"
     if weight.dtype != x.dtype:
-        return False, f"weight dtype {weight.dtype} must equal x dtype {x.dtype}"
-    if lora_A.dtype not in _ACT_DTYPES:
-        return False, f"lora_A dtype {lora_A.dtype} not in fp16/bf16/fp32"
+        return f"weight dtype {weight.dtype} must equal x dtype {x.dtype}"
+    for name, t in named[2:]:
+        if t.dtype not in _ACT_DTYPES:
+            return f"{name} dtype {t.dtype} not in fp16/bf16/fp32"
     if _INTERPRET and x.dtype == torch.bfloat16:
-        return False, "bf16 tl.dot gives wrong results under TRITON_INTERPRET=1"
+        return "bf16 tl.dot gives wrong results under TRITON_INTERPRET=1"
     M, K = x.shape
     N = weight.shape[0]
     r = lora_A.shape[0]
     if weight.shape[1] != K or lora_A.shape[1] != K:
         shapes = f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_A {tuple(lora_A.shape)}"
-        return False, f"in_features mismatch: {shapes}"
+        return f"in_features mismatch: {shapes}"
+    if lora_B is not None and tuple(lora_B.shape) != (N, r):
+        return f"lora_B must be [{N}, {r}], got {tuple(lora_B.shape)}"
     if K < 1 or N < 1:
-        return False, f"in_features and out_features must be >= 1, got K={K}, N={N}"
+        return f"in_features and out_features must be >= 1, got K={K}, N={N}"
     if not 1 <= r <= _MAX_RANK:
-        return False, f"rank r={r} outside [1, {_MAX_RANK}]"
-    return True, ""
+        return f"rank r={r} outside [1, {_MAX_RANK}]"
+    return None
 
 
 def _tma_layout(t: torch.Tensor) -> tuple[bool, int] | None:
@@ -536,10 +619,11 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
 
 
 def _use_tma(*tensors: torch.Tensor) -> bool:
-    if FORCE_PATH == "pointer":
+    forced = _config.forced_gemm_path()
+    if forced == "pointer":
         return False
     ok = tma_compatible(*tensors)
-    if FORCE_PATH == "tma" and not ok:
+    if forced == "tma" and not ok:
         shapes = ", ".join(f"{tuple(t.shape)}/{t.stride()}/{t.dtype}" for t in tensors)
         msg = f"TMA path forced but operands are not TMA-compatible: {shapes}"
         raise ValueError(f"peft_kernels lora (triton): {msg}")
@@ -575,7 +659,7 @@ def _ensure_allocator(device: torch.device) -> None:
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
+    if _config.poison_outputs():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
@@ -609,11 +693,15 @@ def _gemm(
     bias: torch.Tensor | None = None,
     lora_l: torch.Tensor | None = None,
     lora_rt: torch.Tensor | None = None,
+    r_scale: float = 1.0,
     p: float = 0.0,
     seed: int = 0,
+    x_da: torch.Tensor | None = None,
+    da: torch.Tensor | None = None,
 ) -> None:
-    """c[M, N] = a[M, K] @ b[K, N] (+ lora_l[M, r] @ lora_rt[r, N], masked by the dropout keep mask of the
-    [M, N] output grid when p > 0) (+ bias[N]). a, b, lora_rt may be transposed views; c is row-major."""
+    """c[M, N] = a[M, K] @ b[K, N] (+ lora_l[M, r] @ (r_scale * lora_rt)[r, N], masked by the dropout keep
+    mask of the [M, N] output grid when p > 0) (+ bias[N]); with x_da/da also da[r, N] (fp32; [P, r, N]
+    partials when 3-D) += lora_l^T @ drop(x_da[M, N]). a, b, lora_rt may be transposed views; c is row-major."""
     M, K = a.shape
     N = b.shape[1]
     has_lora = lora_l is not None
@@ -621,17 +709,27 @@ def _gemm(
     dummy = c
     l_t = lora_l if has_lora else dummy
     r_t = lora_rt if has_lora else dummy
-    lora_strides = (l_t.stride(0), l_t.stride(1), r_t.stride(0), r_t.stride(1))
+    fuse_da = da is not None
+    x_t = x_da if fuse_da else dummy
+    da_t = da if fuse_da else dummy
     has_dropout = has_lora and p > 0.0
     inv_keep = 1.0 / (1.0 - p) if has_dropout else 1.0
+    bias_t = bias if bias is not None else dummy
+    tail = (
+        l_t.stride(0), l_t.stride(1), r_t.stride(0), r_t.stride(1), bias_t.stride(0),
+        x_t.stride(0), x_t.stride(1), da_t.stride(0) if fuse_da and da.dim() == 3 else 0,
+        float(r_scale), p, inv_keep, seed,
+    )  # fmt: skip
     common = dict(
         HAS_BIAS=bias is not None,
         HAS_LORA=has_lora,
         HAS_DROPOUT=has_dropout,
+        FUSE_DA=fuse_da,
+        DA_PARTIALS=fuse_da and da.dim() == 3,
         R_PAD=_r_pad(R),
         DOT_PREC=_dot_prec(a.dtype),
     )
-    bias_t = bias if bias is not None else dummy
+    ptrs = (a, b, c, bias_t, l_t, r_t, x_t, da_t)
     if _use_tma(a, b, c):
         _ensure_allocator(c.device)
         a_t, lda = _tma_layout(a)
@@ -640,50 +738,27 @@ def _gemm(
         assert not c_t
         num_sms = _sm_count(c.device)
         grid = lambda META: (min(num_sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])),)
-        _gemm_lora_tma_kernel[grid](
-            a, b, c, bias_t, l_t, r_t,
-            M, N, K, R, _m_bucket(M),
-            lda, ldb, ldc,
-            *lora_strides,
-            p, inv_keep, seed,
-            A_T=a_t, B_T=b_kn_t, NUM_SMS=num_sms, FLATTEN=_FLATTEN,
-            **common,
+        _launch(
+            "lora_gemm", _gemm_lora_tma_kernel, grid, *ptrs, M, N, K, R, _m_bucket(M), lda, ldb, ldc, *tail,
+            A_T=a_t, B_T=b_kn_t, NUM_SMS=num_sms, FLATTEN=_FLATTEN, **common,
         )  # fmt: skip
     else:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-        _gemm_lora_ptr_kernel[grid](
-            a, b, c, bias_t, l_t, r_t,
-            M, N, K, R, _m_bucket(M),
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            *lora_strides,
-            p, inv_keep, seed,
-            **common,
+        _launch(
+            "lora_gemm", _gemm_lora_ptr_kernel, grid, *ptrs, M, N, K, R, _m_bucket(M),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), *tail, **common,
         )  # fmt: skip
 
 
 def _validate(x, weight, lora_A, lora_B, where: str) -> tuple[int, int, int, int]:
-    ok, why = supports(x, weight, lora_A)
-    if not ok:
+    why = why_not(x, weight, lora_A, lora_B)
+    if why is not None:
         raise ValueError(f"peft_kernels lora {where} (triton): {why}")
     M, K = x.shape
-    N = weight.shape[0]
-    r = lora_A.shape[0]
-    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
-        msg = f"lora_B must be [{N}, {r}], got {tuple(lora_B.shape)}"
-        raise ValueError(f"peft_kernels lora {where} (triton): {msg}")
-    if lora_B.dtype not in _ACT_DTYPES or lora_B.device != x.device:
-        raise ValueError(f"peft_kernels lora {where} (triton): lora_B must be fp16/bf16/fp32 on {x.device}")
-    return M, K, N, r
+    return M, K, weight.shape[0], lora_A.shape[0]
 
 
 _Opt = torch.Tensor | None
-
-
-def _adapters(lora_A, lora_B, scaling: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    # Tiny casts, once per call: A and s*B in the activation dtype (s folded in fp32, then one rounding).
-    a = lora_A.to(dtype)
-    bs = (lora_B.to(torch.float32) * float(scaling)).to(dtype)
-    return a, bs
 
 
 def lora_forward(
@@ -696,9 +771,9 @@ def lora_forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] contiguous 2-D. Returns (y [M, N] in x.dtype, S [M, r] in x.dtype)."""
+    """x [M, K] 2-D (any strides). Returns (y [M, N] in x.dtype, S [M, r] in x.dtype). Two launches."""
     M, K, N, r = _validate(x, weight, lora_A, lora_B, "forward")
-    if bias is not None and (bias.shape != (N,) or bias.device != x.device):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N or bias.device != x.device):
         raise ValueError(f"peft_kernels lora forward (triton): bias must be [{N}] on {x.device}")
     p = _check_p(dropout_p)
     seed = normalize_seed(seed)
@@ -707,17 +782,16 @@ def lora_forward(
     S = _alloc((M, r), dt, x.device)
     if M == 0:
         return y, S
-    a, bs = _adapters(lora_A, lora_B, scaling, dt)
-    has_dropout = p > 0.0
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)
-    _lora_down_kernel[grid](
-        x, a, S, M, K, r, _m_bucket(M),
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), S.stride(0), S.stride(1),
+    _launch(
+        "lora_down", _lora_down_kernel, grid,
+        x, lora_A, S, M, K, r, _m_bucket(M),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), S.stride(0), S.stride(1),
         p, 1.0 / (1.0 - p), seed,
-        HAS_DROPOUT=has_dropout, R_PAD=_r_pad(r), DOT_PREC=_dot_prec(dt),
+        HAS_DROPOUT=p > 0.0, R_PAD=_r_pad(r), DOT_PREC=_dot_prec(dt),
     )  # fmt: skip
     # y = x @ W^T + bias + S @ (sB)^T; the dropout is already inside S.
-    _gemm(x, weight.t(), y, bias=bias, lora_l=S, lora_rt=bs.t())
+    _gemm(x, weight.t(), y, bias=bias, lora_l=S, lora_rt=lora_B.t(), r_scale=scaling)
     return y, S
 
 
@@ -738,7 +812,9 @@ def lora_backward(
     need_dB: bool,
 ) -> tuple[_Opt, _Opt, _Opt, _Opt, _Opt]:
     """Returns (dx [M, K] in x.dtype, dW [N, K] and db [N] in weight.dtype, dA in lora_A.dtype,
-    dB in lora_B.dtype); None where not requested. S is the forward's saved [M, r]."""
+    dB in lora_B.dtype); None where not requested. S is the forward's saved [M, r].
+
+    With fp32 adapters dA and dB are views into one fp32 workspace (no cast kernels)."""
     M, K, N, r = _validate(x, weight, lora_A, lora_B, "backward")
     dt = x.dtype
     if dy.shape != (M, N) or dy.dtype != dt or dy.device != x.device:
@@ -748,8 +824,6 @@ def lora_backward(
     p = _check_p(dropout_p)
     seed = normalize_seed(seed)
     dev = x.device
-    has_dropout = p > 0.0
-    inv_keep = 1.0 / (1.0 - p)
     dot_prec = _dot_prec(dt)
     r_pad = _r_pad(r)
 
@@ -761,55 +835,192 @@ def lora_backward(
         dB = torch.zeros((N, r), dtype=lora_B.dtype, device=dev) if need_dB else None
         return dx, dW, db, dA, dB
 
-    a, bs = _adapters(lora_A, lora_B, scaling, dt)
+    partials = torch.are_deterministic_algorithms_enabled()
+    fuse_da = need_dA and need_dx
+    # One fp32 workspace for every atomic target -- [dB: N*r | db: N | dA: r*K] -- one zeroing launch.
+    # Deterministic mode: per-row-block partials (fully written, no zeroing), summed in a fixed order.
+    sizes = (N * r if need_dB else 0, N if need_db else 0, r * K if fuse_da else 0)
+    dlb32 = dbias32 = da32 = None
+    if not partials and any(sizes):
+        ws = torch.zeros(sum(sizes), dtype=torch.float32, device=dev)
+        dlb32, dbias32, da32 = (ws[o : o + n] if n else None for o, n in zip((0, sizes[0], sizes[0] + sizes[1]), sizes))
+        dlb32 = dlb32.view(N, r) if dlb32 is not None else None
+        da32 = da32.view(r, K) if da32 is not None else None
+
     need_g = need_dx or need_dA
-    G = None
-    dB = db = None
+    G = _alloc((M, r), dt, dev) if need_g else None
     if need_g or need_dB or need_db:
-        partials = torch.are_deterministic_algorithms_enabled()
         n_blocks = triton.cdiv(M, _DY_BLOCK_M)
-        lead = (n_blocks,) if partials else ()
-        G = _alloc((M, r), dt, dev) if need_g else None
-        dlb32 = torch.zeros((*lead, N, r), dtype=torch.float32, device=dev) if need_dB else None
-        dbias32 = torch.zeros((*lead, N), dtype=torch.float32, device=dev) if need_db else None
+        if partials:
+            dlb32 = torch.empty((n_blocks, N, r), dtype=torch.float32, device=dev) if need_dB else None
+            dbias32 = torch.empty((n_blocks, N), dtype=torch.float32, device=dev) if need_db else None
         g_t = G if G is not None else S
-        _lora_dy_kernel[(n_blocks,)](
-            dy, bs, S, g_t,
-            dlb32 if dlb32 is not None else dy, dbias32 if dbias32 is not None else dy,
+        _launch(
+            "lora_dy", _lora_dy_kernel, (n_blocks,),
+            dy, lora_B, S, g_t, dlb32 if dlb32 is not None else dy, dbias32 if dbias32 is not None else dy,
             M, N, r, _m_bucket(M),
-            dy.stride(0), dy.stride(1), bs.stride(0), bs.stride(1), S.stride(0), S.stride(1),
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
             g_t.stride(0), g_t.stride(1),
             float(scaling),
             COMPUTE_G=need_g, COMPUTE_DLB=need_dB, COMPUTE_DBIAS=need_db, PARTIALS=partials,
             R_PAD=r_pad, DOT_PREC=dot_prec, BLOCK_M=_DY_BLOCK_M,
         )  # fmt: skip
-        if need_dB:
-            dB = (dlb32.sum(0) if partials else dlb32).to(lora_B.dtype)
-        if need_db:
-            db = (dbias32.sum(0) if partials else dbias32).to(weight.dtype)
+        if partials:
+            dlb32 = dlb32.sum(0) if need_dB else None
+            dbias32 = dbias32.sum(0) if need_db else None
 
     if need_dx:
-        # dx = dy @ W + keep/(1-p) * (G @ A): W [N, K] is already the [K_red=N, K] operand.
-        _gemm(dy, weight, dx, lora_l=G, lora_rt=a, p=p, seed=seed)
+        # dx = dy @ W + keep/(1-p) * (G @ A): W [N, K] is already the [K_red=N, K] operand; the epilogue also
+        # accumulates dA from the x tile of each output tile.
+        da_out = None
+        if fuse_da:
+            # Partials: one [r, K] slice per row tile; the row tile is a config choice, so size for the smallest.
+            da_out = torch.empty((triton.cdiv(M, 32), r, K), dtype=torch.float32, device=dev) if partials else da32
+            if partials:
+                da_out.zero_()  # row tiles > 32 leave slices unwritten
+        _gemm(dy, weight, dx, lora_l=G, lora_rt=lora_A, p=p, seed=seed, x_da=x if fuse_da else None, da=da_out)
+        if fuse_da and partials:
+            da32 = da_out.sum(0)
 
     dW = None
     if need_dW:
         dW = _alloc((N, K), weight.dtype, dev)
         _gemm(dy.t(), x, dW)
 
-    dA = None
-    if need_dA:
+    if need_dA and not fuse_da:
         k_blocks = triton.cdiv(K, _DA_BLOCK_K)
         # Enough (k block, M split) programs to fill the GPU twice over; never more splits than row blocks.
-        target = 2 * _sm_count(dev)
-        split_m = max(1, min(math.ceil(target / k_blocks), triton.cdiv(M, 32)))
+        split_m = max(1, min(math.ceil(2 * _sm_count(dev) / k_blocks), triton.cdiv(M, 32)))
         part = torch.empty((split_m, r, K), dtype=torch.float32, device=dev)
-        _lora_da_kernel[(k_blocks, split_m)](
+        _launch(
+            "lora_da", _lora_da_kernel, (k_blocks, split_m),
             G, x, part, M, K, r, _m_bucket(M), split_m,
             G.stride(0), G.stride(1), x.stride(0), x.stride(1),
-            p, inv_keep, seed,
-            HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PREC=dot_prec, BLOCK_K=_DA_BLOCK_K,
+            p, 1.0 / (1.0 - p), seed,
+            HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=dot_prec, BLOCK_K=_DA_BLOCK_K,
         )  # fmt: skip
-        dA = (part.sum(0) if split_m > 1 else part[0]).to(lora_A.dtype)
+        da32 = part.sum(0) if split_m > 1 else part[0]
 
+    dA = da32.to(lora_A.dtype) if need_dA else None
+    dB = dlb32.to(lora_B.dtype) if need_dB else None
+    db = dbias32.to(weight.dtype) if need_db else None
     return dx, dW, db, dA, dB
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile check (peft_kernels/triton/_compile_check.py): every variant the launchers can run for the
+# benchmark shapes, as it would be compiled for sm_90a.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _gemm_variant(jit_variant, path, role, dt, r, shape, *, bias, drop, fuse, main, tag=""):
+    bm, bn, bk, w, st = shape
+    es = 2 if dt in ("bf16", "fp16") else 4
+    r_pad = _r_pad(r)
+    # Example launch values at M = 8192, K = N = 4096 (every benchmark shape specializes the same way):
+    # contiguous x/dy/W/S/G/lora_A, (sB)^T read through lora_B.t(), fp32 adapters, a contiguous bias.
+    M, K, N = 8192, 4096, 4096
+    if role == "fwd":  # y[M, N] = x @ W^T, L = S [M, r], Rt = B^T (strides (1, r))
+        gm, gn, gk, ab, lor, rtr = M, N, K, ((K, 1), (1, K)), (r, 1), (1, r)
+    elif role == "dx":  # dx[M, K] = dy @ W, L = G [M, r], Rt = A [r, K]
+        gm, gn, gk, ab, lor, rtr = M, K, N, ((N, 1), (K, 1)), (r, 1), (K, 1)
+    else:  # dW[N, K] = dy^T @ x (dy^T: strides (1, N)); no LoRA operands (dummies: the output)
+        gm, gn, gk, ab, lor, rtr = N, K, M, ((1, N), (K, 1)), (K, 1), (K, 1)
+    args = {n: f"*{dt}" for n in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "l_ptr", "x_ptr")}
+    args.update(r_ptr="*fp32" if role != "dW" else f"*{dt}", da_ptr="*fp32" if fuse else f"*{dt}")
+    args.update(M=gm, N=gn, K=gk, R=r if role != "dW" else 1, M_BUCKET=triton.next_power_of_2(gm))
+    cx = dict(HAS_BIAS=bias, HAS_LORA=role != "dW", HAS_DROPOUT=drop, FUSE_DA=fuse, DA_PARTIALS=False,
+              R_PAD=r_pad if role != "dW" else 16, DOT_PREC=None,
+              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)  # fmt: skip
+    if path == "tma":
+        kern = _gemm_lora_tma_kernel
+        lead = [s_[0] if s_[1] == 1 else s_[1] for s_ in ab]
+        args.update(stride_a=lead[0], stride_b=lead[1], stride_c=gn)
+        cx.update(A_T=role == "dW", B_T=role == "fwd", NUM_SMS=132, FLATTEN=_FLATTEN)
+    else:
+        kern = _gemm_lora_ptr_kernel
+        (sam, sak), (sbk, sbn) = ab
+        args.update(stride_am=sam, stride_ak=sak, stride_bk=sbk, stride_bn=sbn, stride_cm=gn, stride_cn=1)
+    args.update(stride_lm=lor[0], stride_lr=lor[1], stride_rr=rtr[0], stride_rn=rtr[1], stride_bias=1,
+                stride_xm=K, stride_xk=1, stride_dap=0,
+                r_scale=0.5, p=0.05, inv_keep=1 / 0.95, seed=2**40 + 3)  # fmt: skip
+    flags = ("b" if bias else "") + ("d" if drop else "") + ("+dA" if fuse else "")
+    est = gemm_smem_estimate(bm, bn, bk, st, es, es, r_pad, path == "tma", fuse, drop)
+    return jit_variant(
+        f"lora.gemm_{path}.{role}{'.' + flags if flags else ''}.{dt}.r{r}.{bm}x{bn}x{bk}w{w}s{st}{tag}",
+        kern, args, cx, num_warps=w, num_stages=st, kind="gemm_tma" if path == "tma" else "gemm", main=main,
+        smem_estimate=est,
+    )  # fmt: skip
+
+
+def compile_variants(quick: bool = False) -> list:
+    """The compile-check protocol (peft_kernels/triton/_compile_check.py): every GEMM config that survives
+    :func:`_prune_gemm` for bf16/fp16 at r = 16 and r = 128, each role (forward y with bias, with dropout;
+    dx with the fused dA, with dropout; plain dW), the PEFT_KERNELS_TRITON_AUTOTUNE=0 configs, one pointer-path
+    variant per role, and every config of the skinny S and dy passes. The benchmark shapes (M = 8192,
+    K, N in {4096, 14336}) only enter through divisibility by 16, the same for all of them.
+    quick (CI): bf16, r = 16, per role the largest surviving config and the fixed fallback config."""
+    from ._compile_check import jit_variant
+
+    out = []
+    # fp16 compiles like bf16 (same wgmma shapes, same layouts): one config per role is enough to show it.
+    dtypes, ranks = (("bf16",), (16,)) if quick else (("bf16", "fp16"), (16, 128))
+    roles = [  # role, bias, dropout, fused dA
+        ("fwd", True, False, False), ("fwd", False, True, False),
+        ("dx", False, False, True), ("dx", False, True, True), ("dW", False, False, False),
+    ]  # fmt: skip
+    for dt in dtypes:
+        es = 2
+        for r in ranks if dt == "bf16" else ranks[:1]:
+            few = quick or dt != "bf16"
+            for role, bias, drop, fuse in roles:
+                if role == "dW" and r != ranks[0]:
+                    continue  # no LoRA operand: r does not matter
+                fits = [
+                    c
+                    for c in _GEMM_SHAPES
+                    if gemm_smem_estimate(*c[:3], c[4], es, es, _r_pad(r), True, fuse, drop) <= SMEM_LIMIT
+                ]
+                tuned = fits[:1] if few else fits
+                for c in tuned:
+                    out.append(_gemm_variant(jit_variant, "tma", role, dt, r, c, bias=bias, drop=drop, fuse=fuse,
+                                             main=c[0] * c[1] >= 128 * 128))  # fmt: skip
+                fixed = _GEMM_FIXED[0]
+                if fixed not in tuned:
+                    out.append(_gemm_variant(jit_variant, "tma", role, dt, r, fixed, bias=bias, drop=drop, fuse=fuse,
+                                             main=True, tag=".fixed"))  # fmt: skip
+                if not few or role == "fwd" and not drop:
+                    out.append(_gemm_variant(jit_variant, "pointer", role, dt, r, fixed, bias=bias, drop=drop,
+                                             fuse=fuse, main=False))  # fmt: skip
+            # Skinny passes (memory-bound, reported only): every autotune config of the S and dy kernels.
+            # (One num_warps/num_stages per block shape: these are memory-bound streams, reported only.)
+            down = [c for c in _lora_down_kernel.configs if c.num_warps == 4 and c.num_stages == 3]
+            for c in down[:1] if few else down:
+                for drop in (False, True):
+                    if few and not drop:
+                        continue
+                    M, K = 8192, 4096
+                    out.append(jit_variant(
+                        f"lora.down{'.d' if drop else ''}.{dt}.r{r}.{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_K']}"
+                        f"w{c.num_warps}s{c.num_stages}",
+                        _lora_down_kernel,
+                        dict(x_ptr=f"*{dt}", a_ptr="*fp32", s_ptr=f"*{dt}", M=M, K=K, R=r, M_BUCKET=M,
+                             stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_sm=r, stride_sr=1,
+                             p=0.05, inv_keep=1 / 0.95, seed=2**40 + 3),
+                        dict(HAS_DROPOUT=drop, R_PAD=_r_pad(r), DOT_PREC=None, **c.kwargs),
+                        num_warps=c.num_warps, num_stages=c.num_stages,
+                    ))  # fmt: skip
+            dy = [c for c in _lora_dy_kernel.configs if c.num_warps == 4 and c.num_stages == 3]
+            for c in dy[:1] if few else dy:
+                M, N = 8192, 4096
+                out.append(jit_variant(
+                    f"lora.dy.{dt}.r{r}.{_DY_BLOCK_M}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}",
+                    _lora_dy_kernel,
+                    dict(dy_ptr=f"*{dt}", b_ptr="*fp32", s_ptr=f"*{dt}", g_ptr=f"*{dt}", dlb_ptr="*fp32",
+                         dbias_ptr="*fp32", M=M, N=N, R=r, M_BUCKET=M, stride_dym=N, stride_dyn=1, stride_bn=r,
+                         stride_br=1, stride_sm=r, stride_sr=1, stride_gm=r, stride_gr=1, scaling=0.5),
+                    dict(COMPUTE_G=True, COMPUTE_DLB=True, COMPUTE_DBIAS=True, PARTIALS=False,
+                         R_PAD=_r_pad(r), DOT_PREC=None, BLOCK_M=_DY_BLOCK_M, **c.kwargs),
+                    num_warps=c.num_warps, num_stages=c.num_stages,
+                ))  # fmt: skip
+    return out

@@ -2,7 +2,8 @@
 
 Runs under TRITON_INTERPRET=1 on CPU tensors (small, odd shapes; fp32 and fp16 -- bf16 tl.dot is wrong in
 the interpreter), or natively when CUDA is present (bf16 added). Both GEMM paths (TMA descriptors +
-persistent loop, pointer fallback) are forced in turn and checked to be the ones that ran.
+persistent loop, pointer fallback) are forced in turn and checked to be the ones that ran. Launches per
+forward + backward are counted (Triton launches through ``launch_hook``, ATen kernels by a dispatch mode).
 """
 
 import pytest
@@ -15,10 +16,12 @@ DEV = triton_device()
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from peft_kernels.ops.dropout_mask import dropout_keep_mask, normalize_seed, philox_uniform  # noqa: E402
+from peft_kernels import _config  # noqa: E402
+from peft_kernels.ops.dropout_mask import dropout_keep_mask, dropout_uniform, normalize_seed, philox4x32  # noqa: E402
 from peft_kernels.triton import lora as tk  # noqa: E402
-from peft_kernels.triton.lora import _keep_mask  # noqa: E402
+from peft_kernels.triton.lora import _keep_tile  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" and not INTERPRET else [])
 NAMES = ("y", "S", "dx", "dW", "db", "dA", "dB")
@@ -29,29 +32,71 @@ def _tma_available() -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
+def _poison():
     # Launchers fill their outputs with NaN first: an element a kernel fails to write shows up.
-    monkeypatch.setattr(tk, "POISON_OUTPUTS", True)
+    with _config.poison():
+        yield
 
 
-class _Spy:
-    """Counts launches of a (autotuned) kernel while delegating to it."""
+class _Launches:
+    """Counts Triton launches per kernel (through tk.launch_hook) while running them."""
 
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.launches = 0
+    def __init__(self, monkeypatch):
+        self.names: list[str] = []
+        self.kernels: list[object] = []
+        self.paused = None  # set by _AtenCount: no ATen counting inside a Triton launch (the interpreter copies)
+        real = tk.launch_hook
 
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
+        def hook(name, kernel, grid, *args, **kwargs):
+            self.names.append(name)
+            self.kernels.append(kernel)
+            if self.paused is None:
+                return real(name, kernel, grid, *args, **kwargs)
+            with self.paused():
+                return real(name, kernel, grid, *args, **kwargs)
+
+        monkeypatch.setattr(tk, "launch_hook", hook)
+
+    def count(self, kernel) -> int:
+        return sum(k is kernel for k in self.kernels)
 
 
 @pytest.fixture
-def spies(monkeypatch):
-    out = {"tma": _Spy(tk._gemm_lora_tma_kernel), "pointer": _Spy(tk._gemm_lora_ptr_kernel)}
-    monkeypatch.setattr(tk, "_gemm_lora_tma_kernel", out["tma"])
-    monkeypatch.setattr(tk, "_gemm_lora_ptr_kernel", out["pointer"])
-    return out
+def launches(monkeypatch):
+    return _Launches(monkeypatch)
+
+
+@pytest.fixture
+def spies(launches):
+    class _Spies(dict):
+        def __getitem__(self, path):
+            kernel = tk._gemm_lora_tma_kernel if path == "tma" else tk._gemm_lora_ptr_kernel
+            return type("Spy", (), {"launches": launches.count(kernel)})
+
+    return _Spies()
+
+
+# ATen ops that launch no kernel (allocation without fill, views, metadata).
+_NO_KERNEL = {
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "t", "transpose", "view", "_unsafe_view",
+    "as_strided", "slice", "select", "detach", "alias", "expand", "unsqueeze", "squeeze", "permute", "reshape",
+    "_reshape_alias", "lift_fresh", "is_same_size", "sym_size", "sym_stride", "sym_numel",
+}  # fmt: skip
+
+
+class _AtenCount(TorchDispatchMode):
+    """ATen ops that run a kernel on the device (everything but allocations and views)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.off = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.off and name not in _NO_KERNEL:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -127,47 +172,58 @@ def _check(out, x, W, b, A, B, dy, s, p, seed, names=NAMES):
 
 
 @triton.jit
-def _rand_probe(out_ptr, off_ptr, seed, n, BLOCK: tl.constexpr):
+def _philox_probe(out_ptr, q_ptr, row_ptr, seed, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
-    off = tl.load(off_ptr + i, mask=m, other=0).to(tl.uint32)
-    tl.store(out_ptr + i, tl.rand(seed, off), mask=m)
+    q = tl.load(q_ptr + i, mask=m, other=0).to(tl.uint32)
+    r = tl.load(row_ptr + i, mask=m, other=0).to(tl.uint32)
+    z = q * 0
+    w0, w1, w2, w3 = tl.philox(seed, q, r, z, z)
+    tl.store(out_ptr + i * 4 + 0, w0.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + i * 4 + 1, w1.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + i * 4 + 2, w2.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + i * 4 + 3, w3.to(tl.int32, bitcast=True), mask=m)
 
 
 @triton.jit
-def _keep_probe(out_ptr, seed, p, row0, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _keep_probe(out_ptr, seed, p, row0, col0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rr = tl.arange(0, BLOCK_R)
     cc = tl.arange(0, BLOCK_C)
-    keep = _keep_mask(seed, p, row0 + rr, cc, n_cols)
+    keep = _keep_tile(seed, p, row0 + rr, col0, BLOCK_R, BLOCK_C)
     tl.store(out_ptr + rr[:, None] * BLOCK_C + cc[None, :], keep.to(tl.int8))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 1234, 2**31 + 7, 2**40 + 3, 2**63 + 5])
-def test_philox_uniform_matches_tl_rand(seed):
-    offs = torch.cat(
-        [
-            torch.arange(0, 200),
-            torch.tensor([2**31 - 1, 2**31, 2**31 + 5, 3_000_000_000, 2**32 - 1]),
-            torch.randint(0, 2**32, (300,), generator=torch.Generator().manual_seed(seed % 1000)),
-        ]
-    ).to(device=DEV, dtype=torch.int64)
-    out = torch.full((offs.numel(),), float("nan"), device=DEV)
+def test_philox4x32_matches_tl_philox(seed):
+    g = torch.Generator().manual_seed(seed % 1000)
+    q = torch.cat([torch.arange(0, 64), torch.tensor([2**31 - 1, 2**31, 2**32 - 1]),
+                   torch.randint(0, 2**32, (200,), generator=g)])  # fmt: skip
+    rows = torch.cat([torch.arange(64).flip(0), torch.tensor([0, 2**31 + 5, 2**32 - 1]),
+                      torch.randint(0, 2**32, (200,), generator=g)])  # fmt: skip
+    q, rows = q.to(DEV), rows.to(DEV)
+    out = torch.zeros((q.numel(), 4), dtype=torch.int32, device=DEV)
     # The launchers pass normalize_seed(seed); do the same here.
-    _rand_probe[(triton.cdiv(offs.numel(), 128),)](out, offs, normalize_seed(seed), offs.numel(), BLOCK=128)
-    ref = philox_uniform(seed, offs)
-    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    _philox_probe[(triton.cdiv(q.numel(), 128),)](out, q, rows, normalize_seed(seed), q.numel(), BLOCK=128)
+    ref = torch.stack(philox4x32(seed, q, rows), dim=-1)
+    assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, ref)
 
 
-@pytest.mark.parametrize("row0,n_cols", [(0, 37), (2**31 // 1031 - 8, 1031), (2**22 + 3, 1031)])
-def test_kernel_keep_mask_wraps_like_reference(row0, n_cols):
-    # Rows far down a tall activation: flat offsets cross 2**31 and 2**32 (wrapped to uint32).
+@pytest.mark.parametrize("row0,col0", [(0, 0), (2**31 - 8, 1028), (2**32 - 16, 2**31)])
+def test_kernel_keep_tile_matches_reference(row0, col0):
+    # Rows far down a tall activation and columns far right: the counters are (col // 4, row) as uint32.
     seed, p, R, C = 2**40 + 3, 0.3, 16, 32
     out = torch.full((R, C), -1, dtype=torch.int8, device=DEV)
-    _keep_probe[(1,)](out, normalize_seed(seed), p, row0, n_cols, BLOCK_R=R, BLOCK_C=C)
-    rows = torch.arange(row0, row0 + R, device=DEV, dtype=torch.int64)[:, None]
-    cols = torch.arange(C, device=DEV, dtype=torch.int64)[None, :]
-    u = philox_uniform(seed, rows * n_cols + cols)
+    _keep_probe[(1,)](out, normalize_seed(seed), p, row0, col0, BLOCK_R=R, BLOCK_C=C)
+    q = torch.arange(col0 // 4, col0 // 4 + C // 4, device=DEV, dtype=torch.int64)
+    rows = torch.arange(row0, row0 + R, device=DEV, dtype=torch.int64)
+    c0, c1 = torch.broadcast_tensors(q[None, :], rows[:, None])
+    from peft_kernels.ops.dropout_mask import _to_uniform
+
+    u = torch.stack([_to_uniform(w) for w in philox4x32(seed, c0, c1)], dim=-1).view(R, C)
     assert torch.equal(out.bool(), u >= torch.tensor(p, dtype=torch.float32))
+    if row0 == 0 and col0 == 0:
+        assert torch.equal(out.bool(), dropout_keep_mask(seed, R, C, p, DEV))
+        assert torch.equal(u, dropout_uniform(seed, R, C, DEV))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -194,7 +250,7 @@ def test_forward_backward(path, dtype, shape, bias, p, spies):
     M, K, N, r = shape
     x, W, b, A, B, dy = _inputs(M, K, N, r, dtype, bias)
     s, seed = 0.75, 2**40 + 12345
-    with tk.force_path(path):
+    with _config.force_gemm_path(path):
         if path == "tma" and not tk.tma_compatible(x, W, dy):
             # 16-byte strides impossible (e.g. fp16 with 100 columns): forcing TMA must fail loudly.
             with pytest.raises(ValueError, match="TMA"):
@@ -224,12 +280,12 @@ def test_rank_128_and_low_precision_adapters(path):
     if path == "tma" and not _tma_available():
         pytest.skip("TMA path needs a Hopper+ GPU")
     x, W, b, A, B, dy = _inputs(33, 40, 72, 128, torch.float16, False)
-    with tk.force_path(path):
+    with _config.force_gemm_path(path):
         out = _run(x, W, b, A, B, dy, 2.0, 0.1, 77)
     _check(out, x, W, b, A, B, dy, 2.0, 0.1, 77)
     # Adapter weights in the activation dtype: gradients come back in that dtype.
     x, W, b, A, B, dy = _inputs(33, 40, 72, 8, torch.float16, True, adapter_dtype=torch.float16)
-    with tk.force_path(path):
+    with _config.force_gemm_path(path):
         out = _run(x, W, b, A, B, dy, 0.5, 0.0, 5)
     assert out["dA"].dtype == torch.float16 and out["dB"].dtype == torch.float16
     _check(out, x, W, b, A, B, dy, 0.5, 0.0, 5)
@@ -299,7 +355,7 @@ def test_empty_batch_and_seed_changes_mask():
 
 def test_supports_and_validation():
     x, W, b, A, B, dy = _inputs(4, 40, 72, 8, torch.float32, False)
-    assert tk.supports(x, W, A) == (True, "")
+    assert tk.why_not(x, W, A) is None and tk.why_not(x, W, A, B) is None
     cases = [
         ((x[None], W, A), "2-D"),
         ((x, W.double(), A), "weight dtype"),
@@ -309,9 +365,11 @@ def test_supports_and_validation():
     ]
     if INTERPRET:
         cases.append(((x.bfloat16(), W.bfloat16(), A), "bf16"))
+    cases.append(((x, W, A, B[:, :4]), "lora_B"))
+    cases.append(((x, W, A, B.double()), "lora_B dtype"))
     for args, why in cases:
-        ok, reason = tk.supports(*args)
-        assert not ok and why in reason, (why, reason)
+        reason = tk.why_not(*args)
+        assert reason is not None and why in reason, (why, reason)
     with pytest.raises(ValueError, match="dropout_p"):
         tk.lora_forward(x, W, b, A, B, 1.0, 1.0, 0)
     with pytest.raises(ValueError, match="lora_B"):
@@ -323,3 +381,105 @@ def test_supports_and_validation():
         assert tk.tma_compatible(x, W, W.t())
         assert not tk.tma_compatible(x[:, 1:])  # base pointer 4 bytes in
         assert not tk.tma_compatible(torch.zeros(4, 10, dtype=torch.float16, device=DEV))  # 20-byte rows
+
+
+# ------------------------------------------------------------------------------------------------------
+# Issue 9: strided bias, launches per step, no seed specialization, pruning by shared memory.
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["pointer", "tma"])
+def test_strided_bias(path):
+    # A bias view with stride 2 (e.g. a slice of a fused parameter): read with its stride, not as contiguous.
+    if path == "tma" and not _tma_available():
+        pytest.skip("TMA path needs a Hopper+ GPU")
+    x, W, _, A, B, dy = _inputs(19, 40, 72, 8, torch.float32, False)
+    b = torch.randn(2 * 72, generator=torch.Generator().manual_seed(3)).to(DEV)[::2]
+    assert b.stride(0) == 2
+    with _config.force_gemm_path(path):
+        out = _run(x, W, b, A, B, dy, 0.5, 0.1, 4)
+    _check(out, x, W, b, A, B, dy, 0.5, 0.1, 4)
+
+
+@pytest.mark.parametrize(
+    "dropout,needs,adapter_dtype,expected",
+    [
+        # fwd: S, y. bwd: one zeroed fp32 workspace (dB/dA atomics), the dy pass (G, dB), dx with dA fused.
+        (0.0, (True, False, False, True, True), torch.float32, (4, ["zero_"])),
+        (0.1, (True, False, False, True, True), torch.float32, (4, ["zero_"])),
+        # + db into the workspace, + dW GEMM.
+        (0.1, (True, True, True, True, True), torch.float32, (5, ["zero_"])),
+        # fp16 activations and adapters: dA and dB come back from the fp32 workspace through one cast each.
+        (0.0, (True, False, False, True, True), torch.float16, (4, ["zero_", "_to_copy", "_to_copy"])),
+        # no dx (first layer): dA by its own pass over x and its split-M sum.
+        (0.0, (False, False, False, True, True), torch.float32, (4, ["zero_", "sum"])),
+    ],
+)
+def test_launches_per_forward_backward(dropout, needs, adapter_dtype, expected, launches):
+    M, K, N, r = 33, 40, 72, 8
+    x, W, b, A, B, dy = _inputs(M, K, N, r, adapter_dtype, True, adapter_dtype=adapter_dtype)
+    aten = _AtenCount()
+
+    @__import__("contextlib").contextmanager
+    def paused():
+        aten.off += 1
+        try:
+            yield
+        finally:
+            aten.off -= 1
+
+    launches.paused = paused
+    with _config.poison(False), aten:
+        out = _run(x, W, b, A, B, dy, 0.5, dropout, 9, needs=needs)
+    ops = [o if o != "zeros" else "zero_" for o in aten.ops]
+    n_triton, n_aten = expected
+    assert len(launches.names) == n_triton, launches.names
+    assert sorted(ops) == sorted(n_aten), ops
+    _check(out, x, W, b, A, B, dy, 0.5, dropout, 9, names=("y", "S") + tuple(
+        n for n, want in zip(NAMES[2:], needs) if want))  # fmt: skip
+
+
+def test_autotune_configs_pruned_by_shared_memory():
+    class _T:
+        def __init__(self, es):
+            self.es = es
+
+        def element_size(self):
+            return self.es
+
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in tk._GEMM_SHAPES + [(128, 256, 64, 8, 4)]
+    ]
+    args = {"M": 8192, "N": 4096, "a_ptr": _T(2), "c_ptr": _T(2), "stride_a": 4096}
+    kept = tk._prune_gemm(configs, args, R_PAD=16, FUSE_DA=False, HAS_DROPOUT=False)
+    shapes = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in kept}
+    assert (128, 256, 3) in shapes and (128, 256, 4) not in shapes  # 4-stage 128x256 needs > 227 KB
+    for c in kept:
+        kw = c.kwargs
+        assert (
+            tk.gemm_smem_estimate(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, 2, 2, 16, True)
+            <= tk.SMEM_LIMIT
+        )
+    # fp32 at r = 128 with the fused dA and dropout: only small tiles fit; never an empty list.
+    args32 = dict(args, a_ptr=_T(4), c_ptr=_T(4))
+    kept32 = tk._prune_gemm(configs, args32, R_PAD=128, FUSE_DA=True, HAS_DROPOUT=True)
+    assert kept32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept32)
+    for c in kept32:
+        kw = c.kwargs
+        est = tk.gemm_smem_estimate(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_stages, 4, 4, 128, True,
+                                    fuse_da=True, dropout=True)  # fmt: skip
+        assert est <= tk.SMEM_LIMIT
+
+
+def test_interpreter_blocks_reach_odd_tails():
+    # Smaller tiles than the defaults: several row/column tiles with partial tails in every kernel.
+    if not INTERPRET:
+        pytest.skip("block overrides apply under the interpreter")
+    x, W, b, A, B, dy = _inputs(37, 52, 44, 8, torch.float32, True)
+    blocks = dict(lora_gemm={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
+                  lora_down={"BLOCK_M": 16, "BLOCK_K": 16}, lora_dy={"BLOCK_N": 16})  # fmt: skip
+    for path in ("pointer", "tma"):
+        with _config.override_interpret_blocks(**blocks), _config.force_gemm_path(path):
+            out = _run(x, W, b, A, B, dy, 0.5, 0.2, 5)
+        _check(out, x, W, b, A, B, dy, 0.5, 0.2, 5)

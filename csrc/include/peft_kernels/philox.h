@@ -1,10 +1,10 @@
-// The library's dropout mask, shared by the CPU and CUDA kernels.
+// The library's dropout mask, shared by the CPU and CUDA kernels (definition: peft_kernels/ops/dropout_mask.py).
 //
-// It reproduces Triton's tl.rand(seed, offset) bit for bit (Philox-4x32, 10 rounds, key = the two halves
-// of the 64-bit seed, counter = (offset mod 2^32, 0, 0, 0), first word, uint_to_uniform_float), so every
-// backend regenerates the same mask from (seed, offset) and no mask is ever stored.
-// Element (i, j) of an M x K input uses offset i * K + j; it is kept iff u >= p.
-// The definition lives in peft_kernels/ops/dropout_mask.py; the Triton kernels pass uint32 offsets.
+// Element (i, j) of a rows x cols activation takes word j % 4 of Philox-4x32-10 with key = the two halves of
+// the 64-bit seed and counter (j / 4, i, 0, 0) -- one Philox call gives the keep bits of four neighbouring
+// columns -- turned into a float in [0, 1) as Triton's uint_to_uniform_float does; it is kept iff u >= p.
+// The Triton kernels compute the same words with tl.philox(seed, j // 4, i, 0, 0), so every backend
+// regenerates the same mask and no mask is ever stored.
 #pragma once
 #include <cstdint>
 
@@ -24,8 +24,13 @@ PK_HOST_DEVICE uint32_t philox_umulhi(uint32_t a, uint32_t b) {
 #endif
 }
 
-PK_HOST_DEVICE uint32_t philox_first_word(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = 0, c2 = 0, c3 = 0;
+struct PhiloxWords {
+  uint32_t w[4];
+};
+
+// Philox-4x32-10 at counter (c0, c1, 0, 0), key (seed mod 2^32, seed >> 32).
+PK_HOST_DEVICE PhiloxWords philox4(uint64_t seed, uint32_t c0, uint32_t c1) {
+  uint32_t c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDACC__)
 #pragma unroll
@@ -39,18 +44,25 @@ PK_HOST_DEVICE uint32_t philox_first_word(uint64_t seed, uint64_t offset) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  return PhiloxWords{{c0, c1, c2, c3}};
 }
 
 // Triton's uint_to_uniform_float for 32-bit words: a float in [0, 1).
-PK_HOST_DEVICE float philox_uniform(uint64_t seed, uint64_t offset) {
-  int32_t x = static_cast<int32_t>(philox_first_word(seed, offset));
+PK_HOST_DEVICE float philox_word_to_uniform(uint32_t word) {
+  int32_t x = static_cast<int32_t>(word);
   if (x < 0) x = ~x;  // == -x - 1 without signed overflow
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-PK_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t offset, float p) {
-  return philox_uniform(seed, offset) >= p;
+// Keep bits of columns 4q .. 4q+3 of row `row` (bit c set: column 4q + c kept).
+PK_HOST_DEVICE unsigned dropout_keep4(uint64_t seed, uint64_t row, uint64_t q, float p) {
+  const PhiloxWords r = philox4(seed, static_cast<uint32_t>(q), static_cast<uint32_t>(row));
+  unsigned bits = 0;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int c = 0; c < 4; ++c) bits |= (philox_word_to_uniform(r.w[c]) >= p ? 1u : 0u) << c;
+  return bits;
 }
 
 }  // namespace peft_kernels
