@@ -95,9 +95,8 @@ def train(steps: int = 300, r: int = 8, lora_alpha: float | None = None, lr: flo
     # "all-linear": every nn.Linear but the output head, as peft's LoraConfig means it. alpha = 2r.
     apply_lora(model, target_modules="all-linear", r=r, lora_alpha=lora_alpha or 2 * r)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
-    print(f"model: {n_all / 1e6:.2f} M parameters, {n_train / 1e3:.1f} k trainable (LoRA r={r}); "
-          f"corpus: {len(data)} bytes", flush=True)
+    model.print_trainable_parameters()  # peft's line: trainable params: ... || all params: ... || trainable%: ...
+    print(f"LoRA r={r}; corpus: {len(data)} bytes", flush=True)
 
     gen = torch.Generator().manual_seed(seed + 1)
     eval_batch = random_windows(data, 32, seq_len, torch.Generator().manual_seed(seed + 2)).to(device)
