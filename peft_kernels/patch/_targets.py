@@ -12,6 +12,13 @@ import functools
 import re
 from collections.abc import Iterable
 
+try:  # Python >= 3.11
+    from re import _constants as _sre_c
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre_c
+    import sre_parse as _sre_parse
+
 from torch import Tensor, nn
 
 from peft_kernels.nn.lora_conv1d import _conv1d_class, is_conv1d
@@ -105,13 +112,12 @@ MAX_UNBOUNDED_QUANTIFIERS = 4
 
 
 def _walk(items, depth: int, stats: dict) -> None:
-    from re import _constants as c
-
+    c = _sre_c
     for op, av in items:
         if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
             lo, hi, body = av
             repeats = hi > 1
-            if repeats and depth > 0:
+            if depth > 0:  # any quantifier under a repetition (even "?"): ambiguous, backtracks exponentially
                 stats["nested"] = True
             if hi == c.MAXREPEAT or hi > 64:
                 stats["unbounded"] += 1
@@ -119,10 +125,12 @@ def _walk(items, depth: int, stats: dict) -> None:
         elif op in (c.GROUPREF, c.GROUPREF_EXISTS):
             stats["backref"] = True
         else:
+            if op is c.BRANCH and depth > 0:  # "(a|aa)*": overlapping alternatives under a repetition
+                stats["nested"] = True
             for part in av if isinstance(av, (tuple, list)) else (av,):
-                if isinstance(part, re._parser.SubPattern):
+                if isinstance(part, _sre_parse.SubPattern):
                     _walk(part, depth, stats)
-                elif isinstance(part, list) and part and isinstance(part[0], re._parser.SubPattern):
+                elif isinstance(part, list) and part and isinstance(part[0], _sre_parse.SubPattern):
                     for sub in part:
                         _walk(sub, depth, stats)
 
@@ -130,14 +138,15 @@ def _walk(items, depth: int, stats: dict) -> None:
 def check_regex(owner: str, arg: str, pattern: str) -> None:
     """Refuse a regex that is invalid or could take super-linear time to match (see above)."""
     try:
-        parsed = re._parser.parse(pattern)
+        parsed = _sre_parse.parse(pattern)
     except re.error as exc:
         raise ValueError(f"{owner}: {arg}={_short(pattern)} is not a valid regular expression ({exc})") from exc
     stats = {"nested": False, "unbounded": 0, "backref": False}
     _walk(parsed, 0, stats)
     why = None
     if stats["nested"]:
-        why = "it repeats a group that itself contains a repetition (e.g. '(.*.*)*' or '(a+)+')"
+        why = ("it repeats a group that itself contains a repetition or an alternation (e.g. '(.*.*)*', "
+               "'(a+)+', '(a|aa)*')")
     elif stats["backref"]:
         why = "it uses a backreference"
     elif stats["unbounded"] > MAX_UNBOUNDED_QUANTIFIERS:

@@ -564,7 +564,8 @@ def test_killed_save_lora_leaves_the_old_adapter_loadable(saved):
     assert_close(logits(loaded, inputs), logits(model, inputs), name="old adapter")
 
 
-@pytest.mark.parametrize("pattern", [r"(.*.*)*\.zzz", r"(a+)+b", r"(\w+\.)*zzz", r".*.*.*.*.*.*\.zzz"])
+@pytest.mark.parametrize("pattern", [r"(.*.*)*\.zzz", r"(a+)+b", r"(\w+\.)*zzz", r".*.*.*.*.*.*\.zzz", r"(a|aa)*b",
+                                     r"(a?)*b", r"(.)\1.*"])
 def test_hostile_target_regex_refused_fast(saved, pattern):
     base, _, path = saved
     cfg = json.loads((path / "adapter_config.json").read_text())
