@@ -398,3 +398,16 @@ def test_bitfit_layers_compile_fullgraph():
             assert_close(p.grad, eager[n], rtol=1e-5, atol=1e-6, name=n)
         else:
             assert p.grad is None
+
+
+def test_example_script_runs():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "bitfit.py"
+    spec = importlib.util.spec_from_file_location("bitfit_example", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    out = ex.main(["--steps", "30", "--device", "cpu"])
+    assert out["losses"][-1] < 0.5 * out["losses"][0]
+    assert out["reloaded_equal"] and out["llama_unchanged"]
