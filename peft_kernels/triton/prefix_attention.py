@@ -791,3 +791,70 @@ def prefix_attention_backward(
     if shared:
         dpk, dpv = dpk.sum(0), dpv.sum(0)
     return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# compile-check protocol (peft_kernels/triton/_compile_check.py)
+# --------------------------------------------------------------------------------------------------
+def _hl_strides(name: str, L: int, H: int, D: int, rows: str = "m") -> dict:
+    # transformers' [B, L, H, D] tensors viewed as [B, H, L, D]: (batch, head, row) strides
+    return {f"stride_{name}b": L * H * D, f"stride_{name}h": D, f"stride_{name}{rows}": H * D}
+
+
+def compile_variants(quick: bool = False) -> list:
+    """Every autotune config and the PEFT_KERNELS_TRITON_AUTOTUNE=0 fallback of the four kernels, at the benchmark
+    shape (B=4, L=2048, D=128, P=32, HL layout, shared fp32 prefix), causal, MHA and GQA (group 4), with and
+    without padding, bf16 and fp16. quick (CI): bf16 MHA causal, the default and fallback config of each kernel."""
+    from ._compile_check import jit_variant
+
+    L, D, P, Hq = 2048, 128, 32, 32  # B = 4 enters only through strides that do not depend on it
+    out = []
+    dtypes = ("bf16",) if quick else ("bf16", "fp16")
+    groups = (1,) if quick else (1, 4)
+    pads = (False,) if quick else (False, True)
+    fallback = _configs([(16, 32, 4, 1)])[0]
+    for dt in dtypes:
+        for group in groups:
+            Hkv = Hq // group
+            for pad in pads:
+                flags = f"g{group}{'.pad' if pad else ''}"
+                common = {
+                    "Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "PK": "*fp32", "PV": "*fp32", "MASK": "*u8",
+                    **_hl_strides("q", L, Hq, D), **_hl_strides("k", L, Hkv, D, "n"),
+                    **_hl_strides("v", L, Hkv, D, "n"),
+                    "stride_pkb": 0, "stride_pkh": P * D, "stride_pkn": D,
+                    "stride_pvb": 0, "stride_pvh": P * D, "stride_pvn": D,
+                    "stride_maskb": L if pad else 0, "stride_maskn": 1 if pad else 0,
+                    "Lq": L, "Lk": L, "P": P, "LQ_KEY": L, "LK_KEY": L,
+                }  # fmt: skip
+                cx = {"GROUP": group, "HEAD_DIM": D, "BLOCK_D": D, "EVEN_D": True, "CAUSAL": True, "HAS_PAD": pad,
+                      "PREC": None}
+                lse = {"stride_lb": Hq * L, "stride_lh": L}
+                kernels = {
+                    "fwd": (_fwd_kernel, _FWD_CONFIGS, 4, {
+                        **common, "OUT": f"*{dt}", "LSE": "*fp32", **_hl_strides("o", L, Hq, D), **lse,
+                        "qk_scale": 0.1}),
+                    "dkdv": (_bwd_dkdv_kernel, _DKDV_CONFIGS, 0, {
+                        **common, "DO": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32", "DK": f"*{dt}", "DV": f"*{dt}",
+                        "DPK": "*fp32", "DPV": "*fp32", **_hl_strides("do", L, Hq, D), **lse,
+                        **_hl_strides("dk", L, Hkv, D, "n"), "stride_dpb": Hkv * P * D, "stride_dph": P * D,
+                        "stride_dpn": D, "scale": 0.08, "qk_scale": 0.1}),
+                    "dq": (_bwd_dq_kernel, _DQ_CONFIGS, 1, {
+                        **common, "DO": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32", "DQ": f"*{dt}",
+                        **_hl_strides("do", L, Hq, D), **lse, **_hl_strides("dq", L, Hq, D), "scale": 0.08,
+                        "qk_scale": 0.1}),
+                }  # fmt: skip
+                for kname, (kernel, configs, default, args) in kernels.items():
+                    chosen = [configs[default], fallback] if quick or dt != "bf16" else [*configs, fallback]
+                    for c in chosen:
+                        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                        tag = ".default" if c is configs[default] else (".fallback" if c is fallback else "")
+                        out.append(jit_variant(
+                            f"prefix_attention.{kname}.{flags}.{dt}.{bm}x{bn}w{c.num_warps}s{c.num_stages}{tag}",
+                            kernel, args, {**cx, "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=c.num_warps,
+                            num_stages=c.num_stages, kind="attention", main=bool(tag == ".default")))  # fmt: skip
+        pre = {"OUT": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32", **_hl_strides("o", L, Hq, D),
+               **_hl_strides("do", L, Hq, D), "stride_lb": Hq * L, "stride_lh": L, "Lq": L}
+        out.append(jit_variant(f"prefix_attention.pre.{dt}.64", _bwd_preprocess_kernel, pre,
+                               {"HEAD_DIM": D, "BLOCK_D": D, "EVEN_D": True, "BLOCK_M": 64}, kind="stream"))
+    return out

@@ -33,6 +33,9 @@ _SPLIT_ROWS = 512  # query rows per backward program: B*Hkv*ceil(Lq/512) program
 # (BLOCK_M, num_warps) of the GPU launches; the tiles are small (P x D), so no autotuning.
 _FWD_BLOCK_M = 64
 _BWD_BLOCK_M = 64
+# sm_90a, Triton 3.8, D = 128, P = 32: 8 warps spill 276 B (4 warps: 1400 B); BLOCK_M = 32 loses wgmma. The fp32
+# dPK/dPV accumulators and the dQ read-modify-write tile are live together; see NOTES.md (prefix attention).
+_BWD_WARPS = 8
 
 
 def _block_p(P: int) -> int:
@@ -134,8 +137,9 @@ def _prefix_bwd_kernel(
         cols = start_p + offs_p
         col_ok = cols < P
         tile_mask = col_ok[:, None] & d_ok[None, :]
-        pk_raw = tl.load(_tile(pk_base, cols, stride_pkn, offs_d), mask=tile_mask, other=0.0)
-        pv_raw = tl.load(_tile(pv_base, cols, stride_pvn, offs_d), mask=tile_mask, other=0.0)
+        # Cast once to the activation dtype: the fp32 tiles would hold twice the registers across the loops.
+        pk = tl.load(_tile(pk_base, cols, stride_pkn, offs_d), mask=tile_mask, other=0.0).to(Q.dtype.element_ty)
+        pv = tl.load(_tile(pv_base, cols, stride_pvn, offs_d), mask=tile_mask, other=0.0).to(Q.dtype.element_ty)
         dpk = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         dpv = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         for j in range(GROUP):
@@ -146,8 +150,6 @@ def _prefix_bwd_kernel(
                 rmask = row_ok[:, None] & d_ok[None, :]
                 q = tl.load(_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, offs_d),
                             mask=rmask, other=0.0)
-                pk = pk_raw.to(q.dtype)
-                pv = pv_raw.to(q.dtype)
                 do = tl.load(_tile(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dom, offs_d),
                              mask=rmask, other=0.0).to(q.dtype)
                 o = tl.load(_tile(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_om, offs_d),
@@ -248,7 +250,43 @@ def prefix_merge_backward(do, q, prefix_k, prefix_v, out, lse, dq, scale: float)
             dq.stride(0), dq.stride(1), dq.stride(2),
             dpk.stride(0), dpk.stride(1), dpk.stride(2),
             Lq, P, float(scale), float(scale) * 1.4426950408889634, split,
-            BLOCK_M=block_m, num_warps=4, **_meta(q, Hkv, P),
+            BLOCK_M=block_m, num_warps=_BWD_WARPS, **_meta(q, Hkv, P),
         )  # fmt: skip
     dims = (0, 1) if prefix_k.dim() == 3 else (0,)
     return dpk.sum(dims), dpv.sum(dims)
+
+
+# --------------------------------------------------------------------------------------------------
+# compile-check protocol (peft_kernels/triton/_compile_check.py)
+# --------------------------------------------------------------------------------------------------
+def compile_variants(quick: bool = False) -> list:
+    """Both kernels at the benchmark shape (B=4, L=2048, D=128, P=32; q/O/dO/dQ in the HL layout, a shared fp32
+    prefix, lse_c as the aten flash op returns it), MHA and GQA (group 4), bf16 and fp16, the launch config.
+    quick (CI): bf16 MHA."""
+    from ._compile_check import jit_variant
+
+    B, L, D, P, Hq = 4, 2048, 128, 32, 32
+    hl = {"b": L * Hq * D, "h": D, "m": Hq * D}
+    out = []
+    for dt in ("bf16",) if quick else ("bf16", "fp16"):
+        for group in (1,) if quick else (1, 4):
+            Hkv = Hq // group
+            prefix = {"PK": "*fp32", "PV": "*fp32", "stride_pkb": 0, "stride_pkh": P * D, "stride_pkn": D,
+                      "stride_pvb": 0, "stride_pvh": P * D, "stride_pvn": D}
+            cx = {"GROUP": group, "HEAD_DIM": D, "BLOCK_D": D, "PREC": None, "BLOCK_P": _block_p(P)}
+            fwd = {"Q": f"*{dt}", "OC": f"*{dt}", "LSEC": "*fp32", "LSE": "*fp32", **prefix,
+                   **{f"stride_q{k}": v for k, v in hl.items()}, **{f"stride_o{k}": v for k, v in hl.items()},
+                   "stride_cb": Hq * L, "stride_ch": L, "stride_cm": 1, "stride_lb": Hq * L, "stride_lh": L,
+                   "Lq": L, "P": P, "qk_scale": 0.1}
+            out.append(jit_variant(f"prefix_merge.fwd.g{group}.{dt}.{_FWD_BLOCK_M}x{_block_p(P)}",
+                                   _prefix_merge_fwd_kernel, fwd, {**cx, "BLOCK_M": _FWD_BLOCK_M}, num_warps=4,
+                                   kind="attention", main=True))
+            bwd = {"Q": f"*{dt}", "O": f"*{dt}", "DO": f"*{dt}", "LSE": "*fp32", "DQ": f"*{dt}", "DPK": "*fp32",
+                   "DPV": "*fp32", **prefix,
+                   **{f"stride_{n}{k}": v for n in ("q", "o", "do", "dq") for k, v in hl.items()},
+                   "stride_lb": Hq * L, "stride_lh": L, "stride_ps": B * Hkv * P * D, "stride_pb": Hkv * P * D,
+                   "stride_ph": P * D, "Lq": L, "P": P, "scale": 0.08, "qk_scale": 0.1, "SPLIT_ROWS": _SPLIT_ROWS}
+            out.append(jit_variant(f"prefix_merge.bwd.g{group}.{dt}.{_BWD_BLOCK_M}x{_block_p(P)}",
+                                   _prefix_bwd_kernel, bwd, {**cx, "BLOCK_M": _BWD_BLOCK_M}, num_warps=_BWD_WARPS,
+                                   kind="attention", main=True))
+    return out

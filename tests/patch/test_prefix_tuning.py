@@ -447,7 +447,8 @@ def test_bad_num_virtual_tokens():
 def test_unsupported_models():
     config = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4)
-    with pytest.raises(ValueError, match=r"does not support model type 'gpt_neox'.*supported: bert, gpt2, llama"):
+    with pytest.raises(ValueError, match=r"does not support model type 'gpt_neox'.*supported: bert, gemma2, "
+                                         r"gemma3_text, gpt2, llama"):
         apply_prefix_tuning(transformers.GPTNeoXForCausalLM(config))
     with pytest.raises(TypeError, match="needs a transformers PreTrainedModel"):
         apply_prefix_tuning(nn.Linear(4, 4))
@@ -786,7 +787,7 @@ def _assert_unchanged(model, snap):
 
 
 def test_failed_load_leaves_the_model_exactly_as_it_was(tmp_path):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     src = peft_prefix_model("llama", False)
     src.save_pretrained(tmp_path / "peft_ckpt")
     # a model of another size: the checkpoint's prompt_embeddings do not fit it
