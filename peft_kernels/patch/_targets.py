@@ -229,7 +229,10 @@ def peft_moe_targets(model: nn.Module, target_modules, r: int, lora_alpha: float
         return None
     cfg = LoraConfig(r=r, lora_alpha=lora_alpha,
                      target_modules=list(target_modules) if isinstance(target_modules, tuple) else target_modules)
-    convert_peft_config_for_transformers(cfg, model, conversions=None)
+    try:
+        convert_peft_config_for_transformers(cfg, model, conversions=None)
+    except ValueError as exc:  # e.g. only one of two projections fused into gate_up_proj targeted
+        raise ValueError(f"apply_lora: target_modules={_short(target_modules)}: {exc}") from exc
     if not cfg.target_parameters:
         return None
     return (tuple(sorted(cfg.target_modules or ())), tuple(sorted(cfg.target_parameters)),

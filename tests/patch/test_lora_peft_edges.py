@@ -362,6 +362,10 @@ def test_moe_parameter_lora_refuses_dropout_and_extra_adapters():
     moe = apply_lora(build_moe("mixtral", 1), r=2)
     with pytest.raises(ValueError, match="LoRA on parameters"):
         add_lora_adapter(moe, "other")
+    with pytest.raises(ValueError, match=r"apply_lora: target_modules=\['q_proj', 'w1'\]: .*w3"):
+        apply_lora(build_moe("mixtral", 1), target_modules=["q_proj", "w1"])  # peft's v4 names, half of a fusion
+    v4 = apply_lora(build_moe("mixtral", 1), target_modules=["q_proj", "w1", "w3"], r=2)
+    assert v4.peft_kernels_lora_config.parameters == ["model.layers.0.mlp.experts.gate_up_proj"]
 
 
 # --------------------------------------------------------------------------------------------------
