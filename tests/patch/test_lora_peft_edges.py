@@ -692,3 +692,24 @@ def test_load_and_save_argument_errors(saved, tmp_path):
         save_lora(build("llama"), tmp_path / "y")
     with pytest.raises(TypeError, match="remove_lora: merge must be a bool"):
         remove_lora(model, merge="yes")
+
+
+def test_save_pretrained_with_two_adapters_uses_peft_layout(tmp_path):
+    torch.manual_seed(0)
+    base = build("llama")
+    model = apply_lora(copy.deepcopy(base), target_modules=["q_proj", "v_proj"], r=2)
+    add_lora_adapter(model, "other", r=3, lora_alpha=6)
+    perturb_trainable(model, seed=1)  # the default adapter
+    set_adapter(model, "other")
+    perturb_trainable(model, seed=2)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "other" / "adapter_config.json").is_file()
+    inputs = batch("llama")
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    pm.load_adapter(tmp_path / "other", "other")
+    pm.eval()
+    pm.set_adapter("other")
+    assert_close(logits(pm, inputs), logits(model, inputs), rtol=1e-4, atol=1e-5, name="other")
+    pm.set_adapter("default")
+    set_adapter(model, "default")
+    assert_close(logits(pm, inputs), logits(model, inputs), rtol=1e-4, atol=1e-5, name="default")
