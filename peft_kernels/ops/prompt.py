@@ -177,21 +177,19 @@ def _embedding_grad(dout, input_ids, slots, num_embeddings, P):
     return dweight.to(dout.dtype)
 
 
-@FAMILY.forward("reference", devices=("cpu", "cuda"))
+@FAMILY.forward("reference", devices=("cpu", "cuda"), autograd=True)
 def _reference_forward(input_ids, embedding_weight, prompt_embeds, slots, vpos):
-    """gather + copy in PyTorch (the oracle and the fallback)"""
+    """lookup + cat (or gathers) in PyTorch, differentiated by autograd in eager (the oracle and the fallback)"""
     check_ids_in_range(input_ids, embedding_weight.shape[0])
     B, S = input_ids.shape
     P, H = prompt_embeds.shape[-2], embedding_weight.shape[1]
     tokens = F.embedding(input_ids, embedding_weight)
+    # Expanded before the cast: autograd then sums a shared prompt's gradient over the batch in its own dtype.
+    prompt = prompt_embeds.expand(B, P, H) if prompt_embeds.dim() == 2 else prompt_embeds
+    prompt = prompt.to(embedding_weight.dtype)
     if slots is None:
-        out = embedding_weight.new_empty(B, P + S, H)
-        out[:, :P] = prompt_embeds  # broadcasts a shared [P, H] prompt; casts to the weight's dtype
-        out[:, P:] = tokens
-        return out
+        return torch.cat((prompt, tokens), dim=1)
     T = P + S
-    prompt = prompt_embeds.to(embedding_weight.dtype)
-    prompt = prompt.expand(B, P, H) if prompt.dim() == 2 else prompt
     s = slots.clamp_min(0).long().expand(B, T)
     p = (-slots.long() - 1).clamp_min(0).expand(B, T)
     from_tokens = torch.gather(tokens, 1, s[..., None].expand(B, T, H))
@@ -341,6 +339,9 @@ def validate(input_ids, embedding_weight, prompt_embeds) -> None:
         raise ValueError(f"{OP}: prompt_embeds has 0 virtual tokens (shape {tuple(prompt_embeds.shape)})")
 
 
+_VALIDATED = v.Validated()
+
+
 def soft_prompt_embed(input_ids: Tensor, embedding_weight: Tensor, prompt_embeds: Tensor, positions=None, *,
                       maps: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Input embeddings with P virtual tokens: [B, P + S, H].
@@ -358,7 +359,10 @@ def soft_prompt_embed(input_ids: Tensor, embedding_weight: Tensor, prompt_embeds
     Returns:
         [B, P + S, H] in embedding_weight's dtype. Extend the attention mask (and labels, with -100) to match.
     """
-    validate(input_ids, embedding_weight, prompt_embeds)
+    key = None if torch.compiler.is_compiling() else v.tensor_key(input_ids, embedding_weight, prompt_embeds)
+    if key not in _VALIDATED:  # the tensor checks run once per signature
+        validate(input_ids, embedding_weight, prompt_embeds)
+        _VALIDATED.add(key)
     B, S = input_ids.shape
     P = prompt_embeds.shape[-2]
     slots = vpos = None
@@ -373,4 +377,6 @@ def soft_prompt_embed(input_ids: Tensor, embedding_weight: Tensor, prompt_embeds
         slots, vpos = prompt_maps(_as_positions(positions, B, S, P, input_ids.device), S, P)
     ids = input_ids if input_ids.is_contiguous() else input_ids.contiguous()
     prompt = prompt_embeds if prompt_embeds.stride(-1) == 1 else prompt_embeds.contiguous()
-    return FAMILY(PromptInputs(ids, embedding_weight, prompt, slots, vpos))
+    # The tensor signature (plus "is there a map") is all dispatch depends on: no second signature to compute.
+    dispatch_key = None if key is None else (key, slots is None)
+    return FAMILY(PromptInputs(ids, embedding_weight, prompt, slots, vpos), dispatch_key)
