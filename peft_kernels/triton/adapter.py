@@ -344,9 +344,14 @@ def _blocks(kernel: str, m_pad: int, dtype: torch.dtype) -> dict:
         return {"a": 32, "b": 64, "c": 64, "warps": 8 if m_pad >= 128 else 4, "stages": 3}
     if kernel == "rows":  # BLOCK_M, BLOCK_N
         return {"a": 32 if wide else 64, "b": 64, "warps": 8 if m_pad >= 128 else 4, "stages": 3}
-    # cols: BLOCK_M, BLOCK_N (two [BLOCK_N, m_pad] fp32 accumulators), split chosen by the launcher
-    bn = {16: 64, 32: 64, 64: 64, 128: 32, 256: 16}[m_pad]
-    return {"a": 64 if not wide else 32, "b": bn, "c": None, "warps": 8 if m_pad >= 128 else 4, "stages": 2}
+    # cols: BLOCK_M, BLOCK_N (two [BLOCK_N, m_pad] fp32 accumulators live across the row loop), split chosen by
+    # the launcher. 8 warps: at 4 the bf16 m = 64 config needed 255 registers and spilled (compile check, sm_90a).
+    # fp32 dots are exact fp32 FMAs (no tensor cores): smaller tiles keep them in registers.
+    if dtype == torch.float32:
+        bn = {16: 32, 32: 32, 64: 16, 128: 16, 256: 16}[m_pad]
+        return {"a": 16, "b": bn, "c": None, "warps": 8 if m_pad <= 128 else 16, "stages": 2}
+    bm, bn = {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (32, 16), 256: (16, 16)}[m_pad]
+    return {"a": bm, "b": bn, "c": None, "warps": 8, "stages": 2}
 
 
 def _launch_opts(b: dict) -> dict:
