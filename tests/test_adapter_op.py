@@ -411,3 +411,57 @@ def test_mixed_validation(over, exc, match):
     with pytest.raises(exc, match=f"bottleneck_adapter_mixed: {match}"):
         bottleneck_adapter_mixed(args["h"], args["W_down"], args["b_down"], args["W_up"], args["b_up"], args["ids"],
                                  "relu", args["scalings"])
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: the triton and cuda backends in bf16/fp16 at larger sizes (skipped without CUDA)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+def test_gpu_backends_within_eager_error(backend, dtype, activation):
+    import peft_kernels
+
+    torch.manual_seed(0)
+    N, H, m = 4099, 1024, 64
+    h = torch.randn(N, H, device="cuda", dtype=dtype, requires_grad=True)
+    W_down = (torch.randn(m, H, device="cuda") / H**0.5).requires_grad_(True)  # fp32 masters
+    W_up = (torch.randn(H, m, device="cuda") / m**0.5).requires_grad_(True)
+    b_down = (torch.randn(m, device="cuda") * 0.1).requires_grad_(True)
+    b_up = (torch.randn(H, device="cuda") * 0.1).requires_grad_(True)
+    params = [h, W_down, b_down, W_up, b_up]
+    inp = FAMILY.Inputs(h, W_down, b_down, W_up, b_up, activation, 0.5, True)
+    reason = FAMILY.why_not_reason(backend, inp)
+    if reason is not None:
+        pytest.skip(reason)
+    with peft_kernels.use_backend(backend, strict=True):
+        y = bottleneck_adapter(*params, activation=activation, scaling=0.5)
+    with peft_kernels.use_backend("reference"):
+        y_eager = bottleneck_adapter(*params, activation=activation, scaling=0.5)
+    p64 = [p.detach().double().requires_grad_(True) for p in params]
+    y64 = bottleneck_adapter_reference(*p64, activation=activation, scaling=0.5)
+    assert_within_eager_error(y, y_eager, y64, name="y")
+    dy = torch.randn_like(y)
+    for g, e, o, name in zip(grads_of(y, params, dy), grads_of(y_eager, params, dy), grads_of(y64, p64, dy.double()),
+                             NAMES):
+        assert_within_eager_error(g, e, o, name=f"d{name}")
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_batch_triton_matches_reference():
+    import peft_kernels
+
+    torch.manual_seed(0)
+    A, N, H, m = 4, 2051, 512, 64
+    stacked = [t.detach().cuda().float().requires_grad_(True) for t in make_stacked(A, H, m)]
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, A, (N,), device="cuda")
+    with peft_kernels.use_backend("triton", strict=True):
+        y = bottleneck_adapter_mixed(h, *stacked, ids, "relu", (1.0, 0.5, 2.0, 1.5))
+    with peft_kernels.use_backend("reference"):
+        y_r = bottleneck_adapter_mixed(h, *stacked, ids, "relu", (1.0, 0.5, 2.0, 1.5))
+    assert rel_err(y, y_r) < 1e-2
+    dy = torch.randn_like(y)
+    for g, r, name in zip(grads_of(y, [h, *stacked], dy), grads_of(y_r, [h, *stacked], dy), NAMES):
+        assert rel_err(g, r) < 2e-2, name
