@@ -385,3 +385,16 @@ def test_example_script_runs():
     assert res["loss_first"][-1] < res["loss_first"][0]
     assert res["loss_second"][-1] < res["loss_second"][0]
     assert 0.0 <= res["mixed_accuracy"] <= 1.0 and res["reload_same"]
+
+
+def test_routing_under_torch_compile_fullgraph():
+    model = tiny("llama")
+    cfg = AdapterConfig.pfeiffer(bottleneck=4)
+    pa.apply_adapters(model, cfg, "x")
+    pa.add_bottleneck_adapter(model, "y", cfg)
+    randomize(model, seed=3)
+    x, route = ids(B=3, T=5), torch.tensor([1, 0, 1])
+    with pa.adapter_routing(model, ["x", "y"], route):
+        eager = model(x).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x).logits
+    torch.testing.assert_close(compiled, eager)
