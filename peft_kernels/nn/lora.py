@@ -61,6 +61,22 @@ def check_float_dtype(owner: str, name: str, dtype) -> None:
         raise TypeError(f"{owner}: {name} must be a floating torch.dtype or None, got {dtype!r}")
 
 
+def check_base_weight(owner: str, base: nn.Module) -> None:
+    w = getattr(base, "weight", None)
+    if not isinstance(w, Tensor) or not w.is_floating_point() or w.numel() == 0:
+        what = ("no weight tensor" if not isinstance(w, Tensor)
+                else f"a weight of dtype {w.dtype}, shape {tuple(w.shape)}")
+        raise ValueError(f"{owner}: {type(base).__name__} has {what}; LoRA needs a non-empty floating weight")
+
+
+def checked_wrap_args(owner: str, base: nn.Module, r=8, lora_alpha=8.0, lora_dropout=0.0, use_rslora=False,
+                      adapter_dtype=torch.float32, freeze_base=True) -> tuple[tuple, bool]:
+    """from_linear's / from_conv1d's keyword arguments checked: ``(hparams, freeze_base)``."""
+    hp = check_lora_hparams(owner, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
+    check_base_weight(owner, base)
+    return hp, _bool(owner, "freeze_base", freeze_base)
+
+
 def check_adapter_name(owner: str, name) -> str:
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"{owner}: adapter_name must be a non-empty str without '.', got {name!r}")
@@ -155,23 +171,18 @@ class LoRALinear(nn.Linear):
         freeze_base: bool = True,
     ) -> LoRALinear:
         """Wrap an existing ``nn.Linear``, reusing its weight and bias tensors (no copy)."""
+        owner = "LoRALinear.from_linear"
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LoRALinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
-        return cls._wrap(linear, linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha,
-                         lora_dropout=lora_dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
-                         freeze_base=freeze_base, owner="LoRALinear.from_linear")
+            raise TypeError(f"{owner}: expected an nn.Linear, got {type(linear).__name__}")
+        hp, freeze_base = checked_wrap_args(owner, linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                            use_rslora=use_rslora, adapter_dtype=adapter_dtype, freeze_base=freeze_base)
+        return cls._wrap(linear, linear.in_features, linear.out_features, hp, freeze_base)
 
     @classmethod
-    def _wrap(cls, base: nn.Module, in_features: int, out_features: int, *, r=8, lora_alpha=8.0,
-              lora_dropout=0.0, use_rslora=False, adapter_dtype=torch.float32, freeze_base=True, owner: str):
-        """A new instance holding `base`'s own weight and bias Parameters (no copy), in `base`'s mode."""
-        hp = check_lora_hparams(owner, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
-        _bool(owner, "freeze_base", freeze_base)
-        w = getattr(base, "weight", None)
-        if not isinstance(w, Tensor) or not w.is_floating_point() or w.numel() == 0:
-            what = "no weight tensor" if not isinstance(w, Tensor) else f"a weight of dtype {w.dtype}, shape " \
-                   f"{tuple(w.shape)}"
-            raise ValueError(f"{owner}: {type(base).__name__} has {what}; LoRA needs a non-empty floating weight")
+    def _wrap(cls, base: nn.Module, in_features: int, out_features: int, hp: tuple, freeze_base: bool):
+        """A new instance holding `base`'s own weight and bias Parameters (no copy), in `base`'s mode. The
+        arguments were checked by the public caller (from_linear, from_conv1d, apply_lora): ``hp`` is
+        check_lora_hparams' result."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from peft_kernels.nn.lora import LoRALinear
+from peft_kernels.nn.lora import LoRALinear, checked_wrap_args
 
 
 def _conv1d_class():
@@ -35,9 +35,11 @@ class LoRAConv1D(LoRALinear):
     @classmethod
     def from_conv1d(cls, conv: nn.Module, **lora_kwargs) -> LoRAConv1D:
         """Wrap a GPT-2 Conv1D, reusing its Parameters; takes LoRALinear.from_linear's keyword arguments."""
+        owner = "LoRAConv1D.from_conv1d"
         if not is_conv1d(conv):
-            raise TypeError(f"LoRAConv1D.from_conv1d: expected a transformers Conv1D, got {type(conv).__name__}")
-        return cls._wrap(conv, conv.nx, conv.nf, owner="LoRAConv1D.from_conv1d", **lora_kwargs)
+            raise TypeError(f"{owner}: expected a transformers Conv1D, got {type(conv).__name__}")
+        hp, freeze_base = checked_wrap_args(owner, conv, **lora_kwargs)
+        return cls._wrap(conv, conv.nx, conv.nf, hp, freeze_base)
 
     @property
     def nf(self) -> int:

@@ -57,7 +57,7 @@ def linear_kind(module: nn.Module) -> str | None:
     if not _forward_is_linear_map(type(module)):
         return None
     w = getattr(module, "weight", None)
-    return kind if isinstance(w, Tensor) and w.is_floating_point() and w.dim() == 2 else None
+    return kind if isinstance(w, Tensor) and w.is_floating_point() and w.dim() == 2 and w.numel() else None
 
 
 def why_not_linear(module: nn.Module) -> str:
@@ -68,8 +68,8 @@ def why_not_linear(module: nn.Module) -> str:
         return f"a {name} with no weight tensor (quantized or a custom layer)"
     if not w.is_floating_point():
         return f"a {name} whose weight has dtype {w.dtype} (quantized: the fused layers need a float weight)"
-    if w.dim() != 2:
-        return f"a {name} whose weight has shape {tuple(w.shape)} (not a 2-D linear weight)"
+    if w.dim() != 2 or not w.numel():
+        return f"a {name} whose weight has shape {tuple(w.shape)} (not a non-empty 2-D linear weight)"
     return (f"a {name} that overrides forward ({_qualname(type(module))}), so the fused op cannot stand in for "
             "it; if that forward is exactly x @ W.T + b, add the class to "
             "peft_kernels.patch._targets.LINEAR_MAP_CLASSES")

@@ -249,15 +249,17 @@ def apply_lora(
                              f"{why_not_linear(module)}; leave it out with exclude_modules")
 
     # Build everything first (allocations can fail): the model is touched only once nothing else can.
-    def hp(key):
-        return dict(r=rank_pattern.get(pattern_key(rank_pattern, key), r),
-                    lora_alpha=alpha_pattern.get(pattern_key(alpha_pattern, key), lora_alpha), use_rslora=use_rslora,
-                    adapter_dtype=adapter_dtype)
+    def hp(key):  # (r, lora_alpha, lora_dropout, use_rslora, adapter_dtype), all checked above
+        return (rank_pattern.get(pattern_key(rank_pattern, key), r),
+                alpha_pattern.get(pattern_key(alpha_pattern, key), lora_alpha), lora_dropout, use_rslora,
+                adapter_dtype)
 
-    kw = dict(lora_dropout=lora_dropout, freeze_base=False)
-    new = [(name, LoRAConv1D.from_conv1d(m, **kw, **hp(name)) if is_conv1d(m) else
-            LoRALinear.from_linear(m, **kw, **hp(name))) for name, m in found]
-    new_params = [(mod, p, lora_params.LoRAParameter(t, **hp(f"{mod}.{p}"))) for mod, p, t in params]
+    new = [(name, LoRAConv1D._wrap(m, m.nx, m.nf, hp(name), False) if is_conv1d(m) else
+            LoRALinear._wrap(m, m.in_features, m.out_features, hp(name), False)) for name, m in found]
+    new_params = []
+    for mod, p, t in params:
+        r_p, alpha_p, _, _, _ = hp(f"{mod}.{p}")
+        new_params.append((mod, p, lora_params.LoRAParameter(t, r_p, alpha_p, use_rslora, adapter_dtype)))
     original_heads = {h: copy.deepcopy(model.get_submodule(h)) for h in heads}
 
     original = {n: p.requires_grad for n, p in model.named_parameters()}
