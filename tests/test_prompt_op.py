@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import peft_kernels
 from peft_kernels.ops import soft_prompt_embed, soft_prompt_embed_reference
 from peft_kernels.ops.prompt import FAMILY, PromptInputs, prompt_maps
 from tests.helpers import assert_close, assert_within_eager_error
@@ -345,3 +346,40 @@ def test_public_function_is_the_family():
     ids, weight, prompt = make_inputs(B=2, S=5, V=10, H=4, P=3)
     direct = FAMILY(PromptInputs(ids, weight, prompt.detach(), None, None))
     assert torch.equal(direct, soft_prompt_embed(ids, weight, prompt))
+
+
+# --------------------------------------------------------------------------------------------------
+# The CUDA C++ kernels (csrc/cuda/prompt.cu): GPU only
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, pdtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float16, torch.float16), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("H", [64, 33])  # 16-byte vector rows, and the element-by-element path
+@pytest.mark.parametrize("positions", [None, [0, 3, 3, 11], "per_example"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_cuda_kernels_match_reference(dtype, pdtype, H, positions, batched):
+    from peft_kernels.ops.prompt import FAMILY as F_
+
+    if F_.why_not_reason("cuda", F_.Inputs(torch.zeros(1, 1, dtype=torch.long, device="cuda"),
+                                           torch.empty(2, 2, device="cuda"), torch.empty(1, 2, device="cuda"),
+                                           None, None)) is not None:
+        pytest.skip("the cuda backend is not built")
+    B, S, V, P = 3, 11, 97, 4
+    ids = torch.randint(0, V, (B, S), device="cuda")
+    ids[0, 0], ids[-1, -1] = 0, V - 1
+    weight = torch.randn(V, H, device="cuda").to(dtype)
+    prompt = torch.randn(*((B,) if batched else ()), P, H, device="cuda").to(pdtype).requires_grad_(True)
+    if positions == "per_example":
+        positions = torch.tensor([[0, 0, 1, 11], [2, 5, 5, 9], [11, 11, 11, 11]], device="cuda")
+    with peft_kernels.use_backend("cuda", strict=True):
+        out = soft_prompt_embed(ids, weight, prompt, positions)
+    ref = soft_prompt_embed_reference(ids, weight, prompt, positions, upcast=True)
+    assert torch.equal(out, ref)
+    dout = torch.randn_like(out)
+    with peft_kernels.use_backend("cuda", strict=True):
+        (g,) = torch.autograd.grad(soft_prompt_embed(ids, weight, prompt, positions), prompt, dout)
+    rows = (torch.arange(P, device="cuda") if positions is None
+            else prompt_maps(torch.as_tensor(positions, device="cuda"), S, P)[1].long()).expand(B, P)
+    picked = torch.gather(dout.double(), 1, rows[..., None].expand(B, P, H))
+    assert g.dtype == pdtype
+    assert_close(g, picked if batched else picked.sum(0), dtype=pdtype)

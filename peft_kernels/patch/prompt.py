@@ -163,7 +163,8 @@ def _transform(model, state: _PromptState, kwargs: dict) -> None:
     if mask is not None and not (isinstance(mask, Tensor) and mask.dim() == 2):
         raise NotImplementedError(
             "peft_kernels prompt tuning: pass a 2-D [batch, seq] attention_mask (or none); a prebuilt 4-D mask "
-            "cannot be extended by the virtual tokens"
+            "(also what generate() builds for a static / compileable cache) cannot be extended by the virtual tokens; "
+            "use the default dynamic cache"
         )
     total = P + past + S if past == 0 else past + S
     if state.max_positions is not None and total > state.max_positions:
@@ -455,12 +456,9 @@ def _peft_config(model, state: _PromptState) -> dict:
         "modules_to_save": list(state.train_modules) or None,
     }
     if state.method == "prompt":
+        # RANDOM: the saved table is the trained prompt; a TEXT init would make peft load a tokenizer first.
         cfg.update(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None, tokenizer_name_or_path=None,
                    tokenizer_kwargs=None)
-        init = state.encoder_config.get("prompt_tuning_init")
-        if init in ("TEXT", "SAMPLE_VOCAB"):
-            # The saved table is the trained prompt: reloading must not re-initialize it from text / vocabulary.
-            cfg["peft_kernels_init"] = init
     else:
         cfg.update({"encoder_reparameterization_type": "MLP", "encoder_hidden_size": state.hidden_size,
                     "encoder_num_layers": 2, "encoder_dropout": 0.0, **state.encoder_config})
@@ -473,7 +471,9 @@ def save_prompt(model, path: str | os.PathLike) -> None:
     """Write the prompt in HF peft's format to directory ``path``: ``adapter_model.safetensors`` (the [P, H]
     ``prompt_embeddings`` table, and the trained head as ``base_model.<module>.<param>``) and
     ``adapter_config.json`` (``PROMPT_TUNING`` / ``P_TUNING``), which ``PeftModel.from_pretrained`` loads; for
-    P-Tuning also the encoder's own weights (``peft_kernels_prompt_encoder.safetensors``) to resume training."""
+    P-Tuning also the encoder's own weights (``peft_kernels_prompt_encoder.safetensors``) to resume training.
+    Template ``positions`` are saved as ``peft_kernels_positions`` (peft ignores the key and puts the prompt in
+    front, so such a prompt gives other outputs under peft; :func:`load_prompt` restores the positions)."""
     state = _state(model, "save_prompt")
     with torch.no_grad():
         was = state.encoder.training

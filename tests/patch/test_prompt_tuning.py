@@ -469,3 +469,13 @@ def test_example_trains_generates_and_saves(tmp_path):
         assert (tmp_path / "adapter_model.safetensors").exists()
     finally:
         sys.path.remove(str(root / "examples"))
+
+
+def test_template_positions_survive_save_and_load(tmp_path):
+    base = llama()
+    model = apply_p_tuning(copy.deepcopy(base), 3, positions=[0, 2, 2], encoder="lstm")
+    save_prompt(model, tmp_path)
+    again = load_prompt(base, tmp_path)
+    assert get_prompt_state(again).positions == (0, 2, 2)
+    ids = batch()
+    assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-6, atol=1e-6)
