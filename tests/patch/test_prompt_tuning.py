@@ -382,13 +382,16 @@ def test_gradient_checkpointing_same_grads():
         assert_close(y, x, rtol=1e-5, atol=1e-7)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("positions", [None, [0, 2, 2, 6, 9]])
+def test_torch_compile_fullgraph(positions):
     model = llama()
-    apply_p_tuning(model, P, encoder="lstm")
+    apply_p_tuning(model, P, encoder="lstm", positions=positions)
     ids = batch()
-    eager = model(input_ids=ids, labels=ids, use_cache=False)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding: the template shifts per example, on the device
+    eager = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out = compiled(input_ids=ids, labels=ids, use_cache=False)
+    out = compiled(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
     assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
     g = torch.autograd.grad(out.loss, list(trainable(model).values()))
     ge = torch.autograd.grad(eager.loss, list(trainable(model).values()))
