@@ -230,9 +230,10 @@ def supports(s: torch.Tensor, t: torch.Tensor) -> str | None:
 def _block_v(V: int, dtype: torch.dtype) -> int:
     if _config.SETTINGS.triton_interpret:
         return _config.interpret_blocks("distill", min(triton.next_power_of_2(V), 256))
-    # 16 KB of each operand per block in bf16 (8 KB... in fp32 4096 x 4 B): enough bytes in flight per
-    # program to stream at full bandwidth with 8 warps, few enough registers to keep two programs per SM.
-    cap = 8192 if dtype != torch.float32 else 4096
+    # 4096 columns x 8 warps: 16 elements of each operand per thread, ~100 registers (the compile check: 8192
+    # took 157-169 in bf16, one program per SM), so two programs per SM keep 32 KB or more of loads in flight
+    # (bandwidth x latency / SMs is ~25 KB) and ~260 rows resident for the gradient pass's re-read from L2.
+    cap = 4096
     return min(triton.next_power_of_2(V), cap)
 
 
@@ -251,8 +252,6 @@ def distill_forward(
         return loss_rows
     write = grad_out is not None
     ds = grad_out if write else s
-    if write and _config.poison_outputs() and ds.data_ptr() != s.data_ptr():
-        ds.fill_(float("nan"))
     block = _block_v(V, s.dtype)
     lab = labels if labels is not None else loss_rows
     kdm = kd_mask.view(torch.uint8) if kd_mask is not None else loss_rows
@@ -280,3 +279,38 @@ def scale_grad_(ds: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
     _scale_kernel[(N, triton.cdiv(V, block))](ds, dloss.contiguous(), V, ds.stride(0), PER_ROW=per_row,
                                               BLOCK_V=block, num_warps=4)
     return ds
+
+
+def compile_variants(quick: bool = False) -> list:
+    """Every variant the launchers can launch at the benchmark shape (8192 x 32000), for the sm_90a compile
+    check (peft_kernels/triton/_compile_check.py): memory-bound "stream" kernels."""
+    from ._compile_check import jit_variant
+
+    V = 32000  # N = 8192 rows: the grid only
+    out = []
+    dtypes = {"bf16": torch.bfloat16} if quick else {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                      "fp32": torch.float32}
+    flag_sets = [(True, False, False)] if quick else [(True, False, False), (True, True, False), (False, False, False),
+                                                       (True, False, True)]
+    for dt, dtype in dtypes.items():
+        block = _block_v(V, dtype)
+        for mode_name, mode in MODES.items():
+            if quick and mode != 0:
+                continue
+            for has_labels, has_kd_mask, same_t in flag_sets:
+                for write in (True, False) if not quick else (True,):
+                    args = dict(S=f"*{dt}", T_=f"*{dt}", LAB="*i64" if has_labels else "*fp32",
+                                KDM="*u8" if has_kd_mask else "*fp32", DS=f"*{dt}", LOSS="*fp32", COUNTS="*fp32",
+                                V=V, stride_s=V, stride_t=V, stride_ds=V, inv_temp=0.5, temp=2.0, w_kd=0.5,
+                                w_ce=0.5, beta=0.5, ignore_index=-100)
+                    cx = dict(HAS_LABELS=has_labels, HAS_KD_MASK=has_kd_mask, MEAN=True, MODE=mode, SAME_T=same_t,
+                              WRITE_GRAD=write, BLOCK_V=block)
+                    flags = "".join(f for f, on in (("L", has_labels), ("K", has_kd_mask), ("T1", same_t),
+                                                    ("G", write)) if on) or "plain"
+                    out.append(jit_variant(f"distill.row.{mode_name}.{flags}.{dt}.b{block}", _distill_row_kernel,
+                                           args, cx, num_warps=8 if block >= 2048 else 4, num_stages=3))
+        for per_row in (False, True):
+            out.append(jit_variant(f"distill.scale.{'row' if per_row else 'scalar'}.{dt}", _scale_kernel,
+                                   dict(DS=f"*{dt}", DL="*fp32", V=V, stride_ds=V),
+                                   dict(PER_ROW=per_row, BLOCK_V=4096), num_warps=4, num_stages=3))
+    return out
