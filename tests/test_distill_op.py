@@ -659,3 +659,105 @@ def test_fused_linear_opcheck_and_compile():
         assert_close(loss_c, loss)
         for g_c, g in zip(torch.autograd.grad(loss_c, (h, W, b, A, B)), torch.autograd.grad(loss, (h, W, b, A, B))):
             assert_close(g_c, g)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: the CUDA C++ and Triton backends against the reference, peak memory (skipped without CUDA)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_backend_matches_reference(backend, dtype, divergence, reduction):
+    import peft_kernels
+
+    N, V = 67, 32001
+    s = (torch.randn(N, V, device="cuda") * 3).to(dtype).requires_grad_(True)
+    t = (torch.randn(N, V, device="cuda") * 3).to(dtype)
+    labels = torch.randint(0, V, (N,), device="cuda")
+    labels[::7] = -100
+    kw = dict(reduction=reduction, divergence=divergence, beta=0.3)
+    with peft_kernels.use_backend(backend, strict=True):
+        loss = distillation_loss(s, t, labels, 1.7, 0.4, **kw)
+    s64 = s.detach().double().requires_grad_(True)
+    ref = distillation_loss_reference(s64, t.double(), labels, 1.7, 0.4, **kw)
+    assert_close(loss, ref, dtype=torch.float32, rtol=1e-4, atol=1e-4, name="loss")
+    w = torch.randn(loss.shape, device="cuda")
+    (g,) = torch.autograd.grad((loss * w).sum(), s)
+    (g64,) = torch.autograd.grad((ref * w.double()).sum(), s64)
+    eager = distillation_loss_reference(s, t, labels, 1.7, 0.4, **kw)
+    (g_eager,) = torch.autograd.grad((eager * w).sum(), s)
+    if dtype == torch.float32:
+        assert_close(g, g64, rtol=1e-4, atol=1e-6, name="ds")
+    else:
+        assert_within_eager_error(g, g_eager, g64, name="ds")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_nonfinite_and_grad_in_logits(backend):
+    import peft_kernels
+
+    s = torch.randn(8, 1000, device="cuda", requires_grad=True)
+    t = torch.randn(8, 1000, device="cuda")
+    labels = torch.randint(0, 1000, (8,), device="cuda")
+    t_bad = t.clone()
+    t_bad[2, 5] = float("nan")
+    with peft_kernels.use_backend(backend, strict=True):
+        rows = distillation_loss(s, t_bad, labels, reduction="none")
+        assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3, 4, 5, 6, 7]]).all()
+        h = torch.randn(8, 16, device="cuda", requires_grad=True)
+        W = torch.randn(1000, 16, device="cuda")
+        (dh,) = torch.autograd.grad(distillation_loss(h @ W.t(), t, labels, grad_in_logits=True) * 2.0, h)
+    (dh_ref,) = torch.autograd.grad(distillation_loss_reference(h @ W.t(), t, labels) * 2.0, h)
+    assert_close(dh, dh_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_peak_memory_is_the_gradient_buffer(backend):
+    """Forward + backward hold one [N, V] gradient buffer beyond the inputs (target: peak <= 1.2x the logits)."""
+    import peft_kernels
+
+    N, V = 4096, 32000
+    s = torch.randn(N, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, V, (N,), device="cuda")
+    with peft_kernels.use_backend(backend, strict=True):
+        distillation_loss(s, t, labels).backward()  # warm-up (compiles, caches)
+        s.grad = None
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        distillation_loss(s, t, labels).backward()
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak <= 1.2 * s.numel() * s.element_size(), f"peak {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+def test_gpu_fused_linear_memory_and_match():
+    N, H, V = 2048, 512, 32000
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = (torch.randn(V, H, device="cuda", dtype=torch.bfloat16) / H**0.5).requires_grad_(True)
+    th = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+    tW = torch.randn(V, H, device="cuda", dtype=torch.bfloat16) / H**0.5
+    labels = torch.randint(0, V, (N,), device="cuda")
+    fused_linear_distillation_loss(h, W, th, tW, labels).backward()
+    h.grad = W.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = fused_linear_distillation_loss(h, W, th, tW, labels)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    logits_bytes = N * V * 2
+    assert peak < logits_bytes, f"peak {peak / 2**20:.0f} MiB: the fused loss must not hold the full logits"
+    x64 = [x.detach().double().requires_grad_(True) for x in (h, W)]
+    ref = distillation_loss_reference(x64[0] @ x64[1].t(), th.double() @ tW.double().t(), labels, upcast=True)
+    assert_close(loss, ref, dtype=torch.bfloat16, name="loss")
+    g64 = torch.autograd.grad(ref, x64)
+    for name, g, gr in zip(["dh", "dW"], (h.grad, W.grad), g64):
+        assert rel_err(g, gr) < 2e-2, name
