@@ -761,3 +761,17 @@ def test_gpu_fused_linear_memory_and_match():
     g64 = torch.autograd.grad(ref, x64)
     for name, g, gr in zip(["dh", "dW"], (h.grad, W.grad), g64):
         assert rel_err(g, gr) < 2e-2, name
+
+
+def test_grad_in_logits_is_ignored_under_compile():
+    s, t, labels = make_inputs(lead=(6,), V=13)
+    logits = s.detach().clone().requires_grad_(True)
+    kept = logits.detach().clone()
+
+    def f(x):
+        return distillation_loss(x, t, labels, grad_in_logits=True)
+
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(logits)
+    (g,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(logits.detach(), kept), "a compiled graph must not overwrite its input"
+    assert_close(g, torch.autograd.grad(users_formula(s, t, labels, 2.0, 0.5), s)[0])

@@ -17,7 +17,7 @@ gradient (in place on the Triton/CUDA backends, which is free when that is 1, as
 So the backward cannot run twice over one forward (``retain_graph=True`` twice would scale it twice).
 ``grad_in_logits=True`` writes the gradient into the student-logits buffer itself (no [N, V] allocation;
 the logits' values are lost, so only when nothing else needs them -- e.g. the output of a linear head;
-under torch.compile the buffer is copied instead).
+ignored under torch.compile, where a separate buffer is used).
 
 Non-finite logits: NaN or +inf anywhere in a counted row gives a NaN loss, as F.kl_div/F.cross_entropy do;
 a -inf teacher entry is a masked vocabulary entry (probability 0, contributes 0 to the KL, unlike F.kl_div
@@ -438,8 +438,10 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     lab = labels.reshape(-1).to(torch.int64) if labels is not None else None
     kdm = kd_mask.reshape(-1) if kd_mask is not None else None
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    # The logits buffer can take the gradient only when it is the caller's own memory (not a fresh copy).
-    in_place = bool(grad_in_logits) and need_grad and s.data_ptr() == student_logits.data_ptr()
+    # The logits buffer can take the gradient only when it is the caller's own memory (not a fresh copy), and
+    # not in a compiled graph (a custom op may not mutate an input it does not declare; the graph may reuse it).
+    in_place = (bool(grad_in_logits) and need_grad and not torch.compiler.is_compiling()
+                and s.data_ptr() == student_logits.data_ptr())
     loss = FAMILY(DistillInputs(s, t, lab, kdm, temperature, alpha, ignore_index, reduction, divergence, beta,
                                 need_grad, in_place))
     return loss.reshape(lead) if reduction == "none" else loss

@@ -175,6 +175,15 @@ def _triton_forward(*inputs):
         return _chunked_forward(d.triton_rows, *inputs)
 
 
+@FAMILY.why_not("triton")
+def _triton_why_not(inp: LinearDistillInputs) -> str | None:
+    for name in ("teacher_hidden", "teacher_logits"):
+        x = getattr(inp, name)
+        if x is not None and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"{name} has dtype {x.dtype}; the Triton row kernel takes fp16, bf16 and fp32"
+    return None
+
+
 @FAMILY.backward("reference", dtypes=None)
 def _scale_backward(dloss, dh, dW, db, dA, dB, needs):
     """The gradients were computed in the forward: scale them by the incoming gradient (in place: the buffers
