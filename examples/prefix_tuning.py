@@ -5,6 +5,11 @@ Reuses finetune_lora.py's byte-level data and random base model. Every attention
 prefix encoder trains.
 
     python examples/prefix_tuning.py --steps 100              # P-Tuning v2 style: --no-projection
+    python examples/prefix_tuning.py --positions peft --out prefix/ --peft-format   # readable by peft
+
+``--positions peft`` puts the real tokens at positions P..P+L-1 as HF peft does (its prefix sits in the KV
+cache); ``--peft-format`` saves ``adapter_config.json`` + ``adapter_model.safetensors`` for
+``peft.PeftModel.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from peft_kernels.patch import apply_prefix_tuning, save_prefix  # noqa: E402
 
 
 def train(steps=100, num_virtual_tokens=16, projection=True, lr=3e-3, batch_size=16, seq_len=128, device="cpu",
-          seed=0, progress=True):
+          seed=0, progress=True, positions="model"):
     data = encode(DATA.read_text())
     model = build_model(seq_len=seq_len, seed=seed).to(device)
-    model = apply_prefix_tuning(model, num_virtual_tokens=num_virtual_tokens, projection=projection)
+    model = apply_prefix_tuning(model, num_virtual_tokens=num_virtual_tokens, projection=projection,
+                                positions=positions)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -58,14 +64,18 @@ def main(argv=None) -> int:
     p.add_argument("--virtual-tokens", type=int, default=16)
     p.add_argument("--no-projection", action="store_true", help="P-Tuning v2 deep prompts (no MLP)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--positions", choices=("model", "peft"), default="model",
+                   help="positions of the real tokens: the model's own, or HF peft's (shifted by the prefix length)")
     p.add_argument("--out", default=None, help="save the prefix here (save_prefix)")
+    p.add_argument("--peft-format", action="store_true", help="save in HF peft's adapter format")
     args = p.parse_args(argv)
-    model, first, last, n = train(args.steps, args.virtual_tokens, not args.no_projection, device=args.device)
+    model, first, last, n = train(args.steps, args.virtual_tokens, not args.no_projection, device=args.device,
+                                  positions=args.positions)
     print(f"trainable parameters: {n}; held-out loss {first:.3f} -> {last:.3f}")
     print("sample:", repr(generate(model, "yesterday anna ", device=args.device)))
     if args.out:
-        save_prefix(model, args.out)
-        print(f"prefix saved to {args.out}")
+        save_prefix(model, args.out, format="peft" if args.peft_format else "peft_kernels")
+        print(f"prefix saved to {args.out}" + (" (peft format)" if args.peft_format else ""))
     return 0
 
 

@@ -273,6 +273,8 @@ def _cpu_attention_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask):
 def _aten_attention_backward(do, q, k, v, out, lse, n_always, causal, key_padding_mask, scale):
     B, _, Lq, _ = q.shape
     Lk = k.shape[2]
+    if do.stride(-1) != 1:  # the fused kernels read rows of the head dim; any other strides are taken as they are
+        do = do.contiguous()
     if q.device.type == "cuda":
         seed = torch.empty((), dtype=torch.int64, device=q.device)
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
@@ -556,6 +558,7 @@ def validate(q, k, v, prefix_k, prefix_v, key_padding_mask, scale) -> float:
     val.check_same_dtype(OP, "prefix_k", prefix_k, prefix_v=prefix_v)
     val.check_same_device(OP, q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, key_padding_mask=key_padding_mask)
     B, Hq, Lq, D = q.shape
+    val.check_nonzero(OP, "q", q, 3, "head dim D")
     if k.shape != v.shape:
         raise ValueError(f"{OP}: k of shape {tuple(k.shape)} and v of shape {tuple(v.shape)} must match")
     val.check_size(OP, "k", k, 0, B, "batch = q.shape[0]")

@@ -74,13 +74,17 @@ _FWD_CONFIGS = _configs(
         (16, 128, 4, 2),
     ]
 )
+# dK/dV hold two [BLOCK_N, D] fp32 accumulators per program: at D = 128 every 4-warp config spilled (412-4876 B,
+# two with serialized wgmma) and so did the old 32x128 default (16 B with GQA 4 + padding, Triton 3.6; C7515 at
+# GQA 1). Compiled for sm_90a (Triton 3.6 and 3.8), 16x64 with 8 warps is spill-free (194-207 registers):
+# the default; 4-warp configs are pruned at D >= 128 (see _prune).
 _DKDV_CONFIGS = _configs(
     [
+        (16, 64, 8, 3),
+        (32, 64, 8, 3),
         (32, 128, 8, 2),
-        (32, 128, 4, 3),
         (32, 64, 4, 3),
         (64, 64, 4, 3),
-        (64, 128, 8, 2),
         (16, 64, 4, 3),
         (16, 128, 4, 3),
     ]
@@ -98,6 +102,9 @@ _TUNE_KEY = ["LQ_KEY", "LK_KEY", "HEAD_DIM", "GROUP", "CAUSAL", "HAS_PAD"]
 
 
 def _prune(configs, named_args, **kwargs):
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 0))
+    if head_dim >= 128 and any(c.num_warps == 8 for c in configs) and configs is _DKDV_CONFIGS:
+        configs = [c for c in configs if c.num_warps == 8]  # 4 warps spill the dK/dV accumulators there
     # fp32 ("ieee") dots compile slowly and need large shared-memory tiles: tune only the small tiles.
     if kwargs.get("PREC", named_args.get("PREC")) == "ieee":
         small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
@@ -426,7 +433,7 @@ def _dkdv_block(
     tl.store(_tile_ptrs(DV_base, offs_n, stride_dvn, offs_d), dv.to(DV_base.dtype.element_ty), mask=st_mask)
 
 
-@_maybe_autotune(_DKDV_CONFIGS, default=2)
+@_maybe_autotune(_DKDV_CONFIGS, default=0)
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, PK, PV, MASK, DO, LSE, DELTA, DK, DV, DPK, DPV,
@@ -845,14 +852,18 @@ def compile_variants(quick: bool = False) -> list:
                         "qk_scale": 0.1}),
                 }  # fmt: skip
                 for kname, (kernel, configs, default, args) in kernels.items():
-                    chosen = [configs[default], fallback] if quick or dt != "bf16" else [*configs, fallback]
+                    # what the launcher can launch: the pruned autotune list (4-warp dK/dV configs go at D = 128)
+                    tuned = [c for c in configs if kname != "dkdv" or c.num_warps == 8]
+                    chosen = [configs[default], fallback] if quick or dt != "bf16" else [*tuned, fallback]
                     for c in chosen:
                         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
                         tag = ".default" if c is configs[default] else (".fallback" if c is fallback else "")
                         out.append(jit_variant(
                             f"prefix_attention.{kname}.{flags}.{dt}.{bm}x{bn}w{c.num_warps}s{c.num_stages}{tag}",
                             kernel, args, {**cx, "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=c.num_warps,
-                            num_stages=c.num_stages, kind="attention", main=bool(tag == ".default")))  # fmt: skip
+                            num_stages=c.num_stages, main=bool(tag == ".default"),
+                            # the 16-row fallback (for fp32 / head dim 256 shared memory) is below wgmma's M = 64
+                            kind="stream" if c is fallback else "attention"))  # fmt: skip
         pre = {"OUT": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32", **_hl_strides("o", L, Hq, D),
                **_hl_strides("do", L, Hq, D), "stride_lb": Hq * L, "stride_lh": L, "Lq": L}
         out.append(jit_variant(f"prefix_attention.pre.{dt}.64", _bwd_preprocess_kernel, pre,
