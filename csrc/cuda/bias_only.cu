@@ -45,11 +45,7 @@ std::tuple<at::Tensor, at::Tensor> bias_only_linear_bwd_cuda(const at::Tensor& d
     at::cuda::CUDAEvent ready;
     ready.record(main);
     ready.block(side);
-    db = column_sum_on_stream(dyc, out_dtype, side.stream());
-    // The caching allocator must not hand dy's (or db's) memory to the main stream's later work while the side
-    // stream may still use it.
-    dyc.record_stream(side);
-    db.record_stream(side);
+    db = column_sum_on_stream(dyc, out_dtype, side.stream());  // records its buffers' use on the side stream
     auto dx = at::mm(dyc, weight.scalar_type() == dyc.scalar_type() ? weight : weight.to(dyc.scalar_type()));
     at::cuda::CUDAEvent done;
     done.record(side);

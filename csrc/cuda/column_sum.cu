@@ -10,6 +10,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "peft_kernels/check.h"
@@ -78,6 +79,14 @@ at::Tensor column_sum_on_stream(const at::Tensor& x, at::ScalarType out_dtype, c
   const dim3 block(kCols, kWarps);
   auto out = at::empty({cols}, xc.options().dtype(out_dtype));
   at::Tensor partial = slabs > 1 ? at::empty({slabs, cols}, xc.options().dtype(acc_dtype)) : at::Tensor();
+  if (stream != at::cuda::getCurrentCUDAStream(xc.device().index()).stream()) {
+    // Allocated from the current stream's pool but used on `stream`: the caching allocator must not reuse them
+    // (the partials are freed when this function returns) before `stream` is done with them.
+    const auto used_on = c10::cuda::getStreamFromExternal(stream, xc.device().index());
+    xc.record_stream(used_on);
+    out.record_stream(used_on);
+    if (partial.defined()) partial.record_stream(used_on);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "column_sum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (slabs > 1) {
