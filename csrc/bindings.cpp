@@ -60,6 +60,16 @@ TORCH_LIBRARY(peft_kernels, m) {
   // ds *= dloss in place (one fp32 value, or one per row).
   m.def("distill_scale_grad_cuda_(Tensor(a!) ds, Tensor dloss) -> ()");
 
+  // Bottleneck adapter (csrc/cuda/adapter.cu; CUDA only): y = [h +] s (act(h W_downᵀ + b_down) W_upᵀ + b_up).
+  // Returns (y, z = h W_downᵀ + b_down); activation 0 relu, 1 gelu, 2 gelu_tanh, 3 silu, 4 tanh, 5 identity.
+  m.def(
+      "bottleneck_adapter_fwd_cuda(Tensor h, Tensor W_down, Tensor? b_down, Tensor W_up, Tensor? b_up, int activation, "
+      "float scaling, bool residual) -> (Tensor, Tensor)");
+  // Returns (dh, dW_down, db_down, dW_up, db_up), each weight's gradient in its dtype; undefined where not needed.
+  m.def(
+      "bottleneck_adapter_bwd_cuda(Tensor dy, Tensor h, Tensor W_down, Tensor? b_down, Tensor W_up, Tensor? b_up, "
+      "Tensor z, int activation, float scaling, bool residual, bool[5] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // Which device kernels this build carries: "cpu" or "cpu,cuda".
   m.def("build_info() -> str", []() -> std::string {
 #ifdef PEFT_KERNELS_WITH_CUDA

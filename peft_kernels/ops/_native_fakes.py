@@ -72,5 +72,16 @@ def _register() -> None:
         def _(ds, dloss):
             return None
 
+    if hasattr(torch.ops.peft_kernels, "bottleneck_adapter_fwd_cuda"):  # absent from an extension built before it
+
+        @torch.library.register_fake(lib + "bottleneck_adapter_fwd_cuda")
+        def _(h, W_down, b_down, W_up, b_up, activation, scaling, residual):
+            return h.new_empty(h.shape), h.new_empty(h.shape[0], W_down.shape[0])
+
+        @torch.library.register_fake(lib + "bottleneck_adapter_bwd_cuda")
+        def _(dy, h, W_down, b_down, W_up, b_up, z, activation, scaling, residual, needs):
+            like = (h, W_down, b_down, W_up, b_up)
+            return tuple(torch.empty_like(t) if n and t is not None else None for t, n in zip(like, needs))
+
 
 _register()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from peft_kernels import _backends
 from peft_kernels._op import OpFamily
 from peft_kernels.ops import _validate as v
 
@@ -235,6 +236,46 @@ def _why_not_fused(inp) -> str | None:
 
 
 FAMILY.why_not("triton", both=True)(_why_not_fused)
+
+
+# CUDA C++ (csrc/cuda/adapter.cu): the GEMMs on cuBLAS, each elementwise step one fused pass.
+def _probe_cuda_kernel() -> str | None:
+    if not _backends.native_status()[0]:
+        return None  # the framework already says why the native backends cannot run
+    try:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key("peft_kernels::bottleneck_adapter_fwd_cuda", "CUDA")
+    except RuntimeError:
+        has = False
+    return None if has else (
+        "peft_kernels._C has no CUDA kernel for bottleneck_adapter_fwd_cuda (built before it existed, or without "
+        "nvcc); rebuild with `pip install -e . --no-build-isolation`"
+    )
+
+
+_CUDA_KERNEL_STATUS = _probe_cuda_kernel()
+_ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # the order csrc/cuda/adapter.cu numbers them
+
+
+@FAMILY.forward("cuda", dtypes=_TRITON_DTYPES)
+def _cuda_forward(h, W_down, b_down, W_up, b_up, activation, scaling, residual):
+    """cuBLAS GEMMs; activation, and bias + scale + residual, each one fused elementwise pass"""
+    return torch.ops.peft_kernels.bottleneck_adapter_fwd_cuda(h, W_down, b_down, W_up, b_up, _ACT_CODE[activation],
+                                                              scaling, residual)
+
+
+@FAMILY.backward("cuda", dtypes=_TRITON_DTYPES)
+def _cuda_backward(dy, h, W_down, b_down, W_up, b_up, z, activation, scaling, residual, needs):
+    """cuBLAS GEMMs; dz and act(z) from one fused pass over z; the residual folded into the dh addmm"""
+    return torch.ops.peft_kernels.bottleneck_adapter_bwd_cuda(dy, h, W_down, b_down, W_up, b_up, z,
+                                                              _ACT_CODE[activation], scaling, residual,
+                                                              _bias_needs(needs, b_down, b_up))
+
+
+@FAMILY.why_not("cuda", both=True)
+def _cuda_why_not(inp) -> str | None:
+    if _CUDA_KERNEL_STATUS is not None:
+        return _CUDA_KERNEL_STATUS
+    return None if inp.h.is_contiguous() else "h is not contiguous"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -146,6 +146,10 @@ class AdapterSite(nn.ModuleDict):
             return [self[n] for n in names if n in self], ids if all(n in self for n in names) else None
         return [self[n] for n in ctl.active if n in self], None
 
+    def wants_residual(self) -> bool:
+        adapters, _ = self._setup()
+        return bool(adapters) and needs_residual_stream(adapters, True)
+
     def run(self, h: Tensor, r: Tensor | None, layer_norm: nn.Module | None) -> Tensor:
         """h: the sub-layer output; r: its input (the residual stream) or None; see nn.adapter.adapter_site."""
         adapters, ids = self._setup()
@@ -167,7 +171,9 @@ class AdapterSite(nn.ModuleDict):
 
 def _tap_hook(site: AdapterSite):
     def hook(module, args):
-        site.__dict__["_residual"] = args[0]
+        # Kept only when the active adapters read it (consumed, and dropped, by the site's next run).
+        if site.wants_residual():
+            site.__dict__["_residual"] = args[0]
 
     return hook
 
