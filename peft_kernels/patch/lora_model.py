@@ -355,6 +355,16 @@ def _set_trainable(model: nn.Module, state: LoraState) -> None:
                 p.requires_grad_(True)
 
 
+def _train_active_adapter(model: nn.Module, state: LoraState) -> None:
+    """After add/set: only the active adapter's A/B train among the adapters; every other parameter keeps its
+    requires_grad (biases, heads, and what a method applied after LoRA made trainable)."""
+    for _, m in lora_modules(model):
+        for name in m.adapter_names:
+            A, B, _, _ = m.adapter_weights(name)
+            A.requires_grad_(name == state.active)
+            B.requires_grad_(name == state.active)
+
+
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain ``nn.Linear`` / ``Conv1D`` modules back (the original objects where possible), around the
     same weight Parameters.
@@ -472,7 +482,7 @@ def add_lora_adapter(
     state.adapters[adapter_name] = dataclasses.replace(
         first, r=hp[0], lora_alpha=hp[1], lora_dropout=hp[2], use_rslora=hp[3],
         adapter_dtype=None if hp[4] is None else str(hp[4]).removeprefix("torch."), adapter_name=adapter_name)
-    _set_trainable(model, state)
+    _train_active_adapter(model, state)
     return model
 
 
@@ -486,7 +496,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         m.set_adapter(adapter_name)
     state.active = adapter_name
     model.__dict__[CONFIG_ATTR] = state.adapters[adapter_name]
-    _set_trainable(model, state)
+    _train_active_adapter(model, state)
     return model
 
 

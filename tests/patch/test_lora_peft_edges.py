@@ -713,3 +713,14 @@ def test_save_pretrained_with_two_adapters_uses_peft_layout(tmp_path):
     pm.set_adapter("default")
     set_adapter(model, "default")
     assert_close(logits(pm, inputs), logits(model, inputs), rtol=1e-4, atol=1e-5, name="default")
+
+
+def test_set_adapter_leaves_other_trainable_parameters_alone():
+    model = apply_lora(build("qwen2"), target_modules=["q_proj"], r=2)
+    add_lora_adapter(model, "other", r=2)
+    extra = model.model.layers[0].self_attn.k_proj.bias
+    extra.requires_grad_(True)  # e.g. BitFit applied after LoRA
+    set_adapter(model, "other")
+    assert extra.requires_grad
+    trainable_lora = {n for n, p in model.named_parameters() if p.requires_grad and "lora" in n}
+    assert trainable_lora and all(".lora_adapters.other." in n for n in trainable_lora)
