@@ -321,6 +321,9 @@ def add_bottleneck_adapter(model: nn.Module, name: str, config: AdapterConfig | 
             continue
         ref = _site_param(site, model)
         adapter = BottleneckAdapter(site.hidden_size, config, device=ref.device, dtype=dtype or ref.dtype)
+        for norm in (adapter.adapter_norm_before, adapter.adapter_norm_after):
+            if norm is not None:  # F.layer_norm takes one dtype: the adapter's norms follow the activations
+                norm.to(ref.dtype)
         site[name] = adapter
     ctl.configs[name] = config
     for p in (p for s in ctl.sites if name in s for p in s[name].parameters()):

@@ -398,3 +398,29 @@ def test_routing_under_torch_compile_fullgraph():
         eager = model(x).logits
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x).logits
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("preset", ["houlsby", "pfeiffer", "parallel"])
+def test_bf16_model_with_fp32_adapter_masters(preset):
+    """A bf16 model with fp32 adapter weights (the default): bf16 outputs, fp32 gradients, close to the fp32 model
+    with the same weights; the adapter's own layer norms are created in the activations' dtype."""
+    cfg = PRESETS[preset](bottleneck=4, ln_before=preset == "houlsby")
+    x = ids()
+    runs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny("llama").to(dtype)
+        pa.apply_adapters(model, cfg)
+        randomize(model, seed=11, std=0.1)
+        out = model(x).logits
+        out.float().square().mean().backward()
+        runs.append((out, {n: p for n, p in model.named_parameters() if p.requires_grad}))
+    (ref, p_ref), (out, params) = runs
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()) < 0.05
+    for n, p in params.items():
+        assert p.grad is not None and p.grad.dtype == p.dtype, n
+        if ".adapter_norm" in n:
+            assert p.dtype == torch.bfloat16
+        else:
+            assert p.dtype == torch.float32
+            assert ((p.grad - p_ref[n].grad).norm() / p_ref[n].grad.norm().clamp_min(1e-12)) < 0.15, n
