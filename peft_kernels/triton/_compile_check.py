@@ -14,8 +14,9 @@ at the op's benchmark shapes (build them with :func:`jit_variant`, which special
 arguments exactly as the JIT does -- ints equal to 1 become constexprs, multiples of 16 divisible -- since
 that changes the code): every autotune config that survives the launcher's own pruning (shared-memory
 estimate included -- a pruned config is simply not listed), the PEFT_KERNELS_TRITON_AUTOTUNE=0 fallbacks,
-each dtype and each feature flag (bias, dropout, ...). ``quick=True`` (CI): a handful -- the main configs of
-one shape in bf16. Import inside the function (``from ._compile_check import jit_variant``).
+each dtype and each feature flag (bias, dropout, ...). ``quick=True`` (CI, every module together in a few
+minutes on 2 cores): at most ~10 variants -- the main configs of one shape in bf16. Import inside the
+function (``from ._compile_check import jit_variant``).
 
 A Variant names:
 
@@ -29,12 +30,13 @@ A Variant names:
 * ``kind``: ``"gemm"`` (must use wgmma), ``"gemm_tma"`` (wgmma + TMA bulk tensor copies), ``"attention"``
   (must use wgmma, spills reported), ``"stream"`` (memory-bound: reported only);
 * ``main``: a main (fast-path) config of a GEMM: any spill fails it;
-* ``smem_estimate``: the launcher's own estimate (reported next to the compiler's figure).
+* ``smem_estimate``: the launcher's own shared-memory estimate, the one its pruning uses (a compiled figure
+  above it fails: the pruning could then let an over-limit config through).
 
 Rules (each failing variant is listed with its reasons): a compile error; ptxas warnings C7510-C7515 (wgmma
 serialized); spills in a ``main`` GEMM config; shared memory over 227 KB (the variant is not pruned, so it
-could be picked and fail to launch); a gemm/gemm_tma/attention kernel without wgmma in its PTX; a gemm_tma
-kernel without ``cp.async.bulk.tensor``.
+could be picked and fail to launch) or over the variant's own ``smem_estimate``; a gemm/gemm_tma/attention
+kernel without wgmma in its PTX; a gemm_tma kernel without ``cp.async.bulk.tensor``.
 """
 
 from __future__ import annotations
@@ -226,6 +228,9 @@ def judge(rep: Report) -> list[str]:
         out.append(f"spills in a main config ({rep.spill_stores} B stores, {rep.spill_loads} B loads)")
     if rep.shared is not None and rep.shared > SMEM_LIMIT:
         out.append(f"shared memory {rep.shared} B > {SMEM_LIMIT} B in a config that is not pruned")
+    elif rep.shared is not None and rep.smem_estimate is not None and rep.shared > rep.smem_estimate:
+        out.append(f"shared memory {rep.shared} B above the launcher's estimate {rep.smem_estimate} B (its pruning "
+                   "could let an over-limit config through)")  # fmt: skip
     if rep.kind in ("gemm", "gemm_tma", "attention") and rep.wgmma == 0:
         out.append("no wgmma")
     if rep.kind == "gemm_tma" and rep.tma_copies == 0:

@@ -87,14 +87,21 @@ def _gemm_configs() -> list[triton.Config]:
 
 
 def gemm_smem_estimate(bm, bn, bk, stages, elem, out_elem, r_pad, tma, fuse_da=False, dropout=False) -> int:
-    """Shared memory (bytes) a GEMM config needs: the pipelined A/B ring, the TMA store's staging tile, the
-    LoRA prologue's dot operands (L, R tiles; the x tile of the fused dA dot) and, with dropout, the layout
-    conversion of the keep-mask tile. Checked against the compiled kernels' own figure by the compile check."""
+    """Shared memory (bytes) a GEMM config needs: the pipelined A/B ring, the LoRA prologue's dot operands
+    (L, R tiles; the x tile of the fused dA dot), the TMA store's staging tile, and, with dropout, the layout
+    conversion of the keep-mask tile. Calibrated on the sm_90a compile of every variant (Triton 3.6 and 3.8);
+    the compile check fails a variant whose compiled figure exceeds this estimate."""
     ring = stages * (bm * bk + bk * bn) * elem
-    epi = r_pad * (bm + bn) * elem + (bm * bn * elem if fuse_da else 0)
+    lora = r_pad * (bm + bn) * elem + (bm * bn * elem if fuse_da else 0)
     store = bm * bn * out_elem if tma else 0
     mask = bm * bn if dropout else 0
-    return ring + max(epi, store) + (epi if tma and fuse_da else 0) + mask + 1024  # + barriers, alignment
+    return ring + lora + store + mask + 2048  # + barriers, alignment
+
+
+def _flatten(r_pad: int) -> bool:
+    # Flattened, the pipeliner multi-buffers the prologue's L/R loads too: fine at r <= 32, 130-230 KB more
+    # shared memory at r = 128 (every 128-row config over 227 KB), so larger ranks keep the plain loop.
+    return _FLATTEN and r_pad <= 32
 
 
 def _config_fits(c: triton.Config, elem: int, out_elem: int, r_pad: int, tma: bool, fuse_da: bool,
@@ -210,7 +217,8 @@ def _lora_init(
     r_scale, p, inv_keep, seed,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FUSE_DA: tl.constexpr, DA_PARTIALS: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The GEMM tile's initial accumulator: bias[rn] + L[rm, :R] @ (r_scale * Rt)[:R, rn], the LoRA term
     masked by the keep mask and scaled by 1/(1-p) when HAS_DROPOUT.
@@ -223,32 +231,35 @@ def _lora_init(
     per-row-block partials (DA_PARTIALS, deterministic). r is padded to R_PAD (>= 16) by masked loads."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
-        rr = tl.arange(0, R_PAD)
-        r_ok = rr < R
         rm64 = rm.to(tl.int64)
         rn64 = rn.to(tl.int64)
         m_ok = rm < M
         n_ok = rn < N
-        lt = _load_2d(l_ptr, rm64, rr, stride_lm, stride_lr, m_ok, r_ok)
         if HAS_DROPOUT:
             keep = _keep_tile(seed, p, rm, off_n, BLOCK_M, BLOCK_N)
         if FUSE_DA:
-            # dA first: the x tile is dead before the LoRA accumulator exists (register pressure).
             xt = _load_2d(x_ptr, rm64, rn64, stride_xm, stride_xk, m_ok, n_ok)
             if HAS_DROPOUT:
                 xt = tl.where(keep, xt, 0.0)
-            part = tl.dot(tl.trans(lt), xt, input_precision=DOT_PREC)
-            if HAS_DROPOUT:
-                part = part * inv_keep
-            da_ptrs = da_ptr + rr[:, None] * N + rn64[None, :]
-            da_mask = r_ok[:, None] & n_ok[None, :]
-            if DA_PARTIALS:
-                tl.store(da_ptrs + pid_m.to(tl.int64) * stride_dap, part, mask=da_mask)
-            else:
-                tl.atomic_add(da_ptrs, part, mask=da_mask, sem="relaxed")
-        rt = _load_2d(r_ptr, rr, rn64, stride_rr, stride_rn, r_ok, n_ok)
-        rt = (rt.to(tl.float32) * r_scale).to(lt.dtype)
-        acc = tl.dot(lt, rt, acc, input_precision=DOT_PREC)
+        # r in chunks of R_CHUNK (<= 32): at r = 128 the L/R tiles and the dA partial stay small.
+        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+            rr = r0 + tl.arange(0, R_CHUNK)
+            r_ok = rr < R
+            lt = _load_2d(l_ptr, rm64, rr, stride_lm, stride_lr, m_ok, r_ok)
+            if FUSE_DA:
+                # dA before the LoRA dot: the x tile is dead before the accumulator grows (register pressure).
+                part = tl.dot(tl.trans(lt), xt, input_precision=DOT_PREC)
+                if HAS_DROPOUT:
+                    part = part * inv_keep
+                da_ptrs = da_ptr + rr[:, None] * N + rn64[None, :]
+                da_mask = r_ok[:, None] & n_ok[None, :]
+                if DA_PARTIALS:
+                    tl.store(da_ptrs + pid_m.to(tl.int64) * stride_dap, part, mask=da_mask)
+                else:
+                    tl.atomic_add(da_ptrs, part, mask=da_mask, sem="relaxed")
+            rt = _load_2d(r_ptr, rr, rn64, stride_rr, stride_rn, r_ok, n_ok)
+            rt = (rt.to(tl.float32) * r_scale).to(lt.dtype)
+            acc = tl.dot(lt, rt, acc, input_precision=DOT_PREC)
         if HAS_DROPOUT:
             acc = tl.where(keep, acc * inv_keep, 0.0)
     if HAS_BIAS:
@@ -281,7 +292,8 @@ def _gemm_lora_tma_kernel(
     A_T: tl.constexpr, B_T: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FUSE_DA: tl.constexpr, DA_PARTIALS: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PREC: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
+    R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, DOT_PREC: tl.constexpr, NUM_SMS: tl.constexpr,
+    FLATTEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # A_T: A is stored [K, M] (row stride stride_a); B_T: B is stored [N, K]. TMA zero-fills out-of-bounds
@@ -313,7 +325,7 @@ def _gemm_lora_tma_kernel(
             l_ptr, r_ptr, bias_ptr, x_ptr, da_ptr,
             stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
             r_scale, p, inv_keep, seed,
-            HAS_BIAS, HAS_LORA, HAS_DROPOUT, FUSE_DA, DA_PARTIALS, R_PAD, DOT_PREC, BLOCK_M, BLOCK_N,
+            HAS_BIAS, HAS_LORA, HAS_DROPOUT, FUSE_DA, DA_PARTIALS, R_PAD, R_CHUNK, DOT_PREC, BLOCK_M, BLOCK_N,
         )  # fmt: skip
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
@@ -347,7 +359,7 @@ def _gemm_lora_ptr_kernel(
     r_scale, p, inv_keep, seed,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FUSE_DA: tl.constexpr, DA_PARTIALS: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -361,7 +373,7 @@ def _gemm_lora_ptr_kernel(
         rm, rn, pid_n * BLOCK_N, pid_m, M, N, R, l_ptr, r_ptr, bias_ptr, x_ptr, da_ptr,
         stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
         r_scale, p, inv_keep, seed,
-        HAS_BIAS, HAS_LORA, HAS_DROPOUT, FUSE_DA, DA_PARTIALS, R_PAD, DOT_PREC, BLOCK_M, BLOCK_N,
+        HAS_BIAS, HAS_LORA, HAS_DROPOUT, FUSE_DA, DA_PARTIALS, R_PAD, R_CHUNK, DOT_PREC, BLOCK_M, BLOCK_N,
     )  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -378,9 +390,24 @@ def _gemm_lora_ptr_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def down_smem_estimate(bm, bk, stages, elem, a_elem, r_pad) -> int:
+    """Shared memory of an S-pass config: x and A tiles per stage (calibrated like gemm_smem_estimate)."""
+    return stages * (bm * bk * elem + bk * r_pad * a_elem)
+
+
+def _prune_down(configs, named_args, **kwargs):
+    elem, a_elem = named_args["x_ptr"].element_size(), named_args["a_ptr"].element_size()
+    r_pad = kwargs.get("R_PAD", 16)
+    fit = [c for c in configs
+           if down_smem_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_stages, elem, a_elem, r_pad)
+           <= SMEM_LIMIT]  # fmt: skip
+    return fit or [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)]
+
+
 @triton.autotune(
     configs=_skinny_configs({"BLOCK_M": [32, 64, 32, 64], "BLOCK_K": [128, 128, 256, 64]}),
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_down},
 )
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(
@@ -727,6 +754,7 @@ def _gemm(
         FUSE_DA=fuse_da,
         DA_PARTIALS=fuse_da and da.dim() == 3,
         R_PAD=_r_pad(R),
+        R_CHUNK=min(_r_pad(R), 32),
         DOT_PREC=_dot_prec(a.dtype),
     )
     ptrs = (a, b, c, bias_t, l_t, r_t, x_t, da_t)
@@ -740,7 +768,7 @@ def _gemm(
         grid = lambda META: (min(num_sms, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])),)
         _launch(
             "lora_gemm", _gemm_lora_tma_kernel, grid, *ptrs, M, N, K, R, _m_bucket(M), lda, ldb, ldc, *tail,
-            A_T=a_t, B_T=b_kn_t, NUM_SMS=num_sms, FLATTEN=_FLATTEN, **common,
+            A_T=a_t, B_T=b_kn_t, NUM_SMS=num_sms, FLATTEN=_flatten(_r_pad(R)), **common,
         )  # fmt: skip
     else:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
@@ -930,13 +958,13 @@ def _gemm_variant(jit_variant, path, role, dt, r, shape, *, bias, drop, fuse, ma
     args.update(r_ptr="*fp32" if role != "dW" else f"*{dt}", da_ptr="*fp32" if fuse else f"*{dt}")
     args.update(M=gm, N=gn, K=gk, R=r if role != "dW" else 1, M_BUCKET=triton.next_power_of_2(gm))
     cx = dict(HAS_BIAS=bias, HAS_LORA=role != "dW", HAS_DROPOUT=drop, FUSE_DA=fuse, DA_PARTIALS=False,
-              R_PAD=r_pad if role != "dW" else 16, DOT_PREC=None,
+              R_PAD=r_pad if role != "dW" else 16, R_CHUNK=min(r_pad, 32) if role != "dW" else 16, DOT_PREC=None,
               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)  # fmt: skip
     if path == "tma":
         kern = _gemm_lora_tma_kernel
         lead = [s_[0] if s_[1] == 1 else s_[1] for s_ in ab]
         args.update(stride_a=lead[0], stride_b=lead[1], stride_c=gn)
-        cx.update(A_T=role == "dW", B_T=role == "fwd", NUM_SMS=132, FLATTEN=_FLATTEN)
+        cx.update(A_T=role == "dW", B_T=role == "fwd", NUM_SMS=132, FLATTEN=_flatten(cx["R_PAD"]))
     else:
         kern = _gemm_lora_ptr_kernel
         (sam, sak), (sbk, sbn) = ab
@@ -985,7 +1013,10 @@ def compile_variants(quick: bool = False) -> list:
                 for c in tuned:
                     out.append(_gemm_variant(jit_variant, "tma", role, dt, r, c, bias=bias, drop=drop, fuse=fuse,
                                              main=c[0] * c[1] >= 128 * 128))  # fmt: skip
+                # PEFT_KERNELS_TRITON_AUTOTUNE=0 runs the fixed config, or the smallest where that is pruned.
                 fixed = _GEMM_FIXED[0]
+                if gemm_smem_estimate(*fixed[:3], fixed[4], es, es, _r_pad(r), True, fuse, drop) > SMEM_LIMIT:
+                    fixed = _GEMM_SMALLEST
                 if fixed not in tuned:
                     out.append(_gemm_variant(jit_variant, "tma", role, dt, r, fixed, bias=bias, drop=drop, fuse=fuse,
                                              main=True, tag=".fixed"))  # fmt: skip
@@ -994,7 +1025,13 @@ def compile_variants(quick: bool = False) -> list:
                                              fuse=fuse, main=False))  # fmt: skip
             # Skinny passes (memory-bound, reported only): every autotune config of the S and dy kernels.
             # (One num_warps/num_stages per block shape: these are memory-bound streams, reported only.)
-            down = [c for c in _lora_down_kernel.configs if c.num_warps == 4 and c.num_stages == 3]
+            down = [
+                c
+                for c in _lora_down_kernel.configs
+                if c.num_warps == 4
+                and c.num_stages == 3
+                and down_smem_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], 3, es, 4, _r_pad(r)) <= SMEM_LIMIT
+            ]
             for c in down[:1] if few else down:
                 for drop in (False, True):
                     if few and not drop:
