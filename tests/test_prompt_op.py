@@ -12,7 +12,7 @@ from torch import nn
 import peft_kernels
 from peft_kernels.ops import soft_prompt_embed, soft_prompt_embed_reference
 from peft_kernels.ops.prompt import FAMILY, PromptInputs, prompt_maps
-from tests.helpers import assert_close, assert_within_eager_error
+from tests.helpers import INTERPRET, assert_close, assert_within_eager_error
 
 OP = "soft_prompt_embed"
 
@@ -383,3 +383,28 @@ def test_cuda_kernels_match_reference(dtype, pdtype, H, positions, batched):
     picked = torch.gather(dout.double(), 1, rows[..., None].expand(B, P, H))
     assert g.dtype == pdtype
     assert_close(g, picked if batched else picked.sum(0), dtype=pdtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_maps_are_memory_safe(backend):
+    """Maps are trusted (built by prompt_maps) but never read or write out of bounds, whatever they hold."""
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    ids, weight, prompt = make_inputs(B=2, S=5, V=10, H=4, P=3)
+    slots = torch.tensor([[-9, 7, 0, 1, -1, 2, 3, 100]], dtype=torch.int32)
+    vpos = torch.tensor([[-5, 3, 99]], dtype=torch.int32)
+    with peft_kernels.use_backend(backend, strict=True):
+        out = soft_prompt_embed(ids, weight, prompt, maps=(slots, vpos))
+        (g,) = torch.autograd.grad(out, prompt, torch.ones_like(out))
+    assert out.shape == (2, 8, 4) and torch.isfinite(out).all() and torch.isfinite(g).all()
+
+
+def test_maps_validation():
+    ids, weight, prompt = make_inputs(B=2, S=5, V=10, H=4, P=3)
+    slots, vpos = prompt_maps(torch.tensor([0, 1, 5]), 5, 3)
+    with pytest.raises(TypeError, match=r"maps\[slots\] must have dtype in \(int32\)"):
+        soft_prompt_embed(ids, weight, prompt, maps=(slots.long(), vpos))
+    with pytest.raises(ValueError, match="do not fit B=2, S=5, P=3"):
+        soft_prompt_embed(ids, weight, prompt, maps=(slots[:, :-1], vpos))
+    with pytest.raises(ValueError, match="pass positions or maps, not both"):
+        soft_prompt_embed(ids, weight, prompt, [0, 1, 5], maps=(slots, vpos))

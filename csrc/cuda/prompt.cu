@@ -34,6 +34,7 @@ __global__ void soft_prompt_fwd_kernel(const id_t* __restrict__ ids, const out_t
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   const int64_t b = blockIdx.y;
   if (t >= T) return;
+  // Map entries are clamped into range below: a bad map can never index out of bounds.
   const int64_t slot = slots != nullptr ? static_cast<int64_t>(slots[b * stride_sb + t]) : (t < P ? -(t + 1) : t - P);
   out_t* dst = out + b * stride_ob + t * stride_ot;
   constexpr int kVec = 16 / sizeof(out_t);
@@ -65,22 +66,27 @@ __global__ void soft_prompt_fwd_kernel(const id_t* __restrict__ ids, const out_t
   }
 }
 
+// A map entry clamped into [0, rows): a bad map can never index out of bounds.
+__device__ __forceinline__ int64_t clamp_row(int32_t v, int64_t rows) {
+  return v < 0 ? 0 : (static_cast<int64_t>(v) >= rows ? rows - 1 : static_cast<int64_t>(v));
+}
+
 template <typename grad_t, typename prompt_t, typename acc_t>
 __global__ void soft_prompt_bwd_kernel(const grad_t* __restrict__ dout, const int32_t* __restrict__ vpos,
-                                       prompt_t* __restrict__ dprompt, int64_t B, int64_t P, int64_t H,
+                                       prompt_t* __restrict__ dprompt, int64_t B, int64_t T, int64_t P, int64_t H,
                                        int64_t stride_ob, int64_t stride_ot, int64_t stride_vb, bool batched) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kBwdThreads + threadIdx.x;  // over P * H
   if (i >= P * H) return;
   const int64_t p = i / H, h = i - p * H;
   if (batched) {
     const int64_t b = blockIdx.y;
-    const int64_t t = vpos != nullptr ? static_cast<int64_t>(vpos[b * stride_vb + p]) : p;
+    const int64_t t = vpos != nullptr ? clamp_row(vpos[b * stride_vb + p], T) : p;
     dprompt[(b * P + p) * H + h] = static_cast<prompt_t>(static_cast<acc_t>(dout[b * stride_ob + t * stride_ot + h]));
     return;
   }
   acc_t acc = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t t = vpos != nullptr ? static_cast<int64_t>(vpos[b * stride_vb + p]) : p;
+    const int64_t t = vpos != nullptr ? clamp_row(vpos[b * stride_vb + p], T) : p;
     acc += static_cast<acc_t>(dout[b * stride_ob + t * stride_ot + h]);
   }
   dprompt[p * H + h] = static_cast<prompt_t>(acc);
@@ -174,7 +180,7 @@ at::Tensor soft_prompt_embed_bwd_cuda(const at::Tensor& dout, const std::optiona
       using prompt_t = scalar_t;
       using acc_t = std::conditional_t<std::is_same_v<grad_t, double> || std::is_same_v<prompt_t, double>, double, float>;
       soft_prompt_bwd_kernel<grad_t, prompt_t, acc_t><<<grid, kBwdThreads, 0, stream>>>(
-          g.const_data_ptr<grad_t>(), vpos_ptr, dprompt.mutable_data_ptr<prompt_t>(), B, P, H, g.stride(0),
+          g.const_data_ptr<grad_t>(), vpos_ptr, dprompt.mutable_data_ptr<prompt_t>(), B, T, P, H, g.stride(0),
           g.stride(1), stride_vb, batched);
     });
   });

@@ -160,7 +160,7 @@ def _token_rows(dout: Tensor, slots: Tensor | None, P: int, S: int) -> Tensor:
         return dout[:, P:]
     B, T, H = dout.shape
     # Output position of every token: scatter t into its token index (virtual slots go to a dump column S).
-    dst = torch.where(slots >= 0, slots, S).long()
+    dst = torch.where(slots >= 0, slots.clamp(max=S), S).long()
     tpos = torch.zeros(slots.shape[0], S + 1, dtype=torch.long, device=dout.device)
     tpos.scatter_(1, dst, torch.arange(T, device=dout.device).expand_as(dst))
     return torch.gather(dout, 1, tpos[:, :S, None].expand(B, S, H))
@@ -190,8 +190,8 @@ def _reference_forward(input_ids, embedding_weight, prompt_embeds, slots, vpos):
     if slots is None:
         return torch.cat((prompt, tokens), dim=1)
     T = P + S
-    s = slots.clamp_min(0).long().expand(B, T)
-    p = (-slots.long() - 1).clamp_min(0).expand(B, T)
+    s = slots.long().clamp(0, max(S - 1, 0)).expand(B, T)  # clamped like the kernels: any map is memory-safe
+    p = (-slots.long() - 1).clamp(0, P - 1).expand(B, T)
     from_tokens = torch.gather(tokens, 1, s[..., None].expand(B, T, H))
     from_prompt = torch.gather(prompt, 1, p[..., None].expand(B, T, H))
     return torch.where((slots < 0)[..., None], from_prompt, from_tokens)
@@ -207,7 +207,8 @@ def _reference_backward(dout, input_ids, slots, vpos, num_embeddings, num_prompt
         if vpos is None:
             dp = dout[:, :P]
         else:
-            dp = torch.gather(dout, 1, vpos.long().expand(B, P)[..., None].expand(B, P, H))
+            rows = vpos.long().clamp(0, dout.shape[1] - 1).expand(B, P)
+            dp = torch.gather(dout, 1, rows[..., None].expand(B, P, H))
         if prompt_batched:
             dprompt = dp.to(prompt_dtype, copy=True)  # a copy: never a view of dout
         else:
@@ -367,10 +368,16 @@ def soft_prompt_embed(input_ids: Tensor, embedding_weight: Tensor, prompt_embeds
     P = prompt_embeds.shape[-2]
     slots = vpos = None
     if maps is not None:
-        slots, vpos = maps
         if positions is not None:
             raise ValueError(f"{OP}: pass positions or maps, not both")
-        if slots.shape[-1] != P + S or vpos.shape[-1] != P or slots.shape[0] not in (1, B):
+        if not isinstance(maps, (tuple, list)) or len(maps) != 2:
+            raise TypeError(f"{OP}: maps must be the (slots, vpos) pair from prompt_maps")
+        slots, vpos = maps
+        for name, t in (("slots", slots), ("vpos", vpos)):
+            v.check_tensor(OP, f"maps[{name}]", t, ndim=2, dtypes=(torch.int32,))
+        v.check_same_device(OP, input_ids=input_ids, slots=slots, vpos=vpos)
+        if slots.shape[-1] != P + S or vpos.shape[-1] != P or slots.shape[0] not in (1, B) \
+                or vpos.shape[0] != slots.shape[0]:
             raise ValueError(f"{OP}: maps of shapes {tuple(slots.shape)}, {tuple(vpos.shape)} do not fit B={B}, "
                              f"S={S}, P={P}; build them with prompt_maps(positions, S, P)")
     elif positions is not None:

@@ -10,8 +10,8 @@ Backward, prompt only: ``dprompt[p] = sum_b dout[b, vpos[b, p]]`` (shared prompt
 order: deterministic, no atomics) or ``dprompt[b, p] = dout[b, vpos[b, p]]`` (per-example prompt). The frozen
 vocabulary gets no gradient buffer (a trainable one is the op's business, not these kernels').
 
-Ids outside [0, V) were refused before the launch; the kernels still mask them (the row is written as zeros)
-so that no input can read out of bounds.
+Ids outside [0, V) were refused before the launch; the kernels still mask them (the row is written as zeros), and
+clamp every map entry into range, so that no input can read or write out of bounds.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ def _soft_prompt_fwd_kernel(
     else:
         slot = tl.where(t < P, -(t + 1), t - P).to(tl.int64)
     is_tok = slot >= 0
-    s = tl.maximum(slot, 0)
-    p = tl.maximum(-slot - 1, 0)
+    s = tl.minimum(tl.maximum(slot, 0), S - 1)  # clamped: a bad map can never index out of bounds
+    p = tl.minimum(tl.maximum(-slot - 1, 0), P - 1)
     tok = tl.load(ids_ptr + b * stride_ib + s * stride_is, mask=t_in & is_tok, other=0).to(tl.int64)
     tok_ok = t_in & is_tok & (tok >= 0) & (tok < V)
-    virt = t_in & (slot < 0) & (p < P)
+    virt = t_in & (slot < 0)
     w_rows = w_ptr + tok[:, None] * stride_wv
     p_rows = prompt_ptr + b * stride_pb + p[:, None] * stride_pp
     o_rows = out_ptr + b * stride_ob + t.to(tl.int64)[:, None] * stride_ot
@@ -62,7 +62,7 @@ def _soft_prompt_fwd_kernel(
 @triton.jit
 def _soft_prompt_bwd_kernel(
     dout_ptr, vpos_ptr, dprompt_ptr,
-    B, P, H,
+    B, T, P, H,
     stride_ob, stride_ot, stride_vb, stride_db, stride_dp,
     HAS_VPOS: tl.constexpr, BATCHED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -73,6 +73,7 @@ def _soft_prompt_bwd_kernel(
         b = tl.program_id(2).to(tl.int64)
         if HAS_VPOS:
             t = tl.load(vpos_ptr + b * stride_vb + p, mask=p < P, other=0).to(tl.int64)
+            t = tl.minimum(tl.maximum(t, 0), T - 1)
         else:
             t = p.to(tl.int64)
         g = tl.load(dout_ptr + b * stride_ob + t[:, None] * stride_ot + h[None, :], mask=mask, other=0.0)
@@ -84,6 +85,7 @@ def _soft_prompt_bwd_kernel(
         for _ in range(0, B):
             if HAS_VPOS:
                 t = tl.load(vpos_b + p, mask=p < P, other=0).to(tl.int64)
+                t = tl.minimum(tl.maximum(t, 0), T - 1)
             else:
                 t = p.to(tl.int64)
             g = tl.load(dout_b + t[:, None] * stride_ot + h[None, :], mask=mask, other=0.0)
@@ -160,7 +162,7 @@ def soft_prompt_backward_prompt(dout, vpos, num_prompt: int, prompt_batched: boo
     grid = (triton.cdiv(P, block_p), triton.cdiv(H, block_h), B if prompt_batched else 1)
     _soft_prompt_bwd_kernel[grid](
         dout, vpos if vpos is not None else dout, dprompt,
-        B, P, H,
+        B, T, P, H,
         dout.stride(0), dout.stride(1), stride_vb, dprompt.stride(0) if prompt_batched else 0, dprompt.stride(-2),
         HAS_VPOS=vpos is not None, BATCHED=prompt_batched, BLOCK_P=block_p, BLOCK_H=block_h, num_warps=warps,
     )
@@ -202,8 +204,8 @@ def compile_variants(quick: bool = False) -> list:
                              f"{dt}.p{pdt}.{block_p}x{block_hb}w{warps_b}",
                         kernel=_soft_prompt_bwd_kernel,
                         signature={"dout_ptr": f"*{dt}", "vpos_ptr": "*i32", "dprompt_ptr": f"*{pdt}", "B": "i32",
-                                   "P": "i32", "H": "i32", "stride_ob": "i32", "stride_ot": "i32", "stride_vb": "i32",
-                                   "stride_db": "i32", "stride_dp": "i32"},
+                                   "T": "i32", "P": "i32", "H": "i32", "stride_ob": "i32", "stride_ot": "i32",
+                                   "stride_vb": "i32", "stride_db": "i32", "stride_dp": "i32"},
                         constexprs=dict(HAS_VPOS=has_vpos, BATCHED=batched, BLOCK_P=block_p, BLOCK_H=block_hb),
                         num_warps=warps_b, num_stages=1,
                         divisible=("dout_ptr", "vpos_ptr", "dprompt_ptr", "H", "stride_ob", "stride_ot", "stride_dp"),
