@@ -266,6 +266,7 @@ def _fwd_kernel(
     Lq, Lk, P, qk_scale, LQ_KEY, LK_KEY,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     off_b, off_h, off_hk, start_m, offs_m, offs_d, d_ok, row_ok = _query_block(Lq, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
     q_ptrs = _tile_ptrs(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, offs_d)
@@ -275,14 +276,14 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Phase 1: the prefix keys, read from their own tensors, never masked except at P.
+    # Phase 1: the prefix keys, read from their own tensors in tiles sized to P (not to BLOCK_N), masked at P only.
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q,
         PK + off_b * stride_pkb + off_hk * stride_pkh,
         PV + off_b * stride_pvb + off_hk * stride_pvh,
         stride_pkn, stride_pvn, MASK, 0,
         0, P, P, offs_m, 0, qk_scale, d_ok,
-        BLOCK_N, BLOCK_D, True, False, False, EVEN_D, PREC,
+        BLOCK_P, BLOCK_D, True, False, False, EVEN_D, PREC,
     )  # fmt: skip
 
     # Phase 2: the real keys; unmasked blocks first, then the diagonal / ragged-end blocks.
@@ -535,6 +536,7 @@ def _bwd_dq_kernel(
     Lq, Lk, P, scale, qk_scale, LQ_KEY, LK_KEY,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     off_b, off_h, off_hk, start_m, offs_m, offs_d, d_ok, row_ok = _query_block(Lq, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
     q_ptrs = _tile_ptrs(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, offs_d)
@@ -551,7 +553,7 @@ def _bwd_dq_kernel(
         PV + off_b * stride_pvb + off_hk * stride_pvh,
         stride_pkn, stride_pvn, MASK, 0,
         0, P, P, offs_m, 0, qk_scale, d_ok,
-        BLOCK_N, BLOCK_D, True, False, False, EVEN_D, PREC,
+        BLOCK_P, BLOCK_D, True, False, False, EVEN_D, PREC,
     )  # fmt: skip
     mid, hi = _real_key_range(start_m, Lq, Lk, CAUSAL, BLOCK_M, BLOCK_N)
     K_base = K + off_b * stride_kb + off_hk * stride_kh
@@ -697,6 +699,11 @@ def _common(q, k, prefix_k, key_padding_mask):
     return B, Hq, Hkv, Lq, Lk, prefix_k.shape[-2], D, meta, keys
 
 
+def _block_p(P: int) -> int:
+    # The prefix tile: P rounded up to a power of two (>= 16 for tl.dot), at most 64 keys per step.
+    return max(16, min(64, triton.next_power_of_2(P)))
+
+
 def _blocks(name):
     if not _INTERPRET:
         return {}
@@ -726,7 +733,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, causal: bool, key_padd
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         Lq, Lk, P, float(scale) * 1.4426950408889634, *keys,
-        CAUSAL=bool(causal), HAS_PAD=has_pad, **meta, **_blocks("fwd"),
+        CAUSAL=bool(causal), HAS_PAD=has_pad, BLOCK_P=_block_p(P), **meta, **_blocks("fwd"),
     )  # fmt: skip
     return out, lse
 
@@ -792,7 +799,7 @@ def prefix_attention_backward(
         *common_strides,
         dq.stride(0), dq.stride(1), dq.stride(2),
         Lq, Lk, P, float(scale), qk_scale, *keys,
-        CAUSAL=bool(causal), HAS_PAD=has_pad, **meta, **_blocks("dq"),
+        CAUSAL=bool(causal), HAS_PAD=has_pad, BLOCK_P=_block_p(P), **meta, **_blocks("dq"),
     )  # fmt: skip
 
     if shared:
@@ -860,7 +867,9 @@ def compile_variants(quick: bool = False) -> list:
                         tag = ".default" if c is configs[default] else (".fallback" if c is fallback else "")
                         out.append(jit_variant(
                             f"prefix_attention.{kname}.{flags}.{dt}.{bm}x{bn}w{c.num_warps}s{c.num_stages}{tag}",
-                            kernel, args, {**cx, "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=c.num_warps,
+                            kernel, args, {**cx, "BLOCK_M": bm, "BLOCK_N": bn,
+                                           **({} if kname == "dkdv" else {"BLOCK_P": _block_p(P)})},
+                            num_warps=c.num_warps,
                             num_stages=c.num_stages, main=bool(tag == ".default"),
                             # the 16-row fallback (for fp32 / head dim 256 shared memory) is below wgmma's M = 64
                             kind="stream" if c is fallback else "attention"))  # fmt: skip
