@@ -114,13 +114,16 @@ def test_dx_only_skips_the_column_sums(spies):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="block sizes are overridden under the interpreter only")
+@pytest.mark.parametrize("path", ["pointer", "tma"])
 @pytest.mark.parametrize("blocks", [(16, 16, 16), (16, 64, 16), (32, 16, 64)])
-def test_many_tiles_and_owners(blocks):
+def test_many_tiles_and_owners(blocks, path):
     """Small tiles: many m tiles and reduction steps, with more or fewer k-tile columns than steps, so every
-    program owns several partial slices, or none."""
-    for M, K, N in [(123, 80, 431), (77, 431, 80)]:  # more reduction steps than k columns, then fewer
+    program owns several partial slices, or none; on the TMA path each of the few persistent programs also walks
+    many tiles."""
+    shapes = [(123, 80, 431), (77, 431, 80)] if path == "pointer" else [(123, 80, 160), (77, 160, 80)]
+    for M, K, N in shapes:  # more reduction steps than k columns, then fewer
         x, W, b, dy = _inputs(M, K, N, torch.float32, seed=3)
-        with _config.override_interpret_blocks(bias_only_gemm=blocks), _config.force_gemm_path("pointer"):
+        with _config.override_interpret_blocks(bias_only_gemm=blocks), _config.force_gemm_path(path):
             dx, db = tb.bias_only_backward(dy, W, True, True, torch.float32)
         assert_close(dx, (dy.double() @ W.double()).float(), rtol=2e-4, atol=2e-4, name=f"dx {M}x{K}x{N}")
         assert_close(db, dy.double().sum(0).float(), rtol=1e-5, atol=1e-4, name=f"db {M}x{K}x{N}")
