@@ -320,9 +320,10 @@ def test_composes_with_apply_lora():
     assert q.bias.grad is not None and q.lora_A.grad is not None and q.weight.grad is None
 
 
-def test_patched_peft_model_with_bias_all_equals_peft():
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_patched_peft_model_with_trainable_biases_equals_peft(bias):
     peft = pytest.importorskip("peft")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all", lora_dropout=0.0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], bias=bias, lora_dropout=0.0)
     torch.manual_seed(0)
     ref = peft.get_peft_model(tiny_bert(), cfg)
     for n, p in ref.named_parameters():
@@ -331,7 +332,11 @@ def test_patched_peft_model_with_bias_all_equals_peft():
     ours = copy.deepcopy(ref)
     peft_kernels.patch_peft_model(ours)
     swapped = patch_trainable_biases(ours)
-    assert any(n.endswith("attention.self.key") for n in swapped)  # a non-LoRA linear with a trainable bias
+    if bias == "all":  # the non-LoRA linears and the norms train their biases: they run on the fused ops
+        assert any(n.endswith("attention.self.key") for n in swapped)
+        assert any(n.endswith("LayerNorm") for n in swapped)
+    else:  # only the LoRA layers' biases train, through the fused LoRA op: nothing else to swap
+        assert swapped == []
     assert not any(n.endswith(".base_layer") for n in swapped)
     assert trainable(ours) == trainable(ref)
     x, y = ids(), torch.tensor([0, 1, 1])
