@@ -204,39 +204,47 @@ def reference_rows(s, t, labels, kd_mask, counts, temperature, w_kd, w_ce, ignor
     else:
         kd_div = ce_div = torch.ones((), dtype=cdt, device=s.device)
     loss_rows = s.new_zeros(N, dtype=cdt)
+    # Per-row weights of the two terms (0 where a row does not carry the term).
+    kd_w = torch.where(kd_rows, w_kd / kd_div, 0.0).to(cdt)
+    ce_w = torch.where(ce_rows, w_ce / ce_div, 0.0).to(cdt)
+    inv_t = 1.0 / T
     for rows in _row_chunks(N, V):
         kd_on, ce_on = kd_rows[rows], ce_rows[rows]
-        on = (kd_on | ce_on).unsqueeze(1)
-        # Rows with neither term may hold garbage: they are zeroed before any math.
-        sc = torch.where(on, s[rows].to(cdt), 0.0)
-        log_q = torch.log_softmax(sc / T, -1)
-        log_p = torch.log_softmax(torch.where(on, t[rows].to(cdt), 0.0) / T, -1)
+        # Rows that do not carry a term may hold garbage (inf/NaN): every result of such a row is selected away
+        # with where() (never multiplied by 0), so nothing is masked on the way in.
+        sc = s[rows].to(cdt)
+        log_q = torch.log_softmax(sc * inv_t, -1)
+        log_p = torch.log_softmax(t[rows].to(cdt) * inv_t, -1)
         q, p = log_q.exp(), log_p.exp()
-        # where(): 0 · log 0 = 0 for a masked (-inf) entry, while NaN and +inf still propagate.
+        # masked_fill: 0 · log 0 = 0 for a masked (-inf) entry, while NaN and +inf still propagate.
         if divergence == "forward_kl":
-            div = torch.where(log_p == -math.inf, 0.0, p * (log_p - log_q)).sum(-1)
-            g_div = q - p
+            div = (log_p - log_q).mul_(p).masked_fill_(log_p == -math.inf, 0.0).sum(-1)
+            g = (q - p) if grad_out is not None else None
         elif divergence == "reverse_kl":
-            div = torch.where(log_q == -math.inf, 0.0, q * (log_q - log_p)).sum(-1)
-            g_div = torch.where(q == 0, 0.0, q * (log_q - log_p - div.unsqueeze(1)))
+            diff = log_q - log_p
+            div = (diff * q).masked_fill_(log_q == -math.inf, 0.0).sum(-1)
+            g = diff.sub_(div.unsqueeze(1)).mul_(q).masked_fill_(q == 0, 0.0) if grad_out is not None else None
         else:
             log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-            kq = torch.where(log_q == -math.inf, 0.0, q * (log_q - log_m)).sum(-1)
-            kp = torch.where(log_p == -math.inf, 0.0, p * (log_p - log_m)).sum(-1)
+            kq = (log_q - log_m).mul_(q).masked_fill_(log_q == -math.inf, 0.0).sum(-1)
+            kp = (log_p - log_m).mul_(p).masked_fill_(log_p == -math.inf, 0.0).sum(-1)
             div = beta * kp + (1 - beta) * kq
-            g_div = torch.where(q == 0, 0.0, (1 - beta) * q * (log_q - log_m - kq.unsqueeze(1)))
-        row_loss = torch.where(kd_on, (w_kd * T * T) * div / kd_div, 0.0)
+            if grad_out is not None:
+                g = (log_q - log_m).sub_(kq.unsqueeze(1)).mul_(q).masked_fill_(q == 0, 0.0).mul_(1 - beta)
+        row_loss = torch.where(kd_on, div * (kd_w[rows] * (T * T)), 0.0)
         if labels is not None:
             lab = torch.where(ce_on, labels[rows], 0).unsqueeze(1)
-            log_c = torch.log_softmax(sc, -1)
-            row_loss = row_loss + torch.where(ce_on, -w_ce * log_c.gather(1, lab).squeeze(1) / ce_div, 0.0)
+            log_c = log_q if T == 1.0 else torch.log_softmax(sc, -1)
+            row_loss = row_loss + torch.where(ce_on, log_c.gather(1, lab).squeeze(1) * -ce_w[rows], 0.0)
         loss_rows[rows] = row_loss
         if grad_out is not None:
-            g = torch.where(kd_on.unsqueeze(1), g_div * (w_kd * T / kd_div), 0.0)
+            g.mul_((kd_w[rows] * T).unsqueeze(1))
+            if kd_mask is not None:  # rows with a label but no KL term: their teacher row may hold garbage
+                g = torch.where(kd_on.unsqueeze(1), g, 0.0)
             if labels is not None:
-                g_ce = log_c.exp().scatter_add_(1, lab, torch.full_like(lab, -1, dtype=cdt))
-                g = g + torch.where(ce_on.unsqueeze(1), g_ce * (w_ce / ce_div), 0.0)
-            grad_out[rows] = g.to(grad_out.dtype)
+                c = q if T == 1.0 else log_c.exp()
+                g.add_(c * ce_w[rows].unsqueeze(1)).scatter_add_(1, lab, -ce_w[rows].unsqueeze(1))
+            grad_out[rows] = torch.where((kd_on | ce_on).unsqueeze(1), g, 0.0)
     return loss_rows
 
 
