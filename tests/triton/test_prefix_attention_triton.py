@@ -181,3 +181,26 @@ def test_prefix_merge_kernels_match_float64(case):
     assert dpk.dtype == torch.float32 and dpk.shape == pk.shape
     for name, a, b in (("dq", dq, dq64), ("dprefix_k", dpk, r_dpk), ("dprefix_v", dpv, r_dpv)):
         torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_sdpa_composition_with_the_triton_merge(monkeypatch):
+    """The `sdpa` backend as it runs on CUDA, on the CPU: the fused SDPA op (CPU flash) + the Triton merge kernels
+    in place of the PyTorch half; outputs and all gradients against float64, HF layout kept."""
+    import importlib
+
+    import peft_kernels
+
+    ops = importlib.import_module("peft_kernels.ops.prefix_attention")
+    monkeypatch.setattr(ops, "_prefix_merge", lambda *a: pm.prefix_merge_forward(*a))
+    monkeypatch.setattr(ops, "_prefix_merge_backward", lambda *a: pm.prefix_merge_backward(*a))
+    q, k, v, pk, pv, mask, do = make_inputs(DEV, F32, 2, 4, 2, 21, 21, 7, 16, True, True, bshd=True,
+                                            prefix_dtype=torch.float32, with_grad_out=True, seed=9)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, pk, pv)]
+    with peft_kernels.use_backend("sdpa", strict=True):
+        out = ops.prefix_attention(*leaves, causal=True, key_padding_mask=mask, scale=0.3)
+    assert out.stride() == q.stride()
+    grads = torch.autograd.grad(out, leaves, do)
+    ref_out, _, ref_grads = _grads(lambda *t: eager_attention(*t, True, mask, 0.3),
+                                   [t.double() for t in (q, k, v, pk, pv)], do.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dpk", "dpv"), (out, *grads), (ref_out, *ref_grads)):
+        torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
