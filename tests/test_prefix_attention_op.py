@@ -274,3 +274,15 @@ def test_sdpa_backend_makes_no_layout_copy():
         grads = torch.autograd.grad(out, leaves, do)
     assert out.data_ptr() in rec.ptrs
     assert all(g.data_ptr() in rec.ptrs for g in grads[:3])
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 0, 8), (0, 4, 3, 8)], ids=["Lq0", "B0"])
+def test_empty_inputs_fall_back_instead_of_crashing(shape):
+    """The CPU flash op divides by zero on an empty q (SIGFPE): the SDPA backends refuse it, the reference serves."""
+    q = torch.randn(shape, requires_grad=True)
+    k = torch.randn(shape[0], 2, 5, 8)
+    pk = torch.randn(2, 3, 8, requires_grad=True)
+    assert "is empty" in FAMILY.why_not_reason("sdpa", pa.PrefixInputs(q, k, k, pk, pk, True, None, 0.3))
+    out = prefix_attention(q, k, k, pk, pk, causal=True)
+    out.sum().backward()
+    assert out.shape == q.shape and torch.equal(pk.grad, torch.zeros_like(pk))

@@ -290,6 +290,8 @@ def _aten_why_not(q, k, key_padding_mask) -> str | None:
     """What the fused SDPA ops used here cannot take (shared by `sdpa` and `concat`)."""
     if k.shape[2] == 0:
         return "k has no real keys (Lk = 0); the SDPA kernels need at least one"
+    if q.numel() == 0:  # the CPU flash op divides by zero on an empty batch or query range
+        return f"q of shape {tuple(q.shape)} is empty; the SDPA kernels need at least one query"
     if any(t.stride(-1) != 1 for t in (q, k)):
         return "q/k/v need a unit stride in the head dim"
     if q.device.type == "cuda":
