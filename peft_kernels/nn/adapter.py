@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from peft_kernels.ops.adapter import ACTIVATIONS, bottleneck_adapter, bottleneck_adapter_mixed
+from peft_kernels.ops.adapter import ACTIVATIONS, AdapterInputs, bottleneck_adapter, bottleneck_adapter_mixed
+from peft_kernels.ops.adapter import FAMILY as ADAPTER_FAMILY
 
 # AdapterHub / transformers activation names -> ours (AdapterHub resolves names with transformers'
 # get_activation: "swish" and "silu" are SiLU, "gelu" the exact erf GELU, "gelu_new" the tanh approximation).
@@ -241,9 +242,17 @@ class BottleneckAdapter(nn.Module):
             self.dropout is None or not self.training)
 
     def core(self, x: Tensor, residual: bool) -> Tensor:
-        """``[x +] s · up(act(down(x)))``: the fused op."""
-        return bottleneck_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-                                  self.activation, self.scaling, residual)
+        """``[x +] s · up(act(down(x)))``: the fused op. The module's own weights were checked when it was built;
+        per call only x is (the op's full validation is host time a small layer would pay on every step)."""
+        w = self.down.weight
+        if (isinstance(x, Tensor) and x.dim() == 2 and x.is_contiguous() and x.is_floating_point()
+                and x.shape[1] == self.hidden_size and x.device == w.device
+                and self.up.weight.shape == (self.hidden_size, self.bottleneck)
+                and w.shape == (self.bottleneck, self.hidden_size)):
+            return ADAPTER_FAMILY(AdapterInputs(x, w, self.down.bias, self.up.weight, self.up.bias, self.activation,
+                                                self.scaling, residual))
+        return bottleneck_adapter(x, w, self.down.bias, self.up.weight, self.up.bias, self.activation, self.scaling,
+                                  residual)
 
     def branch(self, x: Tensor) -> Tensor:
         """``s · up(act(down(LN_before(x))))`` with dropout and LN_after: the parallel adapter's output."""

@@ -87,8 +87,16 @@ def _act_math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # Tensor.to costs host time even when it returns self: skip it (small layers are host-bound).
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _apply_activation(z: Tensor, activation: str) -> Tensor:
-    return activation_reference(z.to(_act_math_dtype(z.dtype)), activation).to(z.dtype)
+    mdt = _act_math_dtype(z.dtype)
+    if mdt == z.dtype:
+        return activation_reference(z, activation)
+    return activation_reference(z.to(mdt), activation).to(z.dtype)
 
 
 def _sum_rows(t: Tensor) -> Tensor:
@@ -170,10 +178,10 @@ FAMILY = OpFamily(
 def _reference_forward(h, W_down, b_down, W_up, b_up, activation, scaling, residual):
     """Plain PyTorch: addmm, activation, addmm, add."""
     dt = h.dtype
-    Wd, Wu = W_down.to(dt), W_up.to(dt)
-    z = torch.addmm(b_down.to(dt), h, Wd.t()) if b_down is not None else h @ Wd.t()
+    Wd, Wu = _as(W_down, dt), _as(W_up, dt)
+    z = torch.addmm(_as(b_down, dt), h, Wd.t()) if b_down is not None else h @ Wd.t()
     a = _apply_activation(z, activation)
-    u = torch.addmm(b_up.to(dt), a, Wu.t()) if b_up is not None else a @ Wu.t()
+    u = torch.addmm(_as(b_up, dt), a, Wu.t()) if b_up is not None else a @ Wu.t()
     y = torch.add(h, u, alpha=scaling) if residual else u.mul_(scaling)
     return y, z
 
@@ -185,23 +193,23 @@ def _reference_backward(dy, h, W_down, b_down, W_up, b_up, z, activation, scalin
     need_dbd = need_dbd and b_down is not None
     need_dbu = need_dbu and b_up is not None
     dt = dy.dtype
-    Wd, Wu = W_down.to(dt), W_up.to(dt)
+    Wd, Wu = _as(W_down, dt), _as(W_up, dt)
     dh = dWd = dbd = dWu = dbu = None
     if need_dWu:
         # act(z) recomputed from the saved z: [N, m] is cheap next to the [N, H] GEMMs.
-        dWu = (dy.t() @ _apply_activation(z, activation)).mul_(scaling).to(W_up.dtype)
+        dWu = _as((dy.t() @ _apply_activation(z, activation)).mul_(scaling), W_up.dtype)
     if need_dbu:
-        dbu = (_sum_rows(dy) * scaling).to(b_up.dtype)
+        dbu = _as(_sum_rows(dy) * scaling, b_up.dtype)
     if need_dh or need_dWd or need_dbd:
         mdt = _act_math_dtype(dt)
-        da = (dy @ Wu).to(mdt).mul_(scaling)
-        dz = (da * activation_derivative(z.to(mdt), activation)).to(dt)
+        da = _as(dy @ Wu, mdt).mul_(scaling)
+        dz = _as(da * activation_derivative(_as(z, mdt), activation), dt)
         if need_dh:
             dh = torch.addmm(dy, dz, Wd) if residual else dz @ Wd
         if need_dWd:
-            dWd = (dz.t() @ h).to(W_down.dtype)
+            dWd = _as(dz.t() @ h, W_down.dtype)
         if need_dbd:
-            dbd = _sum_rows(dz).to(b_down.dtype)
+            dbd = _as(_sum_rows(dz), b_down.dtype)
     return dh, dWd, dbd, dWu, dbu
 
 
@@ -474,6 +482,8 @@ def bottleneck_adapter(h: Tensor, W_down: Tensor, b_down: Tensor | None, W_up: T
     """
     validate(h, W_down, b_down, W_up, b_up, activation, scaling, residual)
     scaling = v.check_finite(OP, "scaling", scaling)
+    if h.dim() == 2 and h.is_contiguous():
+        return FAMILY(AdapterInputs(h, W_down, b_down, W_up, b_up, activation, scaling, residual))
     H = h.shape[-1]
     h2d = h.reshape(-1, H).contiguous()
     y = FAMILY(AdapterInputs(h2d, W_down, b_down, W_up, b_up, activation, scaling, residual))
