@@ -286,3 +286,28 @@ def test_empty_inputs_fall_back_instead_of_crashing(shape):
     out = prefix_attention(q, k, k, pk, pk, causal=True)
     out.sum().backward()
     assert out.shape == q.shape and torch.equal(pk.grad, torch.zeros_like(pk))
+
+
+def test_measured_dispatch_times_the_compositions_and_keeps_one():
+    """With measured dispatch on (the CUDA default; forced here on CPU) the family times every backend that serves
+    the shape once per tune key -- sdpa and concat on CPU -- keeps the faster, and the answer is still exact."""
+    from peft_kernels import _config
+
+    *inputs, mask, do = make_inputs("cpu", torch.float64, 2, 4, 2, 13, 13, 7, 16, True, True, bshd=True,
+                                    with_grad_out=True, seed=21)
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    _config.clear_tuning_cache()
+    FAMILY._cache.clear()
+    try:
+        with _config.tuning(True):
+            out = prefix_attention(*leaves, causal=True, key_padding_mask=mask)
+        chosen = {k: v for k, v in _config.tuned_choices().items() if k[0] == "prefix_attention"}
+        assert len(chosen) == 1 and set(chosen.values()) <= {"sdpa", "concat"}
+        grads = torch.autograd.grad(out, leaves, do)
+        ref_out, ref_grads = _oracle(inputs, do, True, mask, 16**-0.5)
+        assert_close(out, ref_out)
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r)
+    finally:
+        _config.clear_tuning_cache()
+        FAMILY._cache.clear()
