@@ -244,13 +244,14 @@ class BottleneckAdapter(nn.Module):
     def core(self, x: Tensor, residual: bool) -> Tensor:
         """``[x +] s · up(act(down(x)))``: the fused op. The module's own weights were checked when it was built;
         per call only x is (the op's full validation is host time a small layer would pay on every step)."""
-        w = self.down.weight
-        if (isinstance(x, Tensor) and x.dim() == 2 and x.is_contiguous() and x.is_floating_point()
-                and x.shape[1] == self.hidden_size and x.device == w.device
-                and self.up.weight.shape == (self.hidden_size, self.bottleneck)
-                and w.shape == (self.bottleneck, self.hidden_size)):
-            return ADAPTER_FAMILY(AdapterInputs(x, w, self.down.bias, self.up.weight, self.up.bias, self.activation,
-                                                self.scaling, residual))
+        w, wu, H = self.down.weight, self.up.weight, self.hidden_size
+        if (isinstance(x, Tensor) and x.dim() >= 1 and x.is_contiguous() and x.is_floating_point()
+                and x.shape[-1] == H and x.device == w.device
+                and wu.shape == (H, self.bottleneck) and w.shape == (self.bottleneck, H)):
+            x2 = x if x.dim() == 2 else x.view(-1, H)
+            y = ADAPTER_FAMILY(AdapterInputs(x2, w, self.down.bias, wu, self.up.bias, self.activation, self.scaling,
+                                             residual))
+            return y if x.dim() == 2 else y.view(x.shape)
         return bottleneck_adapter(x, w, self.down.bias, self.up.weight, self.up.bias, self.activation, self.scaling,
                                   residual)
 
