@@ -307,7 +307,10 @@ class OpFamily:
             cast = self._autocast(inputs)
             if cast is not inputs:
                 inputs, key = cast, None  # the caller's key described the inputs before the cast
-        fwd, bwd = self.select(inputs, key)
+        return self.run(inputs, *self.select(inputs, key))
+
+    def run(self, inputs, fwd: str, bwd: str):
+        """Run backends already selected (``select``) on a validated record: autograd; the public outputs."""
         if torch.compiler.is_compiling():
             outs = self._fwd_op(*inputs, fwd, bwd)
         else:
@@ -340,16 +343,19 @@ class OpFamily:
 
     # Saving for backward: tensors through save_for_backward, everything else on ctx.
     def _save(self, ctx, inputs, outs: tuple, bwd: str) -> None:
-        args = self._save_fn(inputs, outs)
-        ctx.save_for_backward(*(a for a in args if isinstance(a, Tensor)))
-        ctx.pk_constants = tuple(None if isinstance(a, Tensor) else a for a in args)
-        ctx.pk_is_tensor = tuple(isinstance(a, Tensor) for a in args)
-        ctx.pk_bwd = bwd
+        constants = list(self._save_fn(inputs, outs))
+        slots = [i for i, a in enumerate(constants) if isinstance(a, Tensor)]
+        ctx.save_for_backward(*[constants[i] for i in slots])
+        for i in slots:
+            constants[i] = None  # no tensor kept on ctx itself: save_for_backward checks versions, frees early
+        ctx.pk_constants, ctx.pk_slots, ctx.pk_bwd = constants, slots, bwd
 
     @staticmethod
     def _saved_args(ctx) -> list:
-        tensors = iter(ctx.saved_tensors)
-        return [next(tensors) if is_t else c for c, is_t in zip(ctx.pk_constants, ctx.pk_is_tensor)]
+        args = list(ctx.pk_constants)
+        for i, t in zip(ctx.pk_slots, ctx.saved_tensors):
+            args[i] = t
+        return args
 
     def _needs(self, ctx, offset: int) -> list[bool]:
         return [bool(ctx.needs_input_grad[offset + i]) for i in self._diff_idx]

@@ -284,20 +284,13 @@ class LoRALinear(nn.Linear):
             what = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
             raise (ValueError if isinstance(x, Tensor) else TypeError)(
                 f"{type(self).__name__}.forward: x must be a tensor [..., in_features={self.in_features}], got {what}")
-        weight, bias = self.base_weight(), self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            # Custom ops are not autocast: do what autocast does for F.linear (activation and weight in
-            # the autocast dtype); the fp32 adapter weights are cast inside the op.
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
         if self.merged and not self.adapter_enabled:
             self.unmerge()  # a disabled adapter must not stay folded into W (as peft unmerges on disable)
-            weight = self.base_weight().to(weight.dtype)
         if self.merged or not self.adapter_enabled:
-            return F.linear(x, weight, bias)
+            return F.linear(x, self.base_weight(), self.bias)  # autocast applies to F.linear as usual
         A, B, s, p = self.adapter_weights()
-        return lora_linear(x, weight, bias, A, B, s, p if self.training else 0.0)
+        # lora_linear applies autocast itself (x, W, b in the autocast dtype; the fp32 adapters stay masters).
+        return lora_linear(x, self.base_weight(), self.bias, A, B, s, p if self.training else 0.0)
 
     def extra_repr(self) -> str:
         return (

@@ -103,7 +103,7 @@ def _number(op: str, name: str, value, what: str = "a number") -> bool:
 
 
 def check_probability(op: str, name: str, p) -> float:
-    if type(p) is float and 0.0 <= p < 1.0:  # the steady-state call: one type test and a comparison
+    if type(p) is float and not torch.compiler.is_compiling() and 0.0 <= p < 1.0:  # the steady-state call
         return p
     if not _number(op, name, p, "a float"):
         return p
@@ -113,7 +113,7 @@ def check_probability(op: str, name: str, p) -> float:
 
 
 def check_finite(op: str, name: str, value) -> float:
-    if type(value) is float and math.isfinite(value):  # the steady-state call
+    if type(value) is float and not torch.compiler.is_compiling() and math.isfinite(value):  # steady state
         return value
     if not _number(op, name, value):
         return value

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from peft_kernels import _backends
+from peft_kernels import _backends, _config
 from peft_kernels._op import OpFamily
 from peft_kernels.ops import _validate as v
 from peft_kernels.ops._seed import as_seed_tensor, seed_value
@@ -96,9 +96,6 @@ FAMILY = OpFamily(
     preference={"cuda": ("triton", "aten"),
                 "cpu": lambda i: ("aten", "reference") if i.dropout_p > 0 else ("reference", "aten")},
     tune_key=_tune_key,
-    # Under autocast the activation, W and b run in the autocast dtype (as F.linear's would); the adapters stay
-    # fp32 masters (cast inside the backends, their gradients come back fp32).
-    autocast=("x", "weight", "bias"),
     doc="y = x W^T + b + s (drop(x) A^T) B^T",
 )
 
@@ -192,7 +189,7 @@ def _triton_why_not(inp: LoraInputs) -> str | None:
 # Public entry point
 # --------------------------------------------------------------------------------------------------
 def validate(x, weight, bias, lora_A, lora_B) -> None:
-    """The tensor checks (once per signature: see ``_VALIDATED``)."""
+    """The tensor checks (once per signature: see ``_CALLS``)."""
     v.check_tensor(OP, "x", x, min_ndim=1)
     v.check_tensor(OP, "weight", weight, ndim=2)
     v.check_tensor(OP, "lora_A", lora_A, ndim=2)
@@ -214,7 +211,8 @@ def validate(x, weight, bias, lora_A, lora_B) -> None:
         v.check_size(OP, "bias", bias, 0, N, "out_features = weight.shape[0]")
 
 
-_VALIDATED = v.Validated()
+# (forced backend, dropout on, tensor signature) -> (forward, backward) backends: signatures seen are validated.
+_CALLS: dict[tuple, tuple[str, str]] = {}
 
 
 def _key(x, weight, bias, lora_A, lora_B):
@@ -245,18 +243,33 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         dropout_p: dropout on the adapter's input, in [0, 1).
         seed: int or int tensor for the dropout mask; None draws one from torch's generator.
     """
-    key = None if torch.compiler.is_compiling() else _key(x, weight, bias, lora_A, lora_B)
-    if key not in _VALIDATED:
-        validate(x, weight, bias, lora_A, lora_B)
-        _VALIDATED.add(key)
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # What autocast does for F.linear: activation, W and b in the autocast dtype; the adapters stay fp32
+        # masters (cast inside the backends; their gradients come back fp32).
+        dt = torch.get_autocast_dtype(x.device.type)
+        if isinstance(weight, Tensor) and x.is_floating_point() and x.dtype != torch.float64:
+            x, weight = x.to(dt), weight.to(dt)
+            bias = bias.to(dt) if isinstance(bias, Tensor) else bias
     scaling = v.check_finite(OP, "scaling", scaling)
     dropout_p = v.check_probability(OP, "dropout_p", dropout_p)
+    compiling = torch.compiler.is_compiling()
+    # One signature for validation and dispatch, hashed once: a steady-state call is this lookup + the launches.
+    key = None if compiling else _key(x, weight, bias, lora_A, lora_B)
+    call_key = None if key is None else (_config.forced_backend(), dropout_p > 0, key)
+    choice = _CALLS.get(call_key) if call_key is not None else None
+    if choice is None:
+        validate(x, weight, bias, lora_A, lora_B)
     seed_t = as_seed_tensor(OP, seed) if dropout_p > 0 else _NO_SEED
     # Views cost an autograd node each on a tensor that needs a gradient: only where there are leading dims.
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    # The tensor signature plus "is dropout on" is all dispatch depends on: no second signature to compute.
-    dispatch_key = None if key is None else (key, dropout_p > 0)
-    y = FAMILY(LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t), dispatch_key)
+    inputs = LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
+    if choice is None:
+        choice = FAMILY.select(inputs)
+        if call_key is not None:
+            if len(_CALLS) >= 4096:
+                _CALLS.clear()
+            _CALLS[call_key] = choice
+    y = FAMILY.run(inputs, *choice)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

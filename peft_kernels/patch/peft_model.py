@@ -105,13 +105,10 @@ def _fused_args(layer: nn.Module, x: Tensor, args: tuple, kwargs: dict):
         return None
     weight = base.weight if kind == "linear" else base.weight.t()
     bias = base.bias
-    if torch.is_autocast_enabled(x.device.type):
-        # Custom ops are not autocast: cast as autocast does for F.linear (the adapters are cast in the op).
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
     A, B, drop = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_dropout[name]
-    if x.dtype != weight.dtype or not (x.device == weight.device == A.device == B.device):
+    # Under autocast lora_linear casts x, W and b itself (as autocast does for F.linear).
+    autocast = torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and weight.is_floating_point()
+    if (x.dtype != weight.dtype and not autocast) or not (x.device == weight.device == A.device == B.device):
         return None
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
     return x, weight, bias, A, B, layer.scaling[name], p
