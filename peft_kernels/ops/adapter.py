@@ -317,9 +317,11 @@ def _route(adapter_ids: Tensor, num_adapters: int):
     """(order, sorted ids, segment starts): the rows sorted (stably) by adapter id."""
     ids = adapter_ids.reshape(-1)
     sorted_ids, order = torch.sort(ids.to(torch.int32), stable=True)
-    counts = torch.bincount(ids.to(torch.int64), minlength=num_adapters)
-    seg = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
-    return order, sorted_ids.contiguous(), seg
+    sorted_ids = sorted_ids.contiguous()
+    # Segment starts by binary search (deterministic; CUDA bincount is not, and refuses deterministic mode).
+    bounds = torch.arange(num_adapters + 1, dtype=torch.int32, device=ids.device)
+    seg = torch.searchsorted(sorted_ids, bounds).to(torch.int32)
+    return order, sorted_ids, seg
 
 
 def _mixed_fake(inp):
@@ -523,7 +525,7 @@ def bottleneck_adapter_mixed(h: Tensor, W_down: Tensor, b_down: Tensor | None, W
                              f"shape {tuple(lead)} (one id per row) or [{lead[0] if lead else 1}] (one per sequence)")
     ids = adapter_ids.reshape(-1)
     if not torch.compiler.is_compiling() and ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync, not two
         if lo < 0 or hi >= A:
             raise ValueError(f"{OP_MIXED}: adapter_ids must lie in [0, {A}), got values in [{lo}, {hi}]")
     H = h.shape[-1]
