@@ -28,8 +28,8 @@ Two paths for the big GEMMs: TMA tensor descriptors + a persistent, L2-grouped t
 Hopper), and a pointer-based ``tl.load``/``tl.dot`` fallback for strides/base pointers TMA cannot take
 (it needs 16-byte aligned leading strides and bases and a unit inner stride).
 ``peft_kernels._config.force_gemm_path`` picks one. The persistent loop is flattened (pipelined across
-tiles) only on Triton >= 3.8: with Triton 3.6 + ptxas 12.8 the flattened loop with the LoRA epilogue
-serializes every wgmma (ptxas C7515; see ``compile_variants`` and benchmarks/results/compile/).
+tiles) at r <= 32; the LoRA term runs before the K loop, because after it (an epilogue) Triton 3.6 + ptxas
+12.8 serialized every wgmma of the flattened loop (C7515; see ``compile_variants``, benchmarks/results/compile/).
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ _INTERPRET = _config.SETTINGS.triton_interpret
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_RANK = 128
 _HAS_TMA_API = hasattr(tl, "make_tensor_descriptor")
-_TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
-# Flattening the persistent loop lets the compiler pipeline across tiles. Triton 3.6 (ptxas 12.8) then
-# serializes the wgmma of the main loop when the LoRA epilogue follows; 3.8 pipelines it (compile check).
-_FLATTEN = _config.SETTINGS.triton_flatten and _TRITON_VERSION >= (3, 8)
+# Flattening the persistent loop lets the compiler pipeline across tiles. With the LoRA term in an epilogue
+# after the K loop, Triton 3.6 (ptxas 12.8) serialized every wgmma of the flattened loop (C7515); with it in
+# the prologue (_lora_init) both 3.6 and 3.8 pipeline it -- the compile check holds this on both versions.
+_FLATTEN = _config.SETTINGS.triton_flatten
 # Hopper's opt-in shared memory per block: a config whose estimate exceeds it can never launch.
 SMEM_LIMIT = 232448  # 227 KB
 
