@@ -26,9 +26,15 @@ class PeftPatchReport:
 
     patched: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    method: str = "LORA"  # the peft type served: LORA, PREFIX_TUNING, PROMPT_TUNING or P_TUNING
+    biases: list[str] = field(default_factory=list)  # layers whose trainable bias now runs the fused BitFit op
 
     def __str__(self) -> str:
+        if self.method != "LORA":
+            return f"patch_peft_model: the {self.method} adapter runs through the fused op"
         lines = [f"patch_peft_model: {len(self.patched)} LoRA layers fused, {len(self.skipped)} left to peft"]
+        if self.biases:
+            lines.append(f"  {len(self.biases)} trainable biases outside the LoRA layers fused (bias=...)")
         lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -149,7 +155,12 @@ def __getattr__(name: str):
 
 
 def patch_peft_model(peft_model: nn.Module) -> PeftPatchReport:
-    """Serve the HF peft LoRA ``Linear`` layers of ``peft_model`` with the fused op, in place.
+    """Serve an existing HF peft model with the fused ops, in place, whatever its method: LoRA (below),
+    Prefix-Tuning / P-Tuning v2 (:func:`~peft_kernels.patch.prefix.patch_peft_prefix_model`), Prompt Tuning and
+    P-Tuning (:func:`~peft_kernels.patch.prompt.patch_peft_prompt_model`); a LoRA config with ``bias="all"`` /
+    ``"lora_only"`` also gets its other trainable biases on the fused BitFit layers. The report says which.
+
+    LoRA: the HF peft LoRA ``Linear`` layers of ``peft_model`` are served by the fused op.
 
     Nothing is replaced: each servable ``peft.tuners.lora.layer.Linear`` gets a subclass (``__class__`` swap)
     whose forward calls ``peft_kernels.lora_linear`` for the active adapter and falls back to peft's forward
@@ -158,6 +169,17 @@ def patch_peft_model(peft_model: nn.Module) -> PeftPatchReport:
     other variants, lora_bias, quantized / hooked base layers, several active adapters, other LoRA layer
     types) are left to peft and listed in the report. Idempotent: call it again after changing adapters.
     """
+    method = _active_peft_type(peft_model)
+    if method == "PREFIX_TUNING":
+        from peft_kernels.patch.prefix import patch_peft_prefix_model
+
+        patch_peft_prefix_model(peft_model)
+        return PeftPatchReport(method=method)
+    if method in ("PROMPT_TUNING", "P_TUNING"):
+        from peft_kernels.patch.prompt import patch_peft_prompt_model
+
+        patch_peft_prompt_model(peft_model)
+        return PeftPatchReport(method=method)
     PeftLinear, LoraLayer = _peft_lora_classes()
     fused = _fused_class()
     report = PeftPatchReport()
@@ -176,13 +198,37 @@ def patch_peft_model(peft_model: nn.Module) -> PeftPatchReport:
             report.skipped[name] = reason
     if not report.patched and not report.skipped:
         raise ValueError(f"patch_peft_model: {type(peft_model).__name__} has no HF peft LoRA layers")
+    if getattr(getattr(peft_model, "active_peft_config", None), "bias", "none") != "none":
+        from peft_kernels.patch.bitfit import patch_trainable_biases
+
+        report.biases = patch_trainable_biases(peft_model)  # bias="all" / "lora_only": the fused BitFit layers
     return report
+
+
+def _active_peft_type(peft_model: nn.Module) -> str:
+    config = getattr(peft_model, "active_peft_config", None)
+    peft_type = getattr(config, "peft_type", "LORA")
+    return str(getattr(peft_type, "value", peft_type))
 
 
 def unpatch_peft_model(peft_model: nn.Module) -> list[str]:
     """Give every layer patched by :func:`patch_peft_model` back its peft forward; returns their names."""
-    if _fused_class.cache_info().currsize == 0:  # never patched anything
-        return []
+    method = _active_peft_type(peft_model)
+    if method == "PREFIX_TUNING" and peft_model.__dict__.get("_peft_kernels_prefix_patched"):
+        from peft_kernels.patch.prefix import unpatch_peft_prefix_model
+
+        unpatch_peft_prefix_model(peft_model)
+        return ["<prefix tuning>"]
+    if method in ("PROMPT_TUNING", "P_TUNING"):
+        from peft_kernels.patch.prompt import unpatch_peft_prompt_model
+
+        unpatch_peft_prompt_model(peft_model)
+        return [f"<{method.lower()}>"]
+    from peft_kernels.patch.bitfit import unpatch_trainable_biases
+
+    biases = unpatch_trainable_biases(peft_model)
+    if _fused_class.cache_info().currsize == 0:  # never patched a LoRA layer
+        return biases
     PeftLinear, _ = _peft_lora_classes()
     fused = _fused_class()
     names = []
@@ -190,4 +236,4 @@ def unpatch_peft_model(peft_model: nn.Module) -> list[str]:
         if type(m) is fused:
             m.__class__ = PeftLinear
             names.append(name)
-    return names
+    return names + biases

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from peft_kernels.nn.prefix import PrefixEncoder, PrefixParameters
 from peft_kernels.ops.prefix_attention import prefix_attention, prefix_attention_mask
-from peft_kernels.patch import _io
+from peft_kernels.patch import _io, _methods
 
 ATTN_IMPLEMENTATION = "peft_kernels_prefix"
 ENCODER_ATTR = "peft_kernels_prefix"
@@ -496,6 +496,10 @@ def _check_positions(positions, who: str) -> str:
     return positions
 
 
+# The names the method record (patch/_methods.py) knows these by.
+_METHOD = {"prefix_tuning": "prefix", "p_tuning_v2": "p_tuning_v2"}
+
+
 def _apply(model, method, num_virtual_tokens, projection, projection_hidden, hidden_size, train_modules, prefix,
            ignore_attention_dropout, who, *, positions="model", freeze=True, peft_base=False):
     positions = _check_positions(positions, who)
@@ -505,6 +509,8 @@ def _apply(model, method, num_virtual_tokens, projection, projection_hidden, hid
                                   f"{model_type} models (they take no KV cache)")
     if get_prefix_state(model) is not None:
         raise ValueError(f"{who}: {type(model).__name__} already has a prefix; call remove_prefix(model) first")
+    if not peft_base:  # (a peft model's own base is served by patch_peft_prefix_model, not guarded against peft)
+        _methods.check_compatible(model, _METHOD[method], owner=who)
     attention = _find_attention(model, model_type)
     num_layers, num_kv_heads, head_dim = _dims(model.config)
     param = next(model.parameters())
@@ -557,6 +563,8 @@ def _apply(model, method, num_virtual_tokens, projection, projection_hidden, hid
     base.register_forward_hook(_after_forward)
     if positions == "peft":
         base.register_forward_pre_hook(_shift_positions, with_kwargs=True)
+    if not peft_base:
+        _methods.register_method(model, _METHOD[method], {"num_virtual_tokens": P, "positions": positions})
     return model
 
 
@@ -608,6 +616,7 @@ def remove_prefix(model):
     for name, p in model.named_parameters():
         if name in state.requires_grad:
             p.requires_grad_(state.requires_grad[name])
+    _methods.unregister_method(model, _METHOD[state.method])
     return model
 
 
