@@ -448,6 +448,7 @@ def validate(h, W_down, b_down, W_up, b_up, activation, scaling, residual, *, op
         v.check_tensor(op, "b_up", b_up, ndim=nd - 1)
     v.check_same_device(op, h=h, W_down=W_down, b_down=b_down, W_up=W_up, b_up=b_up)
     H, m = h.shape[-1], W_down.shape[-2]
+    v.check_nonzero(op, "h", h, -1, "hidden size H")
     if m == 0:
         raise ValueError(f"{op}: W_down has 0 rows (shape {tuple(W_down.shape)}); the bottleneck width m must be >= 1")
     last = nd - 1
