@@ -452,12 +452,18 @@ def _as_tuple(outs) -> tuple:
 
 
 def _no_alias(outs, inputs):
-    """Custom ops may not return their inputs or views (a backend may, e.g. a slice of one buffer): copy those."""
-    tensors = [t for t in inputs if isinstance(t, Tensor)]
+    """Custom ops may not return an input, a view of one, or two views of one buffer (a backend may: a slice of
+    one buffer, an input passed through); those are copied. A view of a fresh buffer (SDPA returns its outputs as
+    transposed views) is returned as it is: copying it would cost a pass over the output."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.untyped_storage().nbytes()}
 
     def fix(t):
-        if isinstance(t, Tensor) and (t._is_view() or any(t is a for a in tensors)):
+        if not isinstance(t, Tensor) or not t.untyped_storage().nbytes():
+            return t
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
             return t.clone()
+        seen.add(ptr)
         return t
 
     if isinstance(outs, (tuple, list)):
