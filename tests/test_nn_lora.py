@@ -126,7 +126,7 @@ def test_disabling_a_merged_adapter_gives_the_base_output():
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation at the public boundary (issue 8 item 3): the function and the argument are named
+# Validation at the public boundary: the function and the argument are named
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(lora_dropout="0.1"), TypeError, "LoRALinear: lora_dropout must be a real number"),

@@ -2,7 +2,7 @@
 
 Kernel microbenchmarks: each op family's anchors (frozen floor, HF peft, eager, torch.compile, SDPA,
 FlexAttention) beside ours under every backend, in one process. With no OP, every kernel family runs at the
-default sizes of the device (TARGETS.md sizes on CUDA, small ones on the CPU); ``e2e`` (the end-to-end
+default sizes of the device (the target sizes on CUDA, small ones on the CPU); ``e2e`` (the end-to-end
 training benchmark, peft_kernels.bench.e2e) and ``overhead`` (host time per layer call on tiny CPU tensors,
 one thread, beside HF peft's LoRA layer and each op's eager formula) run only when named.
 """

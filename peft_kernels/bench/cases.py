@@ -1,5 +1,5 @@
 """Benchmark cases, one function per op family: the anchors (floor, HF peft, eager, torch.compile, SDPA,
-FlexAttention) and ours under each backend, at the TARGETS.md sizes on CUDA and at small sizes on the CPU.
+FlexAttention) and ours under each backend, at the target sizes on CUDA and at small sizes on the CPU.
 
 Every setup builds fresh random inputs (never zeros: LoRA's B and the like are initialised at random too)
 and returns a closure running one fwd+bwd step; gradients are dropped after each step so that nothing
@@ -195,7 +195,7 @@ def lora_cases(device: str, quick: bool = False) -> list[Case]:
             return setup
 
         def cublas_addmm(make=make):
-            # TARGETS.md's anchor "cuBLAS addmm_ autograd" (Unsloth's design): two GEMMs, the low-rank term
+            # The anchor "cuBLAS addmm_ autograd" (Unsloth's design): two GEMMs, the low-rank term
             # accumulated in place, autograd for the backward; fp32 adapters cast to the activation dtype.
             x, W, A, B, dy = make()
 

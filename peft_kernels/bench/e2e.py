@@ -3,7 +3,7 @@
     python -m peft_kernels.bench e2e --device cuda --json e2e.json
     python benchmarks/bench_e2e.py [--device cuda|cpu] [--json PATH] [--quick] [--variants GLOB ...]   # the same
 
-On CUDA: the TARGETS.md model (hidden 2048, 16 layers, 16 heads / 8 KV heads, intermediate 8192, vocab 32000,
+On CUDA: the target model (hidden 2048, 16 layers, 16 heads / 8 KV heads, intermediate 8192, vocab 32000,
 ~1.1 B parameters, random init from a LlamaConfig, bf16 weights, SDPA attention), batch 4 x 2048 random tokens,
 AdamW, no gradient checkpointing. On the CPU: a tiny model of the same shape family (hidden 64, 2 layers,
 batch 2 x 64) so that the script runs anywhere. Every variant gets a freshly built model (same seed, so the

@@ -1,4 +1,4 @@
-"""bias_only_linear cases: the issue's odd shapes (M = 1, 123; K, N = 80, 431), an fp32 master bias."""
+"""bias_only_linear cases: odd shapes (M = 1, 123; K, N = 80, 431), an fp32 master bias."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""bottleneck_adapter / bottleneck_adapter_mixed cases: the issue's odd sizes (N = 1, 123; H = 80, 431; bottleneck
+"""bottleneck_adapter / bottleneck_adapter_mixed cases: odd sizes (N = 1, 123; H = 80, 431; bottleneck
 1, 8, 64), fp32 master weights, no biases, no residual, frozen h; mixed batches with an unused adapter."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The edges a peft / transformers user hits first with apply_lora (issue 11): guards, the transformers save
+"""The edges a peft / transformers user hits first with apply_lora: guards, the transformers save
 paths, task heads, Falcon, named adapters, damaged files, and all-or-nothing under injected faults."""
 
 from __future__ import annotations
@@ -643,7 +643,7 @@ def test_peft_methods_on_the_model(capsys):
 
 
 # --------------------------------------------------------------------------------------------------
-# Argument errors of apply_lora / load_lora / save_lora name the function and the argument (issue 8 item 3)
+# Argument errors of apply_lora / load_lora / save_lora name the function and the argument
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(lora_dropout="0.1"), TypeError, "apply_lora: lora_dropout must be a real number"),

@@ -1,7 +1,7 @@
 """Triton bottleneck-adapter kernels (peft_kernels/triton/adapter.py) vs float64 math.
 
 Runs under TRITON_INTERPRET=1 on CPU tensors (fp32 and fp16; bf16 tl.dot is wrong in the interpreter) or natively
-on CUDA (bf16 added). Outputs are NaN-poisoned before the kernels write them. Sizes are the issue's odd ones:
+on CUDA (bf16 added). Outputs are NaN-poisoned before the kernels write them. Sizes are odd ones:
 N = 1, 123; H = 80, 431; bottleneck 1, 8, 64, 256; every activation; the interpreter's small blocks reach the
 row, column and split tails.
 """
