@@ -384,7 +384,7 @@ def test_supports_and_validation():
 
 
 # ------------------------------------------------------------------------------------------------------
-# Issue 9: strided bias, launches per step, no seed specialization, pruning by shared memory.
+# Strided bias, launches per step, pruning by shared memory.
 # ------------------------------------------------------------------------------------------------------
 
 
