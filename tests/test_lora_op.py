@@ -166,7 +166,7 @@ def test_opcheck(backend):
     S = torch.randn(9, 4)
     torch.library.opcheck(
         backward_op,
-        (dy, x, W, A.detach(), B.detach(), S, 2.0, 0.1, seed, [True, False, True, True, True], backend),
+        (dy, x, W, A.detach(), B.detach(), S, 2.0, 0.1, seed, torch.float32, [True, False, True, True, True], backend),
     )
 
 
@@ -269,3 +269,14 @@ def test_autocast_runs_in_the_autocast_dtype_with_fp32_adapter_grads():
     expected = lora_linear_reference(x.bfloat16(), W.bfloat16(), b.bfloat16(), A, B, 2.0, upcast=True)
     assert_within_eager_error(y, lora_linear_reference(x.bfloat16(), W.bfloat16(), b.bfloat16(), A, B, 2.0),
                               expected, factor=2.0, floor=1e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fp32_master_bias_gets_an_fp32_gradient_summed_in_fp32(backend):
+    x, W, _, A, B = make_inputs(64, 16, 12, 4, dtype=torch.bfloat16)
+    b = torch.randn(12, dtype=torch.float32, requires_grad=True)
+    dy = torch.randn(64, 12, dtype=torch.bfloat16)
+    with peft_kernels.use_backend(backend, strict=True):
+        lora_linear(x, W, b, A, B).backward(dy)
+    assert b.grad.dtype == torch.float32
+    torch.testing.assert_close(b.grad, dy.float().sum(0), rtol=1e-6, atol=1e-5)  # not rounded to bf16

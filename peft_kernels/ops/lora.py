@@ -65,8 +65,8 @@ def _fake(inp: LoraInputs):
     return x.new_empty(x.shape[0], inp.weight.shape[0]), x.new_empty(x.shape[0], inp.lora_A.shape[0])
 
 
-def _backward_fake(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
-    metas = [(x.shape, dy.dtype), (weight.shape, weight.dtype), ((weight.shape[0],), dy.dtype),
+def _backward_fake(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, bias_dtype, needs):
+    metas = [(x.shape, dy.dtype), (weight.shape, weight.dtype), ((weight.shape[0],), bias_dtype or dy.dtype),
              (lora_A.shape, lora_A.dtype), (lora_B.shape, lora_B.dtype)]
     return tuple(dy.new_empty(s, dtype=d) if n else None for (s, d), n in zip(metas, needs))
 
@@ -85,9 +85,11 @@ FAMILY = OpFamily(
     schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, "
     "Tensor seed) -> (Tensor, Tensor)",
     backward_schema="(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor S, float scaling, "
-    "float dropout_p, Tensor seed)",
+    "float dropout_p, Tensor seed, ScalarType? bias_dtype)",
     differentiable=("x", "weight", "bias", "lora_A", "lora_B"),
-    save=lambda i, out: (i.x, i.weight, i.lora_A, i.lora_B, out[1], i.scaling, i.dropout_p, i.seed),
+    # The bias's dtype: db comes back in it (an fp32 master bias gets an fp32 gradient, summed in fp32).
+    save=lambda i, out: (i.x, i.weight, i.lora_A, i.lora_B, out[1], i.scaling, i.dropout_p, i.seed,
+                         None if i.bias is None else i.bias.dtype),
     fake=_fake,
     backward_fake=_backward_fake,
     public_outputs=1,
@@ -112,8 +114,14 @@ def _reference_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
     return F.linear(x, weight, bias).addmm_(S, B.t(), alpha=scaling), S
 
 
+def _bias_grad(dy: Tensor, bias_dtype) -> Tensor:
+    """db = column sums of dy, accumulated in fp32 (fp64 for fp64), in the bias's own dtype."""
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    return dy.sum(0, dtype=acc).to(bias_dtype or dy.dtype)
+
+
 @FAMILY.backward("reference")
-def _reference_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
+def _reference_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, bias_dtype, needs):
     need_dx, need_dW, need_db, need_dA, need_dB = needs
     dt = dy.dtype
     A = lora_A if lora_A.dtype == dt else lora_A.to(dt)
@@ -131,7 +139,7 @@ def _reference_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, se
     if need_dW:
         dW = dy.t().mm(x).to(weight.dtype)
     if need_db:
-        db = dy.sum(0, dtype=torch.float32).to(dt) if dt != torch.float64 else dy.sum(0)
+        db = _bias_grad(dy, bias_dtype)
     if need_dA:
         dA = G.t().mm(dropped).to(lora_A.dtype)
     if need_dB:
@@ -148,11 +156,15 @@ def _aten_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 
 @FAMILY.backward("aten")
-def _aten_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
+def _aten_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, bias_dtype, needs):
+    dy = dy.contiguous()
+    # db here, not in C++: the C++ op returns it in dy's dtype (an fp32 master bias would get a rounded gradient).
+    native_needs = [needs[0], needs[1], False, needs[3], needs[4]]
     outs = torch.ops.peft_kernels.lora_linear_bwd(
-        dy.contiguous(), x, weight, lora_A, lora_B, S, scaling, dropout_p, seed_value(seed), list(needs)
+        dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed_value(seed), native_needs
     )
-    return tuple(o if n else None for o, n in zip(outs, needs))
+    dx, dW, _, dA, dB = (o if n else None for o, n in zip(outs, native_needs))
+    return dx, dW, (_bias_grad(dy, bias_dtype) if needs[2] else None), dA, dB
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -168,21 +180,19 @@ def _triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 
 @FAMILY.backward("triton", dtypes=_TRITON_DTYPES)
-def _triton_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
+def _triton_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, bias_dtype, needs):
     from peft_kernels.triton import lora as tk
 
     with _backends.on_device(dy.device):
         return tk.lora_backward(dy.contiguous(), x, weight, lora_A, lora_B, S, scaling, dropout_p,
-                                seed_value(seed), *needs)
+                                seed_value(seed), *needs, db_dtype=bias_dtype)
 
 
 @FAMILY.why_not("triton", both=True)
 def _triton_why_not(inp: LoraInputs) -> str | None:
     from peft_kernels.triton import lora as tk
 
-    if inp.lora_B.dtype not in _TRITON_DTYPES:
-        return f"lora_B has dtype {inp.lora_B.dtype}; the Triton kernels take fp16/bf16/fp32 adapters"
-    return tk.why_not(inp.x, inp.weight, inp.lora_A)
+    return tk.why_not(inp.x, inp.weight, inp.lora_A, inp.lora_B)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -838,8 +838,10 @@ def lora_backward(
     need_db: bool,
     need_dA: bool,
     need_dB: bool,
+    db_dtype: torch.dtype | None = None,
 ) -> tuple[_Opt, _Opt, _Opt, _Opt, _Opt]:
-    """Returns (dx [M, K] in x.dtype, dW [N, K] and db [N] in weight.dtype, dA in lora_A.dtype,
+    """Returns (dx [M, K] in x.dtype, dW [N, K] in weight.dtype, db [N] in db_dtype (default weight.dtype; it is
+    summed in fp32, so an fp32 master bias gets an unrounded gradient), dA in lora_A.dtype,
     dB in lora_B.dtype); None where not requested. S is the forward's saved [M, r].
 
     With fp32 adapters dA and dB are views into one fp32 workspace (no cast kernels)."""
@@ -858,7 +860,7 @@ def lora_backward(
     dx = _alloc((M, K), dt, dev) if need_dx else None
     if M == 0:
         dW = torch.zeros((N, K), dtype=weight.dtype, device=dev) if need_dW else None
-        db = torch.zeros((N,), dtype=weight.dtype, device=dev) if need_db else None
+        db = torch.zeros((N,), dtype=db_dtype or weight.dtype, device=dev) if need_db else None
         dA = torch.zeros((r, K), dtype=lora_A.dtype, device=dev) if need_dA else None
         dB = torch.zeros((N, r), dtype=lora_B.dtype, device=dev) if need_dB else None
         return dx, dW, db, dA, dB
@@ -931,7 +933,7 @@ def lora_backward(
 
     dA = da32.to(lora_A.dtype) if need_dA else None
     dB = dlb32.to(lora_B.dtype) if need_dB else None
-    db = dbias32.to(weight.dtype) if need_db else None
+    db = dbias32.to(db_dtype or weight.dtype) if need_db else None
     return dx, dW, db, dA, dB
 
 
