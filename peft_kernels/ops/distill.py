@@ -306,7 +306,7 @@ def _triton_backward(dloss, ds, needs):
 def _triton_why_not(inp: DistillInputs) -> str | None:
     from peft_kernels.triton import distill as tk
 
-    return tk.supports(inp.student_logits, inp.teacher_logits)
+    return tk.why_not(inp.student_logits, inp.teacher_logits)
 
 
 def cuda_rows(s, t, labels, kd_mask, counts, temperature, w_kd, w_ce, ignore_index, mean, divergence, beta,

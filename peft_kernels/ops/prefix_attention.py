@@ -490,12 +490,18 @@ def _triton_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_pa
     return _grads(grads, needs)
 
 
-@FAMILY.why_not("triton", both=True)
+@FAMILY.why_not("triton", "forward")
 def _triton_why_not(inp: PrefixInputs) -> str | None:
     from peft_kernels.triton import prefix_attention as tk
 
-    ok, reason = tk.supports(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.key_padding_mask)
-    return None if ok else reason
+    return tk.why_not(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.key_padding_mask)
+
+
+@FAMILY.why_not("triton", "backward")
+def _triton_backward_why_not(inp: PrefixInputs) -> str | None:
+    from peft_kernels.triton import prefix_attention as tk
+
+    return _triton_why_not(inp) or tk.backward_why_not(inp.q, inp.k)
 
 
 # --- the CUDA C++ forward (csrc/cuda/prefix_attention.cu): WMMA fp16/bf16, SIMT fp32, head dim <= 128 -------------

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .. import _config
 
-__all__ = ["distill_forward", "scale_grad_", "supports", "MODES"]
+__all__ = ["distill_forward", "scale_grad_", "why_not", "MODES"]
 
 MODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -217,7 +217,7 @@ def _scale_kernel(DS, DL, V, stride_ds, PER_ROW: tl.constexpr, BLOCK_V: tl.const
         tl.store(p, (x * g).to(DS.dtype.element_ty), mask=mask)
 
 
-def supports(s: torch.Tensor, t: torch.Tensor) -> str | None:
+def why_not(s: torch.Tensor, t: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot serve these logits (memory safety and dtypes only), or None."""
     for name, x in (("student_logits", s), ("teacher_logits", t)):
         if x.dtype not in _DTYPES:

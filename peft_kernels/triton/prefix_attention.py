@@ -633,8 +633,8 @@ def _why_not(q, k, v, prefix_k, prefix_v, key_padding_mask) -> str:
     return ""
 
 
-def supports(q, k, v, prefix_k, prefix_v, key_padding_mask) -> tuple[bool, str]:
-    """Whether the Triton kernels can serve these inputs, and if not, why (op, argument, constraint).
+def why_not(q, k, v, prefix_k, prefix_v, key_padding_mask) -> str | None:
+    """Why the Triton kernels cannot serve these inputs (op, argument, constraint), or None when they can.
 
     Needs: CUDA tensors (CPU tensors under TRITON_INTERPRET=1); q/k/v of one dtype in fp16/bf16/fp32
     (no bf16 under the interpreter); prefix_k/prefix_v of one floating dtype (may differ from q's);
@@ -642,12 +642,26 @@ def supports(q, k, v, prefix_k, prefix_v, key_padding_mask) -> tuple[bool, str]:
     tensor whose last dim is not unit-stride is copied to contiguous first.
     """
     why = _why_not(q, k, v, prefix_k, prefix_v, key_padding_mask)
-    return (not why, f"prefix_attention[triton]: {why}" if why else "")
+    return f"prefix_attention[triton]: {why}" if why else None
+
+
+# Triton before 3.7 (3.6 is on the GPU machine) serializes every wgmma of the dK/dV kernel when each KV head has one
+# query head (ptxas C7515 for every 8-warp config in the sm_90a compile check); 3.8 pipelines it. There dispatch
+# takes another backward (the sdpa composition) rather than a kernel known to run the tensor cores serially.
+_DKDV_MHA_PIPELINED = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7)
+
+
+def backward_why_not(q, k) -> str | None:
+    """Why the dK/dV kernel should not serve this backward on this Triton (None: it should)."""
+    if not _INTERPRET and not _DKDV_MHA_PIPELINED and q.shape[1] == k.shape[1]:
+        return (f"prefix_attention[triton]: Triton {triton.__version__} serializes the dK/dV kernel's wgmma "
+                "without grouped KV heads (ptxas C7515); Triton >= 3.7 pipelines it")
+    return None
 
 
 def _check(q, k, v, prefix_k, prefix_v, key_padding_mask):
-    ok, why = supports(q, k, v, prefix_k, prefix_v, key_padding_mask)
-    if not ok:
+    why = why_not(q, k, v, prefix_k, prefix_v, key_padding_mask)
+    if why:
         raise ValueError(why)
 
 
@@ -825,6 +839,8 @@ def compile_variants(quick: bool = False) -> list:
     out = []
     dtypes = ("bf16",) if quick else ("bf16", "fp16")
     groups = (1,) if quick else (1, 4)
+    if not _DKDV_MHA_PIPELINED:  # dispatch launches dK/dV only with GQA on this Triton (backward_why_not)
+        groups = (1, 4)
     pads = (False,) if quick else (False, True)
     fallback = _configs([(16, 32, 4, 1)])[0]
     for dt in dtypes:
@@ -859,6 +875,8 @@ def compile_variants(quick: bool = False) -> list:
                         "qk_scale": 0.1}),
                 }  # fmt: skip
                 for kname, (kernel, configs, default, args) in kernels.items():
+                    if kname == "dkdv" and group == 1 and not _DKDV_MHA_PIPELINED:
+                        continue
                     # what the launcher can launch: the pruned autotune list (4-warp dK/dV configs go at D = 128)
                     tuned = [c for c in configs if kname != "dkdv" or c.num_warps == 8]
                     chosen = [configs[default], fallback] if quick or dt != "bf16" else [*tuned, fallback]

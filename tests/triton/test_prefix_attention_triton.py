@@ -113,9 +113,9 @@ def test_supports_reports_reasons():
     q = torch.randn(1, 4, 8, 64, device=DEV)
     k = torch.randn(1, 2, 8, 64, device=DEV)
     pk = torch.randn(2, 3, 64, device=DEV)
-    assert pa.supports(q, k, k, pk, pk, None) == (True, "")
+    assert pa.why_not(q, k, k, pk, pk, None) is None
     mask = torch.ones(1, 8, dtype=torch.bool, device=DEV)
-    assert pa.supports(q, k, k, pk, pk, mask)[0]
+    assert pa.why_not(q, k, k, pk, pk, mask) is None
 
     k3 = torch.randn(1, 3, 8, 64, device=DEV)
     bad = {
@@ -128,8 +128,8 @@ def test_supports_reports_reasons():
     if pa._INTERPRET:
         bad["bf16"] = (q.bfloat16(), k.bfloat16(), k.bfloat16(), pk, pk, None)
     for needle, args in bad.items():
-        ok, why = pa.supports(*args)
-        assert not ok and why.startswith("prefix_attention[triton]") and needle in why, (needle, why)
+        why = pa.why_not(*args)
+        assert why is not None and why.startswith("prefix_attention[triton]") and needle in why, (needle, why)
     with pytest.raises(ValueError, match="key_padding_mask"):
         pa.prefix_attention_forward(q, k, k, pk, pk, False, mask.int(), 0.125)
 
@@ -204,3 +204,14 @@ def test_sdpa_composition_with_the_triton_merge(monkeypatch):
                                    [t.double() for t in (q, k, v, pk, pv)], do.double())
     for name, a, b in zip(("out", "dq", "dk", "dv", "dpk", "dpv"), (out, *grads), (ref_out, *ref_grads)):
         torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_dkdv_without_gqa_is_refused_where_triton_serializes_it(monkeypatch):
+    """Triton < 3.7 serializes the dK/dV kernel's wgmma without GQA (sm_90a compile check): dispatch is told so."""
+    q = torch.randn(1, 4, 8, 64, device=DEV)
+    monkeypatch.setattr(pa, "_INTERPRET", False)
+    monkeypatch.setattr(pa, "_DKDV_MHA_PIPELINED", False)
+    assert "C7515" in pa.backward_why_not(q, torch.randn(1, 4, 8, 64, device=DEV))
+    assert pa.backward_why_not(q, torch.randn(1, 2, 8, 64, device=DEV)) is None  # GQA: pipelined
+    monkeypatch.setattr(pa, "_DKDV_MHA_PIPELINED", True)
+    assert pa.backward_why_not(q, torch.randn(1, 4, 8, 64, device=DEV)) is None
