@@ -29,7 +29,11 @@ import triton.language as tl
 from peft_kernels import _config
 
 # Host helpers shared with the LoRA GEMMs (TMA layout checks, descriptor scratch allocator, SM count).
-from peft_kernels.triton.lora import _ensure_allocator, _sm_count, _tile_coords, _tma_layout, tma_compatible
+from peft_kernels.triton._common import ensure_allocator as _ensure_allocator
+from peft_kernels.triton._common import sm_count as _sm_count
+from peft_kernels.triton._common import tile_coords as _tile_coords
+from peft_kernels.triton._common import tma_compatible
+from peft_kernels.triton._common import tma_layout as _tma_layout
 
 __all__ = ["bias_only_forward", "bias_only_backward", "why_not", "use_tma"]
 

@@ -34,7 +34,6 @@ tiles) at r <= 32; the LoRA term runs before the K loop, because after it (an ep
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -43,13 +42,17 @@ import triton.language as tl
 
 from .. import _config
 from ..ops.dropout_mask import normalize_seed
+from ._common import ensure_allocator as _ensure_allocator
+from ._common import sm_count as _sm_count
+from ._common import tile_coords as _tile_coords
+from ._common import tma_compatible
+from ._common import tma_layout as _tma_layout
 
 __all__ = ["lora_forward", "lora_backward", "why_not", "tma_compatible", "compile_variants", "launch_hook"]
 
 _INTERPRET = _config.SETTINGS.triton_interpret
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_RANK = 128
-_HAS_TMA_API = hasattr(tl, "make_tensor_descriptor")
 # Flattening the persistent loop lets the compiler pipeline across tiles. With the LoRA term in an epilogue
 # after the K loop, Triton 3.6 (ptxas 12.8) serialized every wgmma of the flattened loop (C7515); with it in
 # the prologue (_lora_init) both 3.6 and 3.8 pipeline it -- the compile check holds this on both versions.
@@ -150,18 +153,6 @@ _DA_BLOCK_K = 128
 # ----------------------------------------------------------------------------------------------------------
 # Device helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # GROUP_M row-tiles share the same column tiles consecutively, so W/B tiles stay in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = tile_id // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (tile_id % group_size_m)
-    pid_n = (tile_id % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -572,17 +563,6 @@ def _launch(name, kernel, grid, *args, **kwargs) -> None:
     globals()["launch_hook"](name, kernel, grid, *args, **kwargs)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda" and not _INTERPRET:
-        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # interpreter: a few persistent programs so each walks several tiles
-
-
 def why_not(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor | None = None):
     """None when these launchers can serve the inputs, else the reason (memory safety and kernel limits only;
     the public op validated shapes)."""
@@ -620,31 +600,6 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B:
     return None
 
 
-def _tma_layout(t: torch.Tensor) -> tuple[bool, int] | None:
-    """(stored transposed, leading stride) of a 2-D operand as a TMA descriptor sees it, or None if TMA
-    cannot address it: unit inner stride, 16-byte aligned leading stride and base pointer."""
-    if t.dim() != 2 or t.data_ptr() % 16:
-        return None
-    es = t.element_size()
-    if t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0 and t.stride(0) >= max(1, t.size(1)):
-        return False, t.stride(0)
-    if t.stride(0) == 1 and (t.stride(1) * es) % 16 == 0 and t.stride(1) >= max(1, t.size(0)):
-        return True, t.stride(1)
-    return None
-
-
-def tma_compatible(*tensors: torch.Tensor) -> bool:
-    """Whether the TMA path can take every given 2-D operand (as a row-major or transposed view):
-    a Hopper+ GPU (or the interpreter) and 16-byte aligned strides and bases."""
-    if not _HAS_TMA_API:
-        return False
-    dev = tensors[0].device
-    if not _INTERPRET:
-        if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
-            return False
-    return all(_tma_layout(t) is not None for t in tensors)
-
-
 def _use_tma(*tensors: torch.Tensor) -> bool:
     forced = _config.forced_gemm_path()
     if forced == "pointer":
@@ -655,34 +610,6 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
         msg = f"TMA path forced but operands are not TMA-compatible: {shapes}"
         raise ValueError(f"peft_kernels lora (triton): {msg}")
     return ok
-
-
-class _TmaScratch:
-    """Scratch allocator for device-side tensor descriptors (triton.set_allocator)."""
-
-    def __init__(self) -> None:
-        self.device: torch.device | str = "cpu"
-
-    def __call__(self, size: int, alignment: int, stream) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.int8, device=self.device)
-
-
-_tma_allocator = _TmaScratch()
-
-
-def _ensure_allocator(device: torch.device) -> None:
-    # Device-side descriptors need a scratch allocator. triton keeps it in a ContextVar, which autograd's
-    # backward threads do not inherit, so check on every launch.
-    _tma_allocator.device = "cpu" if _INTERPRET else device
-    try:  # keep an allocator the user set; the module is private, so tolerate its changes
-        from triton.runtime._allocation import NullAllocator, _allocator
-
-        current = _allocator.get() if hasattr(_allocator, "get") else _allocator
-        if not isinstance(current, NullAllocator):
-            return
-    except (ImportError, AttributeError):
-        pass
-    triton.set_allocator(_tma_allocator)
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
