@@ -147,3 +147,25 @@ def print_trainable_parameters(model: nn.Module) -> TrainableParameters:
     counts = trainable_parameters(model)
     print(counts)
     return counts
+
+
+_HEAD_NAMES = ("classifier", "score")  # transformers' sequence-classification heads
+
+
+def resolve_train_modules(model: nn.Module, train_modules, who: str = "") -> list[str]:
+    """The submodule names ``train_modules`` selects (exact names or name suffixes); None: a
+    sequence-classification head, which starts random and so trains, as in HF peft."""
+    if train_modules is None:
+        if type(model).__name__.endswith("ForSequenceClassification"):
+            return [n for n in _HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)][:1]
+        return []
+    if isinstance(train_modules, str):
+        train_modules = [train_modules]
+    names: list[str] = []
+    for t in train_modules:
+        hits = [n for n, _ in model.named_modules() if n and (n == t or n.endswith("." + t))]
+        if not hits:
+            prefix = f"{who}: " if who else ""
+            raise ValueError(f"{prefix}train_modules: {type(model).__name__} has no submodule named {t!r}")
+        names.extend(h for h in hits if h not in names)
+    return names

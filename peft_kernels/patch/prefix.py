@@ -66,7 +66,6 @@ SELF_ATTENTION_CLASSES = {
     "bert": "BertSelfAttention",
     "roberta": "RobertaSelfAttention",
 }
-_HEAD_NAMES = ("classifier", "score")
 _ENCODER_TYPES = ("bert", "roberta")
 
 
@@ -421,22 +420,6 @@ def _find_attention(model, model_type: str) -> list[nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
-def _resolve_train_modules(model, train_modules) -> list[str]:
-    if train_modules is None:  # a sequence-classification head starts random: it trains, as in HF peft
-        if type(model).__name__.endswith("ForSequenceClassification"):
-            return [n for n in _HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)][:1]
-        return []
-    if isinstance(train_modules, str):
-        train_modules = [train_modules]
-    names = []
-    for t in train_modules:
-        hits = [n for n, _ in model.named_modules() if n and (n == t or n.endswith("." + t))]
-        if not hits:
-            raise ValueError(f"train_modules: {type(model).__name__} has no submodule named {t!r}")
-        names.extend(h for h in hits if h not in names)
-    return names
-
-
 def get_prefix_state(model) -> _PrefixState | None:
     return getattr(model, _STATE_ATTR, None)
 
@@ -526,7 +509,7 @@ def _apply(model, method, num_virtual_tokens, projection, projection_hidden, hid
         encoder = PrefixParameters(prefix).to(param.device)
     with torch.no_grad():
         P = check_prefixes(encoder(), num_layers, num_kv_heads, head_dim, who=f"{who} ({type(encoder).__name__})")
-    train_names = _resolve_train_modules(model, train_modules)
+    train_names = _methods.resolve_train_modules(model, train_modules)
 
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     if freeze:  # (a peft model arrives frozen by peft, its modules_to_save trainable: left as peft set them)
@@ -868,7 +851,7 @@ def _read_peft_checkpoint(model, path: str):
         name = key.removeprefix("base_model.model.")
         mods[name.replace(".modules_to_save.default.", ".")] = value
     to_save = cfg.get("modules_to_save") or []
-    train_modules = _resolve_train_modules(model, to_save) if to_save else []
+    train_modules = _methods.resolve_train_modules(model, to_save) if to_save else []
     _module_tensors(model, mods, train_modules, weights_path)
     encoder = PrefixEncoder(L, H, token_dim // H, P, projection=False)
     with torch.no_grad():
@@ -964,7 +947,7 @@ def _read_own_checkpoint(model, path: str, model_type: str) -> dict:
     if encoder is not None:
         _check_state_dict(encoder, enc_sd, weights_path)
         encoder.load_state_dict(enc_sd)
-    train_modules_resolved = _resolve_train_modules(model, train_modules) if train_modules else []
+    train_modules_resolved = _methods.resolve_train_modules(model, train_modules) if train_modules else []
     _module_tensors(model, mods, train_modules_resolved, weights_path)
     return {"method": method, "encoder": encoder, "enc_sd": enc_sd, "mods": mods,
             "train_modules": train_modules_resolved, "positions": cfg.get("positions", "model"),

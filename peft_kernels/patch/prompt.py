@@ -44,7 +44,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 ENCODER_WEIGHTS_NAME = "peft_kernels_prompt_encoder.safetensors"  # P-Tuning's encoder (peft keeps only its output)
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "p_tuning": "P_TUNING"}
-_HEAD_NAMES = ("classifier", "score")
 # Models whose learned absolute position table bounds P + S (rotary models are not bounded by a table).
 _ABSOLUTE_POSITIONS = {"gpt2": "n_positions", "bert": "max_position_embeddings", "roberta": "max_position_embeddings",
                        "distilbert": "max_position_embeddings", "opt": "max_position_embeddings"}
@@ -243,22 +242,6 @@ def _task_type(model) -> str:
     return "FEATURE_EXTRACTION"
 
 
-def _resolve_train_modules(model, train_modules, who: str) -> list[str]:
-    if train_modules is None:  # a sequence-classification head starts random: it trains, as in HF peft
-        if type(model).__name__.endswith("ForSequenceClassification"):
-            return [n for n in _HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)][:1]
-        return []
-    if isinstance(train_modules, str):
-        train_modules = [train_modules]
-    names = []
-    for t in train_modules:
-        hits = [n for n, _ in model.named_modules() if n and (n == t or n.endswith("." + t))]
-        if not hits:
-            raise ValueError(f"{who}: train_modules: {type(model).__name__} has no submodule named {t!r}")
-        names.extend(h for h in hits if h not in names)
-    return names
-
-
 def _check_positions(positions, P: int, who: str) -> tuple[int, ...] | None:
     if positions is None:
         return None
@@ -383,7 +366,7 @@ def _apply(model, method, encoder, positions, train_modules, encoder_config, who
         raise ValueError(f"{who}: {P} virtual tokens leave no room for tokens: {type(model).__name__} has "
                          f"{limit} positions")
     positions = _check_positions(positions, P, who)
-    train_names = _resolve_train_modules(model, train_modules, who)
+    train_names = _methods.resolve_train_modules(model, train_modules, who)
     arg_names = tuple(n for n, p in inspect.signature(model.forward).parameters.items()
                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 

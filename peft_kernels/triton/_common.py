@@ -89,3 +89,22 @@ def ensure_allocator(device: torch.device) -> None:
     except (ImportError, AttributeError):
         pass
     triton.set_allocator(_tma_allocator)
+
+
+def use_tma(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether a GEMM takes the TMA path for these operands (``_config.force_gemm_path`` can force either)."""
+    forced = _config.forced_gemm_path()
+    if forced == "pointer":
+        return False
+    ok = tma_compatible(*tensors)
+    if forced == "tma" and not ok:
+        shapes = ", ".join(f"{tuple(t.shape)}/{t.stride()}/{t.dtype}" for t in tensors)
+        raise ValueError(f"peft_kernels {op} (triton): TMA path forced but operands are not TMA-compatible: {shapes}")
+    return ok
+
+
+def alloc(shape, dtype, device) -> torch.Tensor:
+    """An output buffer; NaN-filled under ``_config.poison`` so an element a kernel fails to write shows."""
+    if _config.poison_outputs():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

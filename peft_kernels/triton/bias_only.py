@@ -27,15 +27,16 @@ import triton
 import triton.language as tl
 
 from peft_kernels import _config
+from peft_kernels.triton._common import alloc as _alloc
 
 # Host helpers shared with the LoRA GEMMs (TMA layout checks, descriptor scratch allocator, SM count).
 from peft_kernels.triton._common import ensure_allocator as _ensure_allocator
 from peft_kernels.triton._common import sm_count as _sm_count
 from peft_kernels.triton._common import tile_coords as _tile_coords
-from peft_kernels.triton._common import tma_compatible
+from peft_kernels.triton._common import tma_compatible, use_tma
 from peft_kernels.triton._common import tma_layout as _tma_layout
 
-__all__ = ["bias_only_forward", "bias_only_backward", "why_not", "use_tma"]
+__all__ = ["bias_only_forward", "bias_only_backward", "why_not", "use_tma", "tma_compatible"]
 
 _INTERPRET = _config.SETTINGS.triton_interpret
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -268,25 +269,6 @@ def why_not(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
-def use_tma(*tensors: torch.Tensor) -> bool:
-    """Whether the GEMMs take the TMA path for these operands (forced by ``_config.force_gemm_path``)."""
-    forced = _config.forced_gemm_path()
-    if forced == "pointer":
-        return False
-    ok = tma_compatible(*tensors)
-    if forced == "tma" and not ok:
-        shapes = ", ".join(f"{tuple(t.shape)}/{t.stride()}/{t.dtype}" for t in tensors)
-        msg = f"TMA path forced, operands not TMA-compatible: {shapes}"
-        raise ValueError(f"peft_kernels bias_only_linear (triton): {msg}")
-    return ok
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    if _config.poison_outputs():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _on_device(device: torch.device):
     # Triton launches on the current device, not the tensors': make theirs current.
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -313,7 +295,7 @@ def _gemm(a, b, c, bias=None, part=None) -> None:
     flags = dict(HAS_BIAS=bias is not None, HAS_COLSUM=part is not None, DOT_PREC=_dot_prec(a.dtype), **meta)
     bias_t = bias if bias is not None else c
     part_t = part if part is not None else c
-    if use_tma(a, b, c):
+    if use_tma("bias_only_linear", a, b, c):
         _ensure_allocator(c.device)
         a_t, lda = _tma_layout(a)
         b_t, ldb = _tma_layout(b)

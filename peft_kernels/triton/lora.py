@@ -42,11 +42,13 @@ import triton.language as tl
 
 from .. import _config
 from ..ops.dropout_mask import normalize_seed
+from ._common import alloc as _alloc
 from ._common import ensure_allocator as _ensure_allocator
 from ._common import sm_count as _sm_count
 from ._common import tile_coords as _tile_coords
 from ._common import tma_compatible
 from ._common import tma_layout as _tma_layout
+from ._common import use_tma as _use_tma
 
 __all__ = ["lora_forward", "lora_backward", "why_not", "tma_compatible", "compile_variants", "launch_hook"]
 
@@ -600,24 +602,6 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B:
     return None
 
 
-def _use_tma(*tensors: torch.Tensor) -> bool:
-    forced = _config.forced_gemm_path()
-    if forced == "pointer":
-        return False
-    ok = tma_compatible(*tensors)
-    if forced == "tma" and not ok:
-        shapes = ", ".join(f"{tuple(t.shape)}/{t.stride()}/{t.dtype}" for t in tensors)
-        msg = f"TMA path forced but operands are not TMA-compatible: {shapes}"
-        raise ValueError(f"peft_kernels lora (triton): {msg}")
-    return ok
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    if _config.poison_outputs():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -685,7 +669,7 @@ def _gemm(
         DOT_PREC=_dot_prec(a.dtype),
     )
     ptrs = (a, b, c, bias_t, l_t, r_t, x_t, da_t)
-    if _use_tma(a, b, c):
+    if _use_tma("lora", a, b, c):
         _ensure_allocator(c.device)
         a_t, lda = _tma_layout(a)
         b_kn_t, ldb = _tma_layout(b)  # b is the [K, N] view: "transposed" storage means W-style [N, K]
