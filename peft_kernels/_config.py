@@ -207,6 +207,11 @@ def tune_dispatch(device_type: str) -> bool:
     return device_type == "cuda"
 
 
+def tuning_override() -> bool | None:
+    """The ``tuning()`` block's setting (None outside one): part of every dispatch cache key."""
+    return _get(_tune)
+
+
 def tuning(enabled: bool):
     """Within the block, measured dispatch is on (``True``) or off (``False``) for every device."""
     return _switch(_tune, bool(enabled))

@@ -229,7 +229,8 @@ class OpFamily:
         forced = _config.forced_backend()
         if torch.compiler.is_compiling():
             return self._select(inputs, forced)
-        key = (forced, *map(_signature, inputs)) if key is None else (forced, key)
+        switches = (forced, _config.tuning_override())
+        key = (switches, *map(_signature, inputs)) if key is None else (switches, key)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._select(inputs, forced)

@@ -149,3 +149,12 @@ def test_info_cli_runs():
     assert out.returncode == 0, out.stderr
     assert "backends for cpu tensors" in out.stdout and "backends for cuda tensors" in out.stdout
     assert "RuntimeWarning" not in out.stderr
+
+
+def test_tuning_switch_is_part_of_the_cached_choice(fake):
+    family, _ = fake
+    inputs = _inputs(4)
+    with _config.tuning(False):
+        assert family.select(inputs)[0] == "cpp"
+    with _config.tuning(True):
+        assert family.select(inputs)[0] == "triton"  # measured, not the choice cached with tuning off

@@ -221,7 +221,8 @@ def validate(x, weight, bias, lora_A, lora_B) -> None:
         v.check_size(OP, "bias", bias, 0, N, "out_features = weight.shape[0]")
 
 
-# (forced backend, dropout on, tensor signature) -> (forward, backward) backends: signatures seen are validated.
+# (forced backend, tuning switch, dropout on, tensor signature) -> (forward, backward) backends: the signatures
+# seen are validated.
 _CALLS: dict[tuple, tuple[str, str]] = {}
 
 
@@ -265,7 +266,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     compiling = torch.compiler.is_compiling()
     # One signature for validation and dispatch, hashed once: a steady-state call is this lookup + the launches.
     key = None if compiling else _key(x, weight, bias, lora_A, lora_B)
-    call_key = None if key is None else (_config.forced_backend(), dropout_p > 0, key)
+    call_key = None if key is None else (_config.forced_backend(), _config.tuning_override(), dropout_p > 0, key)
     choice = _CALLS.get(call_key) if call_key is not None else None
     if choice is None:
         validate(x, weight, bias, lora_A, lora_B)
