@@ -85,6 +85,21 @@ def availability(requires: str | None, device_type: str) -> str | None:
     raise ValueError(f"unknown backend requirement {requires!r}")
 
 
+def cuda_kernel_status(op: str) -> str | None:
+    """Why the loaded peft_kernels._C has no CUDA kernel for native op `op`, or None (probe it once, at import).
+    None too when the extension is not loaded at all: ``availability`` already says why then."""
+    if not native_status()[0]:
+        return None
+    try:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key(f"peft_kernels::{op}", "CUDA")
+    except RuntimeError:  # the schema itself is missing: an extension built before the op existed
+        has = False
+    if has:
+        return None
+    return (f"peft_kernels._C has no CUDA kernel for {op} (built before it existed, or without nvcc); rebuild "
+            "with `pip install -e . --no-build-isolation`")
+
+
 def check_backend_name(name: str) -> None:
     from peft_kernels._op import known_backends
 

@@ -256,20 +256,7 @@ FAMILY.why_not("triton", both=True)(_why_not_fused)
 
 
 # CUDA C++ (csrc/cuda/adapter.cu): the GEMMs on cuBLAS, each elementwise step one fused pass.
-def _probe_cuda_kernel() -> str | None:
-    if not _backends.native_status()[0]:
-        return None  # the framework already says why the native backends cannot run
-    try:
-        has = torch._C._dispatch_has_kernel_for_dispatch_key("peft_kernels::bottleneck_adapter_fwd_cuda", "CUDA")
-    except RuntimeError:
-        has = False
-    return None if has else (
-        "peft_kernels._C has no CUDA kernel for bottleneck_adapter_fwd_cuda (built before it existed, or without "
-        "nvcc); rebuild with `pip install -e . --no-build-isolation`"
-    )
-
-
-_CUDA_KERNEL_STATUS = _probe_cuda_kernel()
+_CUDA_KERNEL_STATUS = _backends.cuda_kernel_status("bottleneck_adapter_fwd_cuda")  # probed once, at import
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # the order csrc/cuda/adapter.cu numbers them
 
 

@@ -510,23 +510,7 @@ _CUDA_MAX_HEAD_DIM = 128
 _CUDA_MAX_LQ = 65535 * 64  # grid.y = query tiles of 64 rows
 
 
-def _probe_cuda_kernel() -> str | None:
-    """Why the loaded peft_kernels._C has no CUDA kernel for this op, or None (probed once, at import)."""
-    if not _backends.native_status()[0]:
-        return None  # the framework's availability check already says why the native backends cannot run
-    try:
-        has = torch._C._dispatch_has_kernel_for_dispatch_key("peft_kernels::prefix_attention_fwd_cuda", "CUDA")
-    except RuntimeError:  # the schema itself is missing: an extension built before the op existed
-        has = False
-    if has:
-        return None
-    return (
-        "peft_kernels._C has no CUDA kernel for prefix_attention_fwd_cuda (built before it existed, or "
-        "without nvcc); rebuild with `pip install -e . --no-build-isolation`"
-    )
-
-
-_CUDA_KERNEL_STATUS = _probe_cuda_kernel()
+_CUDA_KERNEL_STATUS = _backends.cuda_kernel_status("prefix_attention_fwd_cuda")  # probed once, at import
 
 
 @FAMILY.forward("cuda", dtypes=_TRITON_DTYPES, backward_by="triton")

@@ -253,20 +253,7 @@ def _prompt_dtype_reason(inp: PromptInputs) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # CUDA C++ (csrc/cuda/prompt.cu): the same two kernels, 16-byte vector copies where rows are aligned.
 # --------------------------------------------------------------------------------------------------
-def _probe_cuda_kernel() -> str | None:
-    if not _backends.native_status()[0]:
-        return None  # the framework already says why the native backends cannot run
-    try:
-        has = torch._C._dispatch_has_kernel_for_dispatch_key("peft_kernels::soft_prompt_embed_fwd_cuda", "CUDA")
-    except RuntimeError:
-        has = False
-    return None if has else (
-        "peft_kernels._C has no CUDA kernel for soft_prompt_embed_fwd_cuda (built before it existed, or without "
-        "nvcc); rebuild with `pip install -e . --no-build-isolation`"
-    )
-
-
-_CUDA_KERNEL_STATUS = _probe_cuda_kernel()
+_CUDA_KERNEL_STATUS = _backends.cuda_kernel_status("soft_prompt_embed_fwd_cuda")  # probed once, at import
 
 
 @FAMILY.forward("cuda", dtypes=KERNEL_DTYPES)
