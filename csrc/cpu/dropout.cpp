@@ -13,16 +13,17 @@
 namespace peft_kernels {
 namespace {
 
-// Applies f(offset, kept) to every element of a contiguous rows x cols tensor, one Philox call per four
+// Applies f(offset, kept) to every element of a contiguous rows x cols tensor, one Philox call per eight
 // columns of a row (the mask definition of peft_kernels/philox.h).
 template <typename F>
-void for_each_keep(int64_t rows, int64_t cols, uint64_t seed, float p, const F& f) {
-  const int64_t groups = (cols + 3) / 4;
+void for_each_keep(int64_t rows, int64_t cols, uint64_t seed, double p, const F& f) {
+  const uint32_t threshold = keep_threshold(p);
+  const int64_t groups = (cols + 7) / 8;
   at::parallel_for(0, rows * groups, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t i = g / groups, q = g % groups;
-      const unsigned bits = dropout_keep4(seed, static_cast<uint64_t>(i), static_cast<uint64_t>(q), p);
-      const int64_t j0 = 4 * q, j1 = std::min<int64_t>(cols, j0 + 4);
+      const unsigned bits = dropout_keep8(seed, static_cast<uint64_t>(i), static_cast<uint64_t>(q), threshold);
+      const int64_t j0 = 8 * q, j1 = std::min<int64_t>(cols, j0 + 8);
       for (int64_t j = j0; j < j1; ++j) f(i * cols + j, ((bits >> (j - j0)) & 1u) != 0);
     }
   });
@@ -33,13 +34,12 @@ at::Tensor philox_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
   auto xc = x.contiguous();
   auto out = at::empty_like(xc);
   const int64_t rows = xc.size(0), cols = xc.size(1);
-  const float pf = static_cast<float>(p);
   const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "philox_dropout_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* in = xc.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for_each_keep(rows, cols, static_cast<uint64_t>(seed), pf, [&](int64_t k, bool keep) {
+    for_each_keep(rows, cols, static_cast<uint64_t>(seed), p, [&](int64_t k, bool keep) {
       o[k] = keep ? static_cast<scalar_t>(static_cast<opmath_t>(in[k]) * static_cast<opmath_t>(scale)) : scalar_t(0);
     });
   });
@@ -49,7 +49,6 @@ at::Tensor philox_dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
 void philox_dropout_add_cpu(at::Tensor& out, const at::Tensor& src, double p, int64_t seed) {
   PK_CHECK(out.dim() == 2 && src.sizes() == out.sizes(), "philox_dropout_add_: out and src must be equal 2-D");
   PK_CHECK(out.is_contiguous(), "philox_dropout_add_: out must be contiguous");
-  const float pf = static_cast<float>(p);
   const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
   // src is cast to out's dtype first: it is an M x K product, small next to the GEMMs around it.
   auto s2 = src.to(out.scalar_type()).contiguous();
@@ -57,7 +56,7 @@ void philox_dropout_add_cpu(at::Tensor& out, const at::Tensor& src, double p, in
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* in = s2.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for_each_keep(out.size(0), out.size(1), static_cast<uint64_t>(seed), pf, [&](int64_t k, bool keep) {
+    for_each_keep(out.size(0), out.size(1), static_cast<uint64_t>(seed), p, [&](int64_t k, bool keep) {
       if (keep) {
         o[k] = static_cast<scalar_t>(static_cast<opmath_t>(o[k]) +
                                      static_cast<opmath_t>(in[k]) * static_cast<opmath_t>(scale));

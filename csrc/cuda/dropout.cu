@@ -20,21 +20,21 @@ inline int blocks_for(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 16)));
 }
 
-// One thread per group of four columns of a row: one Philox call gives their four keep bits.
+// One thread per group of eight columns of a row: one Philox call gives their eight keep bits.
 // ADD: out += keep * src * scale; otherwise out = keep * src * scale.
 template <typename scalar_t, bool ADD>
 __global__ void philox_dropout_kernel(const scalar_t* __restrict__ src, scalar_t* __restrict__ out, int64_t rows,
-                                      int64_t cols, uint64_t seed, float p, double scale) {
+                                      int64_t cols, uint64_t seed, uint32_t threshold, double scale) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t groups = (cols + 3) / 4;
+  const int64_t groups = (cols + 7) / 8;
   const opmath_t s = static_cast<opmath_t>(scale);
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < rows * groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = g / groups, q = g % groups;
-    const unsigned bits = dropout_keep4(seed, static_cast<uint64_t>(i), static_cast<uint64_t>(q), p);
-    const int64_t j0 = 4 * q;
+    const unsigned bits = dropout_keep8(seed, static_cast<uint64_t>(i), static_cast<uint64_t>(q), threshold);
+    const int64_t j0 = 8 * q;
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
+    for (int c = 0; c < 8; ++c) {
       if (j0 + c >= cols) break;
       const int64_t k = i * cols + j0 + c;
       const bool keep = (bits >> c) & 1u;
@@ -57,9 +57,9 @@ at::Tensor philox_dropout_cuda(const at::Tensor& x, double p, int64_t seed) {
   const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;  // cast to the op's math type in the kernel
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "philox_dropout_cuda", [&] {
-    philox_dropout_kernel<scalar_t, false><<<blocks_for(xc.size(0) * ((xc.size(1) + 3) / 4)), kThreads, 0, stream>>>(
+    philox_dropout_kernel<scalar_t, false><<<blocks_for(xc.size(0) * ((xc.size(1) + 7) / 8)), kThreads, 0, stream>>>(
         xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), xc.size(0), xc.size(1),
-        static_cast<uint64_t>(seed), static_cast<float>(p), scale);
+        static_cast<uint64_t>(seed), keep_threshold(p), scale);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -75,9 +75,9 @@ void philox_dropout_add_cuda(at::Tensor& out, const at::Tensor& src, double p, i
   const double scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;  // cast to the op's math type in the kernel
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "philox_dropout_add_cuda", [&] {
-    philox_dropout_kernel<scalar_t, true><<<blocks_for(out.size(0) * ((out.size(1) + 3) / 4)), kThreads, 0, stream>>>(
+    philox_dropout_kernel<scalar_t, true><<<blocks_for(out.size(0) * ((out.size(1) + 7) / 8)), kThreads, 0, stream>>>(
         sc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), out.size(0), out.size(1),
-        static_cast<uint64_t>(seed), static_cast<float>(p), scale);
+        static_cast<uint64_t>(seed), keep_threshold(p), scale);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

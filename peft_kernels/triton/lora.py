@@ -22,7 +22,7 @@ recompute it, r/BLOCK_N more tensor-core work (6-12 %) against the 1-3 % of a se
 benchmarks/NOTES.md has the numbers.
 
 The dropout mask (definition in ops/dropout_mask.py) is regenerated, never stored: one Philox-4x32-10 call
-yields the keep bits of four neighbouring columns (:func:`_keep_tile`).
+yields the keep decisions of eight neighbouring columns (16 bits each against a 16-bit threshold, :func:`_keep_tile`).
 
 Two paths for the big GEMMs: TMA tensor descriptors + a persistent, L2-grouped tile loop (the fast path on
 Hopper), and a pointer-based ``tl.load``/``tl.dot`` fallback for strides/base pointers TMA cannot take
@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .. import _config
-from ..ops.dropout_mask import normalize_seed
+from ..ops.dropout_mask import keep_threshold, normalize_seed
 from ._common import alloc as _alloc
 from ._common import ensure_allocator as _ensure_allocator
 from ._common import sm_count as _sm_count
@@ -175,30 +175,27 @@ def _store_2d(ptr, rows, cols, stride_row, stride_col, row_ok, col_ok, value):
 
 
 @triton.jit
-def _uniform(w):
-    # Triton's uint_to_uniform_float for a 32-bit word: read as int32, negatives folded with ~, times 2**-31.
-    x = w.to(tl.int32, bitcast=True)
-    x = tl.where(x < 0, ~x, x)
-    return x.to(tl.float32) * 4.6566127342e-10
-
-
-@triton.jit
-def _keep_tile(seed, p, rows, col0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Keep mask of the [BLOCK_R, BLOCK_C] tile at (rows, col0 + [0, BLOCK_C)) of an activation, col0 % 4 == 0:
-    column j of row i is word j % 4 of Philox-4x32-10(key = seed, counter = (j // 4, i, 0, 0)), kept iff its
-    uniform >= p (ops/dropout_mask.py). One Philox call per four elements."""
-    q = (col0 // 4 + tl.arange(0, BLOCK_C // 4)).to(tl.uint32)
+def _keep_tile(seed, keep_t, rows, col0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Keep mask of the [BLOCK_R, BLOCK_C] tile at (rows, col0 + [0, BLOCK_C)) of an activation, col0 % 8 == 0:
+    column j of row i takes half j % 2 (low, high) of word (j % 8) // 2 of Philox-4x32-10(key = seed,
+    counter = (j // 8, i, 0, 0)), kept iff those 16 bits >= keep_t (ops/dropout_mask.py). One Philox call
+    per eight elements; 2 integer ops per element for the decision."""
+    q = (col0 // 8 + tl.arange(0, BLOCK_C // 8)).to(tl.uint32)
     r = rows.to(tl.uint32)
-    c0 = q[None, :] + tl.zeros((BLOCK_R, BLOCK_C // 4), dtype=tl.uint32)
-    c1 = r[:, None] + tl.zeros((BLOCK_R, BLOCK_C // 4), dtype=tl.uint32)
-    z = tl.zeros((BLOCK_R, BLOCK_C // 4), dtype=tl.uint32)
+    c0 = q[None, :] + tl.zeros((BLOCK_R, BLOCK_C // 8), dtype=tl.uint32)
+    c1 = r[:, None] + tl.zeros((BLOCK_R, BLOCK_C // 8), dtype=tl.uint32)
+    z = tl.zeros((BLOCK_R, BLOCK_C // 8), dtype=tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, z, z)
-    k0 = (_uniform(w0) >= p).to(tl.int8)
-    k1 = (_uniform(w1) >= p).to(tl.int8)
-    k2 = (_uniform(w2) >= p).to(tl.int8)
-    k3 = (_uniform(w3) >= p).to(tl.int8)
-    # join(join(k0, k2), join(k1, k3))[i, q, a, b] = k[2a + b]: row-major, column 4q + 2a + b gets word j % 4.
-    keep = tl.join(tl.join(k0, k2), tl.join(k1, k3))
+    t = keep_t.to(tl.uint32)
+    lo0, hi0 = ((w0 & 0xFFFF) >= t).to(tl.int8), ((w0 >> 16) >= t).to(tl.int8)
+    lo1, hi1 = ((w1 & 0xFFFF) >= t).to(tl.int8), ((w1 >> 16) >= t).to(tl.int8)
+    lo2, hi2 = ((w2 & 0xFFFF) >= t).to(tl.int8), ((w2 >> 16) >= t).to(tl.int8)
+    lo3, hi3 = ((w3 & 0xFFFF) >= t).to(tl.int8), ((w3 >> 16) >= t).to(tl.int8)
+    # Each join appends a trailing axis; the first one ends up slowest. [i, q, a, b, h] -> column
+    # 8q + 4a + 2b + h = 8q + 2w + h with word w = 2a + b, half h.
+    lo = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))
+    hi = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
+    keep = tl.join(lo, hi)
     return tl.reshape(keep, (BLOCK_R, BLOCK_C)) != 0
 
 
@@ -207,7 +204,7 @@ def _lora_init(
     rm, rn, off_n, pid_m, M, N, R,
     l_ptr, r_ptr, bias_ptr, x_ptr, da_ptr,
     stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
-    r_scale, p, inv_keep, seed,
+    r_scale, keep_t, inv_keep, seed,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FUSE_DA: tl.constexpr, DA_PARTIALS: tl.constexpr,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -229,7 +226,7 @@ def _lora_init(
         m_ok = rm < M
         n_ok = rn < N
         if HAS_DROPOUT:
-            keep = _keep_tile(seed, p, rm, off_n, BLOCK_M, BLOCK_N)
+            keep = _keep_tile(seed, keep_t, rm, off_n, BLOCK_M, BLOCK_N)
         if FUSE_DA:
             xt = _load_2d(x_ptr, rm64, rn64, stride_xm, stride_xk, m_ok, n_ok)
             if HAS_DROPOUT:
@@ -275,13 +272,13 @@ _GEMM_KEY = ["M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "HAS_DROPOUT", "FUSE_DA"
     prune_configs_by={"early_config_prune": _prune_gemm},
     restore_value=["da_ptr"],  # the fused dA atomics must not keep what benchmarking runs added
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["keep_t", "seed"])
 def _gemm_lora_tma_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr, x_ptr, da_ptr,
     M, N, K, R, M_BUCKET,
     stride_a, stride_b, stride_c,
     stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
-    r_scale, p, inv_keep, seed,
+    r_scale, keep_t, inv_keep, seed,
     A_T: tl.constexpr, B_T: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FUSE_DA: tl.constexpr, DA_PARTIALS: tl.constexpr,
@@ -317,7 +314,7 @@ def _gemm_lora_tma_kernel(
             off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), off_n, pid_m, M, N, R,
             l_ptr, r_ptr, bias_ptr, x_ptr, da_ptr,
             stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
-            r_scale, p, inv_keep, seed,
+            r_scale, keep_t, inv_keep, seed,
             HAS_BIAS, HAS_LORA, HAS_DROPOUT, FUSE_DA, DA_PARTIALS, R_PAD, R_CHUNK, DOT_PREC, BLOCK_M, BLOCK_N,
         )  # fmt: skip
         for ki in range(k_tiles):
@@ -343,13 +340,13 @@ def _gemm_lora_tma_kernel(
     prune_configs_by={"early_config_prune": _prune_gemm},
     restore_value=["da_ptr"],
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["keep_t", "seed"])
 def _gemm_lora_ptr_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, l_ptr, r_ptr, x_ptr, da_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
-    r_scale, p, inv_keep, seed,
+    r_scale, keep_t, inv_keep, seed,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FUSE_DA: tl.constexpr, DA_PARTIALS: tl.constexpr,
     R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -365,7 +362,7 @@ def _gemm_lora_ptr_kernel(
     acc = _lora_init(
         rm, rn, pid_n * BLOCK_N, pid_m, M, N, R, l_ptr, r_ptr, bias_ptr, x_ptr, da_ptr,
         stride_lm, stride_lr, stride_rr, stride_rn, stride_bias, stride_xm, stride_xk, stride_dap,
-        r_scale, p, inv_keep, seed,
+        r_scale, keep_t, inv_keep, seed,
         HAS_BIAS, HAS_LORA, HAS_DROPOUT, FUSE_DA, DA_PARTIALS, R_PAD, R_CHUNK, DOT_PREC, BLOCK_M, BLOCK_N,
     )  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
@@ -402,11 +399,11 @@ def _prune_down(configs, named_args, **kwargs):
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_down},
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["keep_t", "seed"])
 def _lora_down_kernel(
     x_ptr, a_ptr, s_ptr, M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
-    p, inv_keep, seed,
+    keep_t, inv_keep, seed,
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -424,7 +421,7 @@ def _lora_down_kernel(
         rk64 = rk.to(tl.int64)
         x = tl.load(x_rows + rk64[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep_tile(seed, p, rm, k0, BLOCK_M, BLOCK_K), x, 0.0)
+            x = tl.where(_keep_tile(seed, keep_t, rm, k0, BLOCK_M, BLOCK_K), x, 0.0)
         at = _load_2d(a_ptr, rk64, rr, stride_ak, stride_ar, k_ok, r_ok).to(x.dtype)
         acc = tl.dot(x, at, acc, input_precision=DOT_PREC)
     if HAS_DROPOUT:
@@ -502,11 +499,11 @@ def _lora_dy_kernel(
     configs=_skinny_configs({"BLOCK_M": [32, 64, 128]}),
     key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT", "SPLIT_M"],
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["keep_t", "seed"])
 def _lora_da_kernel(
     g_ptr, x_ptr, part_ptr, M, K, R, M_BUCKET, SPLIT_M,
     stride_gm, stride_gr, stride_xm, stride_xk,
-    p, inv_keep, seed,
+    keep_t, inv_keep, seed,
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -528,7 +525,7 @@ def _lora_da_kernel(
         g = _load_2d(g_ptr, rm64, rr, stride_gm, stride_gr, m_ok, r_ok)
         x = _load_2d(x_ptr, rm64, rk64, stride_xm, stride_xk, m_ok, k_ok)
         if HAS_DROPOUT:
-            x = tl.where(_keep_tile(seed, p, rm, pid_k * BLOCK_K, BLOCK_M, BLOCK_K), x, 0.0)
+            x = tl.where(_keep_tile(seed, keep_t, rm, pid_k * BLOCK_K, BLOCK_M, BLOCK_K), x, 0.0)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=DOT_PREC)
     if HAS_DROPOUT:
         acc = acc * inv_keep
@@ -656,7 +653,7 @@ def _gemm(
     tail = (
         l_t.stride(0), l_t.stride(1), r_t.stride(0), r_t.stride(1), bias_t.stride(0),
         x_t.stride(0), x_t.stride(1), da_t.stride(0) if fuse_da and da.dim() == 3 else 0,
-        float(r_scale), p, inv_keep, seed,
+        float(r_scale), keep_threshold(p), inv_keep, seed,
     )  # fmt: skip
     common = dict(
         HAS_BIAS=bias is not None,
@@ -726,7 +723,7 @@ def lora_forward(
         "lora_down", _lora_down_kernel, grid,
         x, lora_A, S, M, K, r, _m_bucket(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), S.stride(0), S.stride(1),
-        p, 1.0 / (1.0 - p), seed,
+        keep_threshold(p), 1.0 / (1.0 - p), seed,
         HAS_DROPOUT=p > 0.0, R_PAD=_r_pad(r), DOT_PREC=_dot_prec(dt),
     )  # fmt: skip
     # y = x @ W^T + bias + S @ (sB)^T; the dropout is already inside S.
@@ -837,7 +834,7 @@ def lora_backward(
             "lora_da", _lora_da_kernel, (k_blocks, split_m),
             G, x, part, M, K, r, _m_bucket(M), split_m,
             G.stride(0), G.stride(1), x.stride(0), x.stride(1),
-            p, 1.0 / (1.0 - p), seed,
+            keep_threshold(p), 1.0 / (1.0 - p), seed,
             HAS_DROPOUT=p > 0.0, R_PAD=r_pad, DOT_PREC=dot_prec, BLOCK_K=_DA_BLOCK_K,
         )  # fmt: skip
         da32 = part.sum(0) if split_m > 1 else part[0]
@@ -884,7 +881,7 @@ def _gemm_variant(jit_variant, path, role, dt, r, shape, *, bias, drop, fuse, ma
         args.update(stride_am=sam, stride_ak=sak, stride_bk=sbk, stride_bn=sbn, stride_cm=gn, stride_cn=1)
     args.update(stride_lm=lor[0], stride_lr=lor[1], stride_rr=rtr[0], stride_rn=rtr[1], stride_bias=1,
                 stride_xm=K, stride_xk=1, stride_dap=0,
-                r_scale=0.5, p=0.05, inv_keep=1 / 0.95, seed=2**40 + 3)  # fmt: skip
+                r_scale=0.5, keep_t=keep_threshold(0.05), inv_keep=1 / 0.95, seed=2**40 + 3)  # fmt: skip
     flags = ("b" if bias else "") + ("d" if drop else "") + ("+dA" if fuse else "")
     est = gemm_smem_estimate(bm, bn, bk, st, es, es, r_pad, path == "tma", fuse, drop)
     return jit_variant(
@@ -956,7 +953,7 @@ def compile_variants(quick: bool = False) -> list:
                         _lora_down_kernel,
                         dict(x_ptr=f"*{dt}", a_ptr="*fp32", s_ptr=f"*{dt}", M=M, K=K, R=r, M_BUCKET=M,
                              stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_sm=r, stride_sr=1,
-                             p=0.05, inv_keep=1 / 0.95, seed=2**40 + 3),
+                             keep_t=keep_threshold(0.05), inv_keep=1 / 0.95, seed=2**40 + 3),
                         dict(HAS_DROPOUT=drop, R_PAD=_r_pad(r), DOT_PREC=None, **c.kwargs),
                         num_warps=c.num_warps, num_stages=c.num_stages,
                     ))  # fmt: skip

@@ -19,7 +19,13 @@ import triton.language as tl  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from peft_kernels import _config  # noqa: E402
-from peft_kernels.ops.dropout_mask import dropout_keep_mask, dropout_uniform, normalize_seed, philox4x32  # noqa: E402
+from peft_kernels.ops.dropout_mask import (  # noqa: E402
+    dropout_bits,
+    dropout_keep_mask,
+    keep_threshold,
+    normalize_seed,
+    philox4x32,
+)
 from peft_kernels.triton import lora as tk  # noqa: E402
 from peft_kernels.triton.lora import _keep_tile  # noqa: E402
 
@@ -186,10 +192,10 @@ def _philox_probe(out_ptr, q_ptr, row_ptr, seed, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _keep_probe(out_ptr, seed, p, row0, col0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _keep_probe(out_ptr, seed, keep_t, row0, col0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rr = tl.arange(0, BLOCK_R)
     cc = tl.arange(0, BLOCK_C)
-    keep = _keep_tile(seed, p, row0 + rr, col0, BLOCK_R, BLOCK_C)
+    keep = _keep_tile(seed, keep_t, row0 + rr, col0, BLOCK_R, BLOCK_C)
     tl.store(out_ptr + rr[:, None] * BLOCK_C + cc[None, :], keep.to(tl.int8))
 
 
@@ -208,22 +214,23 @@ def test_philox4x32_matches_tl_philox(seed):
     assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, ref)
 
 
-@pytest.mark.parametrize("row0,col0", [(0, 0), (2**31 - 8, 1028), (2**32 - 16, 2**31)])
-def test_kernel_keep_tile_matches_reference(row0, col0):
-    # Rows far down a tall activation and columns far right: the counters are (col // 4, row) as uint32.
-    seed, p, R, C = 2**40 + 3, 0.3, 16, 32
+@pytest.mark.parametrize("row0,col0", [(0, 0), (2**31 - 8, 1032), (2**32 - 16, 2**31)])
+@pytest.mark.parametrize("p", [0.3, 0.05, 3276.5 / 65536, 65535 / 65536])
+def test_kernel_keep_tile_matches_reference(row0, col0, p):
+    # Rows far down a tall activation and columns far right: the counters are (col // 8, row) as uint32.
+    # p = 3276.5/65536 rounds up to t = 3277 (as 0.05 does); 65535/65536 keeps only the value 65535.
+    seed, R, C = 2**40 + 3, 16, 32
     out = torch.full((R, C), -1, dtype=torch.int8, device=DEV)
-    _keep_probe[(1,)](out, normalize_seed(seed), p, row0, col0, BLOCK_R=R, BLOCK_C=C)
-    q = torch.arange(col0 // 4, col0 // 4 + C // 4, device=DEV, dtype=torch.int64)
+    t = keep_threshold(p)
+    _keep_probe[(1,)](out, normalize_seed(seed), t, row0, col0, BLOCK_R=R, BLOCK_C=C)
+    q = torch.arange(col0 // 8, col0 // 8 + C // 8, device=DEV, dtype=torch.int64)
     rows = torch.arange(row0, row0 + R, device=DEV, dtype=torch.int64)
     c0, c1 = torch.broadcast_tensors(q[None, :], rows[:, None])
-    from peft_kernels.ops.dropout_mask import _to_uniform
-
-    u = torch.stack([_to_uniform(w) for w in philox4x32(seed, c0, c1)], dim=-1).view(R, C)
-    assert torch.equal(out.bool(), u >= torch.tensor(p, dtype=torch.float32))
+    u = torch.stack([h for w in philox4x32(seed, c0, c1) for h in (w & 0xFFFF, w >> 16)], dim=-1).view(R, C)
+    assert torch.equal(out.bool(), u >= t)
     if row0 == 0 and col0 == 0:
         assert torch.equal(out.bool(), dropout_keep_mask(seed, R, C, p, DEV))
-        assert torch.equal(u, dropout_uniform(seed, R, C, DEV))
+        assert torch.equal(u, dropout_bits(seed, R, C, DEV).to(torch.int64))
 
 
 # ------------------------------------------------------------------------------------------------------

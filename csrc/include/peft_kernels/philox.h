@@ -1,11 +1,13 @@
 // The library's dropout mask, shared by the CPU and CUDA kernels (definition: peft_kernels/ops/dropout_mask.py).
 //
-// Element (i, j) of a rows x cols activation takes word j % 4 of Philox-4x32-10 with key = the two halves of
-// the 64-bit seed and counter (j / 4, i, 0, 0) -- one Philox call gives the keep bits of four neighbouring
-// columns -- turned into a float in [0, 1) as Triton's uint_to_uniform_float does; it is kept iff u >= p.
-// The Triton kernels compute the same words with tl.philox(seed, j // 4, i, 0, 0), so every backend
+// Element (i, j) of a rows x cols activation takes 16 bits of Philox-4x32-10 with key = the two halves of
+// the 64-bit seed and counter (j / 8, i, 0, 0): word (j % 8) / 2, its low half for even j, its high half for
+// odd j -- one Philox call gives the keep decisions of eight neighbouring columns. It is kept iff those 16
+// bits >= keep_threshold(p) = floor(p * 65536 + 0.5) (p quantized to 2^-16).
+// The Triton kernels compute the same words with tl.philox(seed, j // 8, i, 0, 0), so every backend
 // regenerates the same mask and no mask is ever stored.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -47,21 +49,24 @@ PK_HOST_DEVICE PhiloxWords philox4(uint64_t seed, uint32_t c0, uint32_t c1) {
   return PhiloxWords{{c0, c1, c2, c3}};
 }
 
-// Triton's uint_to_uniform_float for 32-bit words: a float in [0, 1).
-PK_HOST_DEVICE float philox_word_to_uniform(uint32_t word) {
-  int32_t x = static_cast<int32_t>(word);
-  if (x < 0) x = ~x;  // == -x - 1 without signed overflow
-  return static_cast<float>(x) * 4.6566127342e-10f;
+// The 16-bit keep threshold of drop probability p (p * 65536 is exact in double): kept iff bits >= it.
+inline uint32_t keep_threshold(double p) {
+  if (!(p > 0.0)) return 0;  // also NaN: keep everything
+  const double t = std::floor(p * 65536.0 + 0.5);
+  return t >= 65536.0 ? 65536u : static_cast<uint32_t>(t);
 }
 
-// Keep bits of columns 4q .. 4q+3 of row `row` (bit c set: column 4q + c kept).
-PK_HOST_DEVICE unsigned dropout_keep4(uint64_t seed, uint64_t row, uint64_t q, float p) {
+// Keep bits of columns 8q .. 8q+7 of row `row` (bit c set: column 8q + c kept); threshold from keep_threshold.
+PK_HOST_DEVICE unsigned dropout_keep8(uint64_t seed, uint64_t row, uint64_t q, uint32_t threshold) {
   const PhiloxWords r = philox4(seed, static_cast<uint32_t>(q), static_cast<uint32_t>(row));
   unsigned bits = 0;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-  for (int c = 0; c < 4; ++c) bits |= (philox_word_to_uniform(r.w[c]) >= p ? 1u : 0u) << c;
+  for (int w = 0; w < 4; ++w) {
+    bits |= ((r.w[w] & 0xFFFFu) >= threshold ? 1u : 0u) << (2 * w);
+    bits |= ((r.w[w] >> 16) >= threshold ? 1u : 0u) << (2 * w + 1);
+  }
   return bits;
 }
 
