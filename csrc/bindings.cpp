@@ -6,6 +6,8 @@
 
 #ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
+
+#include "peft_kernels/lora.h"
 #endif
 
 TORCH_LIBRARY(peft_kernels, m) {
@@ -35,12 +37,17 @@ TORCH_LIBRARY(peft_kernels, m) {
       "bias_only_linear_bwd_cuda(Tensor dy, Tensor weight, bool[2] needs, ScalarType? db_dtype=None) -> "
       "(Tensor, Tensor)");
 
-  // Prefix attention forward, FlashAttention-2 style (csrc/cuda/prefix_attention.cu; CUDA only): softmax over the P
-  // prefix keys (always visible) then the real keys (causal bottom-right, key padding mask), GQA. prefix is
-  // [Hkv, P, D] (shared) or [B, Hkv, P, D]. Returns out [B, Hq, Lq, D] in q's dtype and lse fp32 (natural log).
+  // Prefix attention's prefix part merged into an attention over the real keys (csrc/cuda/prefix_merge.cu; CUDA only).
+  // prefix is [Hkv, P, D] (shared) or [B, Hkv, P, D], any float dtype; GQA. Forward: merges the P prefix keys into
+  // (out, lse_c) by log-sum-exp, out written in place; returns the merged lse [B, Hq, Lq] fp32 (natural log; lse_c
+  // is -inf in rows that see no real key). Backward, given the merged out and lse: adds the prefix part's dQ into
+  // dq in place; returns (dprefix_k, dprefix_v) in fp32, shaped like the prefix (batch-summed when shared).
   m.def(
-      "prefix_attention_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, bool causal, "
-      "Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
+      "prefix_merge_fwd_cuda(Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor(a!) out, Tensor lse_c, float scale) "
+      "-> Tensor");
+  m.def(
+      "prefix_merge_bwd_cuda(Tensor dout, Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor out, Tensor lse, "
+      "Tensor(a!) dq, float scale) -> (Tensor, Tensor)");
 
   // Soft-prompt embedding (csrc/cuda/prompt.cu; CUDA only): out [B, P + S, H] in weight's dtype, each row either
   // weight[input_ids[b, s]] or prompt[(b,) p], from slots [1 or B, P + S] int32 (s >= 0 token, -(p + 1) virtual)
@@ -84,5 +91,8 @@ TORCH_LIBRARY(peft_kernels, m) {
 // An importable Python module, so `import peft_kernels._C` runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "peft_kernels native ops (registered under torch.ops.peft_kernels)";
+  // Eager-mode autograd nodes called directly (not through torch.ops: its Python dispatch is most of a small
+  // layer's host time). torch.compile traces the custom ops instead.
+  m.def("lora_linear_autograd", &peft_kernels::lora_linear_autograd, "LoRA linear as one C++ autograd node");
 }
 #endif

@@ -44,11 +44,16 @@ def _register() -> None:
     ):
         torch.library.register_fake(lib + "bias_only_linear_bwd_cuda", _bias_only_bwd_fake)
 
-    if torch._C._dispatch_has_kernel_for_dispatch_key(lib + "prefix_attention_fwd_cuda", "CUDA"):
+    if hasattr(torch.ops.peft_kernels, "prefix_merge_fwd_cuda"):  # absent from an extension built before it
 
-        @torch.library.register_fake(lib + "prefix_attention_fwd_cuda")
-        def _(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
-            return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+        @torch.library.register_fake(lib + "prefix_merge_fwd_cuda")
+        def _(q, prefix_k, prefix_v, out, lse_c, scale):
+            return q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+        @torch.library.register_fake(lib + "prefix_merge_bwd_cuda")
+        def _(dout, q, prefix_k, prefix_v, out, lse, dq, scale):
+            return prefix_k.new_empty(prefix_k.shape, dtype=torch.float32), prefix_v.new_empty(
+                prefix_v.shape, dtype=torch.float32)
 
     if hasattr(torch.ops.peft_kernels, "soft_prompt_embed_fwd_cuda"):  # absent from an extension built before it
 
