@@ -180,17 +180,22 @@ def _reference_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key
 
 
 # --------------------------------------------------------------------------------------------------
-# Composites on PyTorch's own attention kernels: `sdpa` (LSE merge) and `concat` (one SDPA call)
+# Composites on PyTorch's own attention kernels: `sdpa` and `cuda` (LSE merge), `concat` (one SDPA call)
 # --------------------------------------------------------------------------------------------------
-# `sdpa`: attention over the real keys through PyTorch's fused SDPA op that returns the log-sum-exp (the aten flash
-# op on CUDA, the CPU flash op on CPU), then the P prefix keys and the exact merge of the two partial softmaxes in
-# one small pass (Triton on CUDA, PyTorch below on CPU). Backward: SDPA's own backward op called with the *merged*
-# O and LSE, which recomputes P = exp(s - lse) and rowsum(dO * O) and so is exact for the real keys, plus the prefix
-# part's dQ (added in place) and its batch-summed dPK/dPV.
+# `sdpa` and `cuda`: attention over the real keys through PyTorch's fused SDPA op that returns the log-sum-exp (on
+# CUDA the aten flash op, or the memory-efficient op where a key padding mask or fp32 needs its additive bias; the
+# CPU flash op on CPU), then the P prefix keys and the exact merge of the two partial softmaxes in one small pass:
+# Triton (`sdpa` on CUDA), CUDA C++ (`cuda`, csrc/cuda/prefix_merge.cu), PyTorch below (`sdpa` on CPU). Backward:
+# SDPA's own backward op called with the *merged* O and LSE, which recomputes P = exp(s - lse) and rowsum(dO * O) and
+# so is exact for the real keys, plus the prefix part's dQ (added in place) and its batch-summed dPK/dPV from the
+# same small kernel family. The two backends share all the glue below; only the merge kernels differ.
 # `concat`: one SDPA call over [prefix; k] (a concatenation copy), the prefix always visible; dPK/dPV are the first
 # P rows of dK/dV summed over the batch.
-# Both return outputs and gradients in the inputs' own layout (transformers' [B, L, H, D]-strided views).
+# All return outputs and gradients in the inputs' own layout (transformers' [B, L, H, D]-strided views).
 _FLASH_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_EFFICIENT_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BIAS_ALIGN = 16  # the memory-efficient kernels read bias rows with 16-element alignment (torch pads the same way)
+_LSE_ALIGN = 32  # ... and return (and read back, without bound checks) an lse padded along Lq to this multiple
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -237,25 +242,25 @@ def _dead_rows(B, Lq, Lk, causal, key_padding_mask, device) -> Tensor | None:
     return ((seen == 0) | (last < 0))[:, None]
 
 
-def _aten_attention(q, k, v, n_always, causal, key_padding_mask, scale):
-    """(out, lse) of attention over k/v through PyTorch's fused SDPA op; keys [0, n_always) always visible."""
-    B, _, Lq, _ = q.shape
-    Lk = k.shape[2]
-    if q.device.type == "cuda":
-        # FlashAttention-2 aligns causal masks bottom-right, the prefix convention (PyTorch's sdpa front end
-        # refuses is_causal with Lq != Lk for that reason; the aten op itself runs it).
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, bool(causal) and Lq > 1, False, scale=scale
-        )[:2]
-        return out, lse
-    mask, is_causal = _cpu_attention_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
-    )
+def _on_cuda(t: Tensor) -> bool:
+    """Whether the CUDA ops run for t (one place: the tests run the CUDA glue on meta tensors through it)."""
+    return t.device.type == "cuda"
 
 
-def _cpu_attention_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask):
-    """(additive float mask in q's dtype or None, is_causal) for the CPU flash op (top-left is_causal only)."""
+def _flash_serves(q: Tensor, Lk: int, n_always: int, causal: bool, key_padding_mask) -> bool:
+    """On CUDA, whether the aten flash op computes this attention exactly: it takes no mask and runs 16-bit types;
+    its causal mask is bottom-right aligned, which keeps the n_always leading keys visible to every query row only
+    while Lq <= Lk - n_always + 1 (Lk counts them). Otherwise the memory-efficient op runs, with an additive bias."""
+    Lq = q.shape[2]
+    return (key_padding_mask is None and q.dtype in _FLASH_CUDA_DTYPES
+            and not (n_always and causal and Lq > Lk - n_always + 1))
+
+
+def _additive_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask):
+    """(additive float mask [B or 1, 1, Lq or 1, Lk] in q's dtype, or None; is_causal) for the fused ops that take
+    a bias and align is_causal top-left (the CPU flash op, the CUDA memory-efficient op). Keys [0, n_always) are
+    always visible, the rest bottom-right causal and/or padded (``_allowed_keys``): top-left is_causal is the same
+    only where Lq == Lk and no key is always visible, otherwise the causal part goes into the mask."""
     causal = bool(causal) and Lq > 1
     aligned = causal and Lq == Lk and n_always == 0
     if not causal or aligned:
@@ -270,43 +275,129 @@ def _cpu_attention_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask):
     return torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf), False
 
 
-def _aten_attention_backward(do, q, k, v, out, lse, n_always, causal, key_padding_mask, scale):
-    B, _, Lq, _ = q.shape
+def _efficient_bias(mask: Tensor | None, B: int, H: int, Lq: int) -> Tensor | None:
+    """The additive mask as the memory-efficient op takes it: [B, H, Lq, Lk] (an expanded view) with a unit-stride
+    last dim and rows 16-element aligned: the last dim padded to a multiple of 16 in storage and sliced back, as
+    torch's SDPA front end pads it."""
+    if mask is None:
+        return None
+    Lk = mask.shape[-1]
+    pad = -Lk % _BIAS_ALIGN
+    if pad or mask.stride(-1) != 1:
+        mask = torch.nn.functional.pad(mask, (0, pad))[..., :Lk]
+    return mask.expand(B, H, Lq, Lk)
+
+
+def _trim_lse(lse: Tensor, Lq: int) -> Tensor:
+    """The memory-efficient op's lse [B, H, ceil32(Lq)] cut to the Lq real rows (a view)."""
+    return lse[..., :Lq]
+
+
+def _pad_lse(lse: Tensor) -> Tensor:
+    """lse [B, H, Lq] as the memory-efficient backward reads it: contiguous, padded along Lq to a multiple of 32 with
+    +inf (the layout its forward returns; its kernel reads the padding rows without bound checks)."""
+    B, H, Lq = lse.shape
+    pad = -Lq % _LSE_ALIGN
+    if pad == 0 and lse.is_contiguous():
+        return lse
+    out = lse.new_full((B, H, Lq + pad), math.inf)
+    out[..., :Lq] = lse
+    return out
+
+
+def _blhd(t: Tensor) -> Tensor:
+    """t [B, H, L, D] in the [B, L, H, D]-contiguous storage the memory-efficient backward assumes for `out` (it
+    takes the batch and head strides of `out`; the row stride is implied, H * D): t itself when it has it (HF)."""
+    if t.transpose(1, 2).is_contiguous():
+        return t
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _expand_kv_heads(t: Tensor, Hq: int) -> Tensor:
+    """[B, Hkv, L, D] -> [B, Hq, L, D], each KV head repeated for its query heads (the memory-efficient op has no
+    GQA; PyTorch's own SDPA front end repeats the same way)."""
+    Hkv = t.shape[1]
+    return t if Hkv == Hq else t.repeat_interleave(Hq // Hkv, dim=1)
+
+
+def _fold_kv_heads(g: Tensor, Hkv: int) -> Tensor:
+    """The gradient through ``_expand_kv_heads``: the query heads of each KV group summed."""
+    return g if g.shape[1] == Hkv else g.unflatten(1, (Hkv, g.shape[1] // Hkv)).sum(2)
+
+
+def _aten_attention(q, k, v, n_always, causal, key_padding_mask, scale):
+    """(out, lse [B, Hq, Lq]) of attention over k/v through PyTorch's fused SDPA ops; keys [0, n_always) always
+    visible, the rest bottom-right causal and/or padded."""
+    B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
+    if _on_cuda(q):
+        if _flash_serves(q, Lk, n_always, causal, key_padding_mask):
+            # FlashAttention-2 aligns causal masks bottom-right, the prefix convention (PyTorch's sdpa front end
+            # refuses is_causal with Lq != Lk for that reason; the aten op itself runs it).
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, bool(causal) and Lq > 1, False, scale=scale
+            )[:2]
+            return out, lse
+        mask, is_causal = _additive_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, _expand_kv_heads(k, Hq), _expand_kv_heads(v, Hq), _efficient_bias(mask, B, Hq, Lq), True, 0.0,
+            is_causal, scale=scale,
+        )[:2]
+        return out, _trim_lse(lse, Lq)
+    mask, is_causal = _additive_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
+    )
+
+
+def _aten_attention_backward(do, q, k, v, out, lse, n_always, causal, key_padding_mask, scale):
+    """(dq, dk, dv) of ``_aten_attention`` through the same op's backward, given (out, lse) (the merged ones for the
+    LSE-merge backends: exact for the real keys)."""
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
     if do.stride(-1) != 1:  # the fused kernels read rows of the head dim; any other strides are taken as they are
         do = do.contiguous()
-    if q.device.type == "cuda":
-        seed = torch.empty((), dtype=torch.int64, device=q.device)
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, out, lse, None, None, Lq, Lk, 0.0, bool(causal) and Lq > 1, seed, seed, scale=scale
+    if _on_cuda(q):
+        seed = torch.empty((), dtype=torch.int64, device=q.device)  # dropout off: never read
+        if _flash_serves(q, Lk, n_always, causal, key_padding_mask):
+            return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                do, q, k, v, out, lse, None, None, Lq, Lk, 0.0, bool(causal) and Lq > 1, seed, seed, scale=scale
+            )
+        mask, is_causal = _additive_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask)
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            do, q, _expand_kv_heads(k, Hq), _expand_kv_heads(v, Hq), _efficient_bias(mask, B, Hq, Lq), _blhd(out),
+            _pad_lse(lse), seed, seed, 0.0, [True, True, True, False], is_causal, scale=scale,
         )
-    mask, is_causal = _cpu_attention_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask)
+        return dq, _fold_kv_heads(dk, Hkv), _fold_kv_heads(dv, Hkv)
+    mask, is_causal = _additive_mask(q, B, Lq, Lk, n_always, causal, key_padding_mask)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         do, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale
     )
 
 
+def _aten_cuda_limits(dtype: torch.dtype, D: int) -> str | None:
+    """What the CUDA fused SDPA ops used here cannot take (flash: fp16/bf16; memory-efficient: also fp32)."""
+    if dtype not in _EFFICIENT_CUDA_DTYPES:
+        return f"q has dtype {dtype}; the aten flash / memory-efficient ops on CUDA run float16/bfloat16/float32"
+    if D % 8 or D > 256:
+        return f"head dim D = {D}; the aten flash / memory-efficient ops need D % 8 == 0 and D <= 256"
+    return None
+
+
 def _aten_why_not(q, k, key_padding_mask) -> str | None:
-    """What the fused SDPA ops used here cannot take (shared by `sdpa` and `concat`)."""
+    """What the fused SDPA ops used here cannot take (shared by `sdpa`, `cuda` and `concat`)."""
     if k.shape[2] == 0:
         return "k has no real keys (Lk = 0); the SDPA kernels need at least one"
     if q.numel() == 0:  # the CPU flash op divides by zero on an empty batch or query range
         return f"q of shape {tuple(q.shape)} is empty; the SDPA kernels need at least one query"
     if any(t.stride(-1) != 1 for t in (q, k)):
         return "q/k/v need a unit stride in the head dim"
-    if q.device.type == "cuda":
-        if q.dtype not in _FLASH_CUDA_DTYPES:
-            return f"q has dtype {q.dtype}; the aten flash op on CUDA runs float16/bfloat16"
-        D = q.shape[-1]
-        if D % 8 or D > 256:
-            return f"head dim D = {D}; the aten flash op needs D % 8 == 0 and D <= 256"
-        if key_padding_mask is not None:
-            return ("key_padding_mask is set; the aten flash op takes no mask (the memory-efficient op that does pads "
-                    "its lse and aligns is_causal top-left: not wired)")
+    if _on_cuda(q):
+        return _aten_cuda_limits(q.dtype, q.shape[-1])
     return None
 
 
-# --- the prefix part and the merge, in PyTorch (CPU, and the oracle of the Triton kernels) -------------------------
+# --- the prefix part and the merge, in PyTorch (CPU, and the oracle of the Triton and CUDA C++ kernels) ------------
 def _grouped(t: Tensor, Hkv: int) -> Tensor:
     return t.unflatten(1, (Hkv, t.shape[1] // Hkv))  # [B, Hkv, g, L, D]: a view, any strides
 
@@ -376,7 +467,17 @@ def _prefix_merge_backward(do, q, prefix_k, prefix_v, out, lse, dq, scale):
     return prefix_merge_backward_torch(do, q, prefix_k, prefix_v, out, lse, dq, scale)
 
 
-def _sdpa_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+# --- the CUDA C++ merge kernels (csrc/cuda/prefix_merge.cu), the `cuda` backend's half of the composition ----------
+def _prefix_merge_cuda(q, prefix_k, prefix_v, out_c, lse_c, scale):
+    return torch.ops.peft_kernels.prefix_merge_fwd_cuda(q, prefix_k, prefix_v, out_c, lse_c, scale)
+
+
+def _prefix_merge_backward_cuda(do, q, prefix_k, prefix_v, out, lse, dq, scale):
+    return torch.ops.peft_kernels.prefix_merge_bwd_cuda(do, q, prefix_k, prefix_v, out, lse, dq, scale)
+
+
+# --- the LSE-merge composition, shared by `sdpa` and `cuda` (merge / merge_backward: the prefix kernels) ----------
+def _sdpa_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, merge):
     B, _, Lq, _ = q.shape
     Lk = k.shape[2]
     out, lse_c = _aten_attention(q, k, v, 0, causal, key_padding_mask, scale)
@@ -384,15 +485,17 @@ def _sdpa_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
     if dead is not None:
         lse_c = lse_c.masked_fill(dead, -math.inf)
     out = _like(out, q)
-    lse = _prefix_merge(q, prefix_k, prefix_v, out, lse_c, scale)
+    lse = merge(q, prefix_k, prefix_v, out, lse_c, scale)
     return out, lse
 
 
-def _sdpa_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale):
+def _sdpa_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale, merge_backward):
+    if do.stride(-1) != 1:  # once for both halves: the kernels read rows of the head dim
+        do = do.contiguous()
     lse_in = lse.to(torch.float32) if q.dtype != torch.float64 else lse
     dq, dk, dv = _aten_attention_backward(do, q, k, v, out, lse_in, 0, causal, key_padding_mask, scale)
     dq, dk, dv = _like(dq, q), _like(dk, k), _like(dv, v)
-    dpk, dpv = _prefix_merge_backward(do, q, prefix_k, prefix_v, out, lse, dq, scale)
+    dpk, dpv = merge_backward(do, q, prefix_k, prefix_v, out, lse, dq, scale)
     return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
 
 
@@ -429,14 +532,15 @@ def _concat_kv_heads(t, prefix):
 
 @FAMILY.forward("sdpa")
 def _sdpa_forward_backend(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
-    """SDPA's fused causal attention (returns its LSE) + the prefix part merged by log-sum-exp."""
-    return _sdpa_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+    """SDPA's fused causal attention (returns its LSE) + the prefix part merged by log-sum-exp (Triton on CUDA)."""
+    return _sdpa_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, _prefix_merge)
 
 
 @FAMILY.backward("sdpa")
 def _sdpa_backward_backend(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale, needs):
-    """SDPA's own backward with the merged O and LSE + the prefix part's dQ and dPK/dPV."""
-    return _grads(_sdpa_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale), needs)
+    """SDPA's own backward with the merged O and LSE + the prefix part's dQ and dPK/dPV (Triton on CUDA)."""
+    return _grads(_sdpa_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale,
+                                 _prefix_merge_backward), needs)
 
 
 @FAMILY.forward("concat")
@@ -455,7 +559,7 @@ def _concat_backward_backend(dout, q, k, v, prefix_k, prefix_v, out, lse, causal
 @FAMILY.why_not("sdpa", both=True)
 def _sdpa_why_not(inp: PrefixInputs) -> str | None:
     why = _aten_why_not(inp.q, inp.k, inp.key_padding_mask)
-    if why is None and inp.q.is_cuda:
+    if why is None and _on_cuda(inp.q):
         # The prefix part runs in Triton on CUDA tensors.
         why = _backends.availability("triton", "cuda")
     return why
@@ -464,6 +568,50 @@ def _sdpa_why_not(inp: PrefixInputs) -> str | None:
 @FAMILY.why_not("concat", both=True)
 def _concat_why_not(inp: PrefixInputs) -> str | None:
     return _aten_why_not(inp.q, inp.k, inp.key_padding_mask)
+
+
+# --- `cuda`: the LSE-merge composition with the CUDA C++ merge kernels (no Triton anywhere) ----------------------
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CUDA_KERNEL_STATUS = _backends.cuda_kernel_status("prefix_merge_fwd_cuda")  # probed once, at import
+_CUDA_MAX_HEAD_DIM = 256
+_CUDA_SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on sm_90 (H100/H200)
+
+
+def _cuda_merge_smem(P: int, D: int) -> tuple[int, int]:
+    """Shared-memory bytes of the CUDA merge kernels (forward, backward): the formulas of csrc/cuda/prefix_merge.cu
+    (forward: the P x D prefix in fp32 + P fp32 scores per row of a 128-row tile; backward: 32-key chunks, 32-row
+    tiles)."""
+    Dp = -(-D // 8) * 8
+    return 4 * P * (Dp + 128), 4 * (4 * 32 * Dp + 2 * 32 * (Dp + 4) + 2 * 32 * 32 + 4 * 32)
+
+
+def _cuda_merge_limits(P: int, D: int) -> str | None:
+    if D > _CUDA_MAX_HEAD_DIM:
+        return f"head dim D = {D}; the CUDA merge kernels take D <= {_CUDA_MAX_HEAD_DIM}"
+    fwd, bwd = _cuda_merge_smem(P, D)
+    if max(fwd, bwd) > _CUDA_SMEM_LIMIT:
+        return (f"P = {P} prefix keys at head dim D = {D}: the CUDA merge forward keeps them in shared memory "
+                f"({max(fwd, bwd)} bytes > {_CUDA_SMEM_LIMIT})")
+    return None
+
+
+@FAMILY.forward("cuda", dtypes=_CUDA_DTYPES)
+def _cuda_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    """SDPA's fused attention over the real keys + the CUDA C++ prefix-and-merge kernel (csrc/cuda/prefix_merge.cu)."""
+    return _sdpa_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, _prefix_merge_cuda)
+
+
+@FAMILY.backward("cuda", dtypes=_CUDA_DTYPES)
+def _cuda_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale, needs):
+    """SDPA's own backward with the merged O and LSE + the CUDA C++ prefix backward (dQ in place, fp32 dPK/dPV)."""
+    return _grads(_sdpa_backward(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale,
+                                 _prefix_merge_backward_cuda), needs)
+
+
+@FAMILY.why_not("cuda", both=True)
+def _cuda_why_not(inp: PrefixInputs) -> str | None:
+    return (_CUDA_KERNEL_STATUS or _aten_why_not(inp.q, inp.k, inp.key_padding_mask)
+            or _cuda_merge_limits(inp.prefix_k.shape[-2], inp.q.shape[-1]))
 
 
 # --- the fused Triton kernels (peft_kernels/triton/prefix_attention.py) ------------------------------------------
@@ -502,39 +650,6 @@ def _triton_backward_why_not(inp: PrefixInputs) -> str | None:
     from peft_kernels.triton import prefix_attention as tk
 
     return _triton_why_not(inp) or tk.backward_why_not(inp.q, inp.k)
-
-
-# --- the CUDA C++ forward (csrc/cuda/prefix_attention.cu): WMMA fp16/bf16, SIMT fp32, head dim <= 128 -------------
-# Not benchmarked on a GPU yet; kept as a contender for measured dispatch, its backward is Triton's.
-_CUDA_MAX_HEAD_DIM = 128
-_CUDA_MAX_LQ = 65535 * 64  # grid.y = query tiles of 64 rows
-
-
-_CUDA_KERNEL_STATUS = _backends.cuda_kernel_status("prefix_attention_fwd_cuda")  # probed once, at import
-
-
-@FAMILY.forward("cuda", dtypes=_TRITON_DTYPES, backward_by="triton")
-def _cuda_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
-    """CUDA C++ forward (WMMA tensor cores for fp16/bf16, SIMT fp32); the backward is Triton's."""
-    # The kernel reads any strides but needs a unit-stride head dim and the prefix in q's dtype (P x D: tiny).
-    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
-    prefix_k, prefix_v = (t.to(q.dtype).contiguous() for t in (prefix_k, prefix_v))
-    out, lse = torch.ops.peft_kernels.prefix_attention_fwd_cuda(
-        q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale
-    )
-    return _like(out, q), lse
-
-
-@FAMILY.why_not("cuda")
-def _cuda_why_not(inp: PrefixInputs) -> str | None:
-    if _CUDA_KERNEL_STATUS is not None:
-        return _CUDA_KERNEL_STATUS
-    D = inp.q.shape[-1]
-    if not 1 <= D <= _CUDA_MAX_HEAD_DIM:
-        return f"head dim D = {D} is not supported (1 <= D <= {_CUDA_MAX_HEAD_DIM}; padded to 64, 80, 96 or 128)"
-    if inp.q.shape[2] > _CUDA_MAX_LQ:
-        return f"Lq = {inp.q.shape[2]} exceeds the launch grid ({_CUDA_MAX_LQ} queries)"
-    return None
 
 
 # --------------------------------------------------------------------------------------------------
