@@ -150,6 +150,10 @@ def _skinny_configs(block_names: dict[str, list[int]], warps=(4, 8), stages=(2, 
 # 32 rows: 256 programs at M = 8192 (two waves' worth on 132 SMs), still a 32-row dot for G.
 _DY_BLOCK_M = 32
 _DA_BLOCK_K = 128
+# Split granules: the largest reduction block of the S (BLOCK_K) and dy (BLOCK_N) autotune configs; the S
+# pass counts its programs at its largest BLOCK_M (the autotuner may pick 32 rows: twice the programs).
+_DOWN_GRANULE, _DOWN_MAX_BM, _DY_GRANULE = 256, 64, 128
+_SUM_BLOCK = 1024
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,28 +400,33 @@ def _prune_down(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_skinny_configs({"BLOCK_M": [32, 64, 32, 64], "BLOCK_K": [128, 128, 256, 64]}),
-    key=["M_BUCKET", "K", "R_PAD", "HAS_DROPOUT"],
+    key=["M_BUCKET", "K", "K_SPLIT", "R_PAD", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_down},
 )
 @triton.jit(do_not_specialize=["keep_t", "seed"])
 def _lora_down_kernel(
-    x_ptr, a_ptr, s_ptr, M, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    x_ptr, a_ptr, s_ptr, M, K, R, M_BUCKET, K_SPLIT,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sp, stride_sm, stride_sr,
     keep_t, inv_keep, seed,
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """S = (keep * x) @ A^T / (1 - p): one pass over x, the mask generated once per element; A read in its
-    own dtype and rounded to x's in registers."""
+    own dtype and rounded to x's in registers. Program (row block, split s) reduces columns
+    [s * K_SPLIT, (s + 1) * K_SPLIT) into slice s of s_ptr (stride_sp; K_SPLIT a multiple of BLOCK_K): with
+    one split s_ptr is S itself, with several an fp32 partial buffer that _sum_splits_kernel reduces."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_s = tl.program_id(1)
+    k_lo = pid_s * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
     rr = tl.arange(0, R_PAD)
     m_ok = rm < M
     r_ok = rr < R
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
+        k_ok = rk < k_hi
         rk64 = rk.to(tl.int64)
         x = tl.load(x_rows + rk64[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
@@ -426,20 +435,32 @@ def _lora_down_kernel(
         acc = tl.dot(x, at, acc, input_precision=DOT_PREC)
     if HAS_DROPOUT:
         acc = acc * inv_keep
-    _store_2d(s_ptr, rm.to(tl.int64), rr, stride_sm, stride_sr, m_ok, r_ok, acc)
+    _store_2d(s_ptr + pid_s.to(tl.int64) * stride_sp, rm.to(tl.int64), rr, stride_sm, stride_sr, m_ok, r_ok, acc)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, n, SPLITS, BLOCK: tl.constexpr):
+    """out[i] = sum_s part[s, i] over the flat [SPLITS, n] fp32 partials, in split order (deterministic), cast
+    to out's dtype: the second stage of a split S or G pass (contiguous [M, r] both)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for sp in range(0, SPLITS):
+        acc += tl.load(part_ptr + sp * n + i, mask=ok, other=0.0)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.autotune(
     configs=_skinny_configs({"BLOCK_N": [64, 128]}),
-    key=["M_BUCKET", "N", "R_PAD", "COMPUTE_G", "COMPUTE_DLB", "COMPUTE_DBIAS"],
+    key=["M_BUCKET", "N", "N_SPLIT", "R_PAD", "COMPUTE_G", "COMPUTE_DLB", "COMPUTE_DBIAS"],
     # Atomic targets must not keep what benchmarking runs added.
     restore_value=["dlb_ptr", "dbias_ptr"],
 )
 @triton.jit
 def _lora_dy_kernel(
     dy_ptr, b_ptr, s_ptr, g_ptr, dlb_ptr, dbias_ptr,
-    M, N, R, M_BUCKET,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_gm, stride_gr,
+    M, N, R, M_BUCKET, N_SPLIT,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_gp, stride_gm, stride_gr,
     scaling,
     COMPUTE_G: tl.constexpr, COMPUTE_DLB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, PARTIALS: tl.constexpr,
     R_PAD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -450,8 +471,14 @@ def _lora_dy_kernel(
     Reduction choice: the program owns a row block, so dB/dbias partials are fp32 atomics (relaxed) per
     (row block, column block) -- cM/BLOCK_M * N * r adds, cheap next to re-reading dy for a separate
     reduction kernel. PARTIALS (set under torch.use_deterministic_algorithms) writes per-row-block partials
-    [num_row_blocks, N, r] instead, summed by the launcher in a fixed order."""
+    [num_row_blocks, N, r] instead, summed by the launcher in a fixed order.
+    Program (row block, split s) covers columns [s * N_SPLIT, (s + 1) * N_SPLIT) (N_SPLIT a multiple of
+    BLOCK_N): its G is slice s of g_ptr (stride_gp) -- G itself with one split, else fp32 partials that
+    _sum_splits_kernel reduces; the dB/dbias partials of different splits are different columns."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_lo = pid_s * N_SPLIT
+    n_hi = tl.minimum(N, n_lo + N_SPLIT)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, R_PAD)
     m_ok = rm < M
@@ -467,9 +494,9 @@ def _lora_dy_kernel(
     else:
         dlb_base = dlb_ptr
         dbias_base = dbias_ptr
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
+        n_ok = rn < n_hi
         rn64 = rn.to(tl.int64)
         dy = _load_2d(dy_ptr, rm64, rn64, stride_dym, stride_dyn, m_ok, n_ok)
         if COMPUTE_G:
@@ -492,7 +519,7 @@ def _lora_dy_kernel(
             else:
                 tl.atomic_add(dbias_base + rn64, colsum, mask=n_ok, sem="relaxed")
     if COMPUTE_G:
-        _store_2d(g_ptr, rm64, rr, stride_gm, stride_gr, m_ok, r_ok, g)
+        _store_2d(g_ptr + pid_s.to(tl.int64) * stride_gp, rm64, rr, stride_gm, stride_gr, m_ok, r_ok, g)
 
 
 @triton.autotune(
@@ -555,6 +582,43 @@ def launch_hook(name: str, kernel, grid, *args, **kwargs) -> None:
         kernel.fn[grid](*args, **kwargs, **blocks)
     else:
         kernel[grid](*args, **kwargs)
+
+
+def _interpret_block(name: str, key: str) -> int:
+    blocks = dict(_INTERPRET_DEFAULTS[name])
+    blocks.update(_config.interpret_blocks(name, {}))
+    return blocks[key]
+
+
+def _splits(programs: int, length: int, granule: int, num_sms: int) -> tuple[int, int]:
+    """(splits, columns per split) of the reduction axis of a row-block pass (S over K, the dy pass over N).
+
+    Rule on the grid: the programs of a memory-bound pass share the SMs (several resident per SM), so the
+    pass takes as long as its busiest SM; ``balance(k)`` = average / busiest load with k splits. The
+    smallest k with balance >= 0.9 wins (else the best k): M = 8192 keeps one split (128-256 programs on 132
+    SMs: balance 0.97, no partial buffer, no extra launch); M = 512 (8-16 programs) splits K = 4096 into 8.
+    Splits are whole granules (the largest block of the autotune configs, so no block straddles two splits),
+    at least two each (a program's partial write stays small next to what it reads), and at most ~4 programs
+    per SM."""
+    def balance(k: int) -> float:
+        n = programs * k
+        return n / (num_sms * triton.cdiv(n, num_sms))
+
+    k_max = max(1, min(length // (2 * granule), triton.cdiv(4 * num_sms, programs)))
+    ks = range(1, k_max + 1)
+    k = next((k for k in ks if balance(k) >= 0.9), max(ks, key=balance))
+    if k == 1:
+        return 1, length
+    per = triton.cdiv(triton.cdiv(length, k), granule) * granule
+    splits = triton.cdiv(length, per)
+    return (1, length) if splits == 1 else (splits, per)
+
+
+def _sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
+    # Second stage of a split pass: part [splits, M, r] fp32 -> out [M, r] (contiguous), one launch.
+    n = out.numel()
+    _launch("lora_sum", _sum_splits_kernel, (triton.cdiv(n, _SUM_BLOCK),), part, out, n, part.shape[0],
+            BLOCK=_SUM_BLOCK)  # fmt: skip
 
 
 def _launch(name, kernel, grid, *args, **kwargs) -> None:
@@ -718,14 +782,24 @@ def lora_forward(
     S = _alloc((M, r), dt, x.device)
     if M == 0:
         return y, S
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)
+    if _INTERPRET:
+        granule, max_bm = _interpret_block("lora_down", "BLOCK_K"), _interpret_block("lora_down", "BLOCK_M")
+    else:
+        granule, max_bm = _DOWN_GRANULE, _DOWN_MAX_BM
+    splits, k_split = _splits(triton.cdiv(M, max_bm), K, granule, _sm_count(x.device))
+    # Several splits: fp32 partials [splits, M, r], reduced into S by one more launch.
+    s_out = S if splits == 1 else torch.empty((splits, M, r), dtype=torch.float32, device=x.device)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), splits)
     _launch(
         "lora_down", _lora_down_kernel, grid,
-        x, lora_A, S, M, K, r, _m_bucket(M),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), S.stride(0), S.stride(1),
+        x, lora_A, s_out, M, K, r, _m_bucket(M), k_split,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), M * r if splits > 1 else 0,
+        s_out.stride(-2), s_out.stride(-1),
         keep_threshold(p), 1.0 / (1.0 - p), seed,
         HAS_DROPOUT=p > 0.0, R_PAD=_r_pad(r), DOT_PREC=_dot_prec(dt),
     )  # fmt: skip
+    if splits > 1:
+        _sum_splits(s_out, S)
     # y = x @ W^T + bias + S @ (sB)^T; the dropout is already inside S.
     _gemm(x, weight.t(), y, bias=bias, lora_l=S, lora_rt=lora_B.t(), r_scale=scaling)
     return y, S
@@ -792,17 +866,23 @@ def lora_backward(
         if partials:
             dlb32 = torch.empty((n_blocks, N, r), dtype=torch.float32, device=dev) if need_dB else None
             dbias32 = torch.empty((n_blocks, N), dtype=torch.float32, device=dev) if need_db else None
+        granule = _interpret_block("lora_dy", "BLOCK_N") if _INTERPRET else _DY_GRANULE
+        splits, n_split = _splits(n_blocks, N, granule, _sm_count(dev))
         g_t = G if G is not None else S
+        if need_g and splits > 1:
+            g_t = torch.empty((splits, M, r), dtype=torch.float32, device=dev)  # fp32 partials of G
         _launch(
-            "lora_dy", _lora_dy_kernel, (n_blocks,),
+            "lora_dy", _lora_dy_kernel, (n_blocks, splits),
             dy, lora_B, S, g_t, dlb32 if dlb32 is not None else dy, dbias32 if dbias32 is not None else dy,
-            M, N, r, _m_bucket(M),
+            M, N, r, _m_bucket(M), n_split,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
-            g_t.stride(0), g_t.stride(1),
+            M * r if g_t.dim() == 3 else 0, g_t.stride(-2), g_t.stride(-1),
             float(scaling),
             COMPUTE_G=need_g, COMPUTE_DLB=need_dB, COMPUTE_DBIAS=need_db, PARTIALS=partials,
             R_PAD=r_pad, DOT_PREC=dot_prec, BLOCK_M=_DY_BLOCK_M,
         )  # fmt: skip
+        if g_t.dim() == 3:
+            _sum_splits(g_t, G)
         if partials:
             dlb32 = dlb32.sum(0) if need_dB else None
             dbias32 = dbias32.sum(0) if need_db else None
@@ -943,16 +1023,18 @@ def compile_variants(quick: bool = False) -> list:
                 and down_smem_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], 3, es, 4, _r_pad(r)) <= SMEM_LIMIT
             ]
             for c in down[:1] if few else down:
-                for drop in (False, True):
-                    if few and not drop:
+                # (split: small M, K cut into _splits pieces, fp32 partials; M = 512 at K = 4096 -> 4 splits)
+                for drop, split in ((False, False), (True, False), (True, True)):
+                    if few and (not drop or split):
                         continue
-                    M, K = 8192, 4096
+                    M, K = (512, 4096) if split else (8192, 4096)
                     out.append(jit_variant(
-                        f"lora.down{'.d' if drop else ''}.{dt}.r{r}.{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_K']}"
-                        f"w{c.num_warps}s{c.num_stages}",
+                        f"lora.down{'.d' if drop else ''}{'.split' if split else ''}.{dt}.r{r}."
+                        f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_K']}w{c.num_warps}s{c.num_stages}",
                         _lora_down_kernel,
-                        dict(x_ptr=f"*{dt}", a_ptr="*fp32", s_ptr=f"*{dt}", M=M, K=K, R=r, M_BUCKET=M,
-                             stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_sm=r, stride_sr=1,
+                        dict(x_ptr=f"*{dt}", a_ptr="*fp32", s_ptr="*fp32" if split else f"*{dt}", M=M, K=K, R=r,
+                             M_BUCKET=M, K_SPLIT=1024 if split else K, stride_xm=K, stride_xk=1, stride_ar=K,
+                             stride_ak=1, stride_sp=M * r if split else 0, stride_sm=r, stride_sr=1,
                              keep_t=keep_threshold(0.05), inv_keep=1 / 0.95, seed=2**40 + 3),
                         dict(HAS_DROPOUT=drop, R_PAD=_r_pad(r), DOT_PREC=None, **c.kwargs),
                         num_warps=c.num_warps, num_stages=c.num_stages,
@@ -964,10 +1046,32 @@ def compile_variants(quick: bool = False) -> list:
                     f"lora.dy.{dt}.r{r}.{_DY_BLOCK_M}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}",
                     _lora_dy_kernel,
                     dict(dy_ptr=f"*{dt}", b_ptr="*fp32", s_ptr=f"*{dt}", g_ptr=f"*{dt}", dlb_ptr="*fp32",
-                         dbias_ptr="*fp32", M=M, N=N, R=r, M_BUCKET=M, stride_dym=N, stride_dyn=1, stride_bn=r,
-                         stride_br=1, stride_sm=r, stride_sr=1, stride_gm=r, stride_gr=1, scaling=0.5),
+                         dbias_ptr="*fp32", M=M, N=N, R=r, M_BUCKET=M, N_SPLIT=N, stride_dym=N, stride_dyn=1,
+                         stride_bn=r, stride_br=1, stride_sm=r, stride_sr=1, stride_gp=0, stride_gm=r, stride_gr=1,
+                         scaling=0.5),
                     dict(COMPUTE_G=True, COMPUTE_DLB=True, COMPUTE_DBIAS=True, PARTIALS=False,
                          R_PAD=_r_pad(r), DOT_PREC=None, BLOCK_M=_DY_BLOCK_M, **c.kwargs),
                     num_warps=c.num_warps, num_stages=c.num_stages,
                 ))  # fmt: skip
+            if not few:
+                # The dy pass split over N at small M (M = 512: 16 row blocks, N = 4096 in 2 pieces): fp32 G.
+                c = dy[0]
+                M, N = 512, 4096
+                out.append(jit_variant(
+                    f"lora.dy.split.{dt}.r{r}.{_DY_BLOCK_M}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}",
+                    _lora_dy_kernel,
+                    dict(dy_ptr=f"*{dt}", b_ptr="*fp32", s_ptr=f"*{dt}", g_ptr="*fp32", dlb_ptr="*fp32",
+                         dbias_ptr="*fp32", M=M, N=N, R=r, M_BUCKET=M, N_SPLIT=2048, stride_dym=N, stride_dyn=1,
+                         stride_bn=r, stride_br=1, stride_sm=r, stride_sr=1, stride_gp=M * r, stride_gm=r,
+                         stride_gr=1, scaling=0.5),
+                    dict(COMPUTE_G=True, COMPUTE_DLB=True, COMPUTE_DBIAS=True, PARTIALS=False,
+                         R_PAD=_r_pad(r), DOT_PREC=None, BLOCK_M=_DY_BLOCK_M, **c.kwargs),
+                    num_warps=c.num_warps, num_stages=c.num_stages,
+                ))  # fmt: skip
+        if not quick or dt == "bf16":
+            out.append(jit_variant(
+                f"lora.sum_splits.{dt}", _sum_splits_kernel,
+                dict(part_ptr="*fp32", out_ptr=f"*{dt}", n=512 * 16, SPLITS=4), dict(BLOCK=_SUM_BLOCK),
+                num_warps=4, num_stages=3,
+            ))  # fmt: skip
     return out

@@ -446,6 +446,53 @@ def test_launches_per_forward_backward(dropout, needs, adapter_dtype, expected, 
         n for n, want in zip(NAMES[2:], needs) if want))  # fmt: skip
 
 
+def test_split_rule_fills_the_machine():
+    # The benchmark shape keeps one split (no partial buffer, no extra launch); small M splits the reduction.
+    for programs in (128, 256):  # S at M = 8192 (64/32-row configs), the dy pass (32 rows)
+        assert tk._splits(programs, 4096, 256, 132) == (1, 4096)
+    assert tk._splits(8, 4096, 256, 132) == (8, 512)  # M = 512: 8 -> 64 programs
+    for programs, length, granule in ((1, 4096, 256), (2, 14336, 256), (47, 4096, 256), (1, 150, 32), (3, 4096, 128)):
+        k, per = tk._splits(programs, length, granule, 132)
+        assert per % granule == 0 or k == 1  # whole granules: no block straddles two splits
+        assert (k - 1) * per < length <= k * per  # every split non-empty, all columns covered
+        assert k == 1 or per >= 2 * granule
+        assert programs * k <= 4 * 132 + programs
+    assert tk._splits(1, 100, 64, 132) == (1, 100)  # too short to split
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("M", [1, 7, 123])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_small_m_split_passes(M, dtype, p, launches, monkeypatch):
+    # On a 16-SM machine these M leave most SMs idle: the S pass splits K = 200 into 3 (96, 96, 8 columns) and
+    # the dy pass N = 150 into 2 (96, 54) -- fp32 partials, one deterministic sum launch each.
+    monkeypatch.setattr(tk, "_sm_count", lambda dev: 16)
+    K, N, r = 200, 150, 4
+    assert tk._splits(triton.cdiv(M, 32), K, 32, 16)[0] == 3 and tk._splits(triton.cdiv(M, 32), N, 32, 16)[0] == 2
+    x, W, b, A, B, dy = _inputs(M, K, N, r, dtype, True)
+    out = _run(x, W, b, A, B, dy, 0.5, p, 31)
+    _check(out, x, W, b, A, B, dy, 0.5, p, 31)
+    assert launches.names.count("lora_sum") == 2, launches.names
+    # Deterministic mode (per-row-block dB/db partials next to the split G partials): same answer, repeatable.
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        det1, det2 = _run(x, W, b, A, B, dy, 0.5, p, 31), _run(x, W, b, A, B, dy, 0.5, p, 31)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    _check(det1, x, W, b, A, B, dy, 0.5, p, 31)
+    for n in NAMES:
+        assert torch.equal(det1[n], det2[n]), n
+
+
+def test_no_split_when_the_grid_fills_the_machine(launches):
+    # The interpreter's 4 "SMs" are filled by M = 123 (4 row blocks): no partial buffers, no sum launches.
+    x, W, b, A, B, dy = _inputs(123, 200, 150, 4, torch.float32, True)
+    out = _run(x, W, b, A, B, dy, 0.5, 0.1, 3)
+    _check(out, x, W, b, A, B, dy, 0.5, 0.1, 3)
+    assert "lora_sum" not in launches.names
+
+
 def test_autotune_configs_pruned_by_shared_memory():
     class _T:
         def __init__(self, es):
