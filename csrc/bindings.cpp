@@ -6,6 +6,8 @@
 
 #ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
+
+#include "peft_kernels/lora.h"
 #endif
 
 TORCH_LIBRARY(peft_kernels, m) {
@@ -89,5 +91,8 @@ TORCH_LIBRARY(peft_kernels, m) {
 // An importable Python module, so `import peft_kernels._C` runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "peft_kernels native ops (registered under torch.ops.peft_kernels)";
+  // Eager-mode autograd nodes called directly (not through torch.ops: its Python dispatch is most of a small
+  // layer's host time). torch.compile traces the custom ops instead.
+  m.def("lora_linear_autograd", &peft_kernels::lora_linear_autograd, "LoRA linear as one C++ autograd node");
 }
 #endif

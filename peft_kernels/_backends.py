@@ -53,6 +53,16 @@ def native_status() -> tuple[bool, str]:
     return _NATIVE_STATUS
 
 
+def native_function(name: str):
+    """A function of the extension module itself (an eager-mode entry point such as a C++ autograd node), or None
+    where the extension is not loaded or was built before it existed."""
+    if not _NATIVE_STATUS[0]:
+        return None
+    from peft_kernels import _C
+
+    return getattr(_C, name, None)
+
+
 def triton_status() -> tuple[bool, str]:
     return _TRITON_STATUS
 

@@ -212,6 +212,11 @@ def tuning_override() -> bool | None:
     return _get(_tune)
 
 
+def dispatch_switches() -> tuple:
+    """What every dispatch cache key starts with: (forced backend, ``tuning()`` setting)."""
+    return forced_backend(), _get(_tune)
+
+
 def tuning(enabled: bool):
     """Within the block, measured dispatch is on (``True``) or off (``False``) for every device."""
     return _switch(_tune, bool(enabled))

@@ -63,6 +63,11 @@ class Backend:
     # forward only: plain differentiable PyTorch, so the eager path lets autograd differentiate it directly
     # (no autograd.Function around it: the least host time there is); the custom-op path uses the backward.
     autograd: bool = False
+    # forward only, optional: the whole op as one differentiable callable with its own autograd node (a C++
+    # torch::autograd::Function: no Python in its backward), the same math as this forward and its backward.
+    # The eager path calls it instead of the forward + _EagerFunction where this backend's own backward runs;
+    # it returns the public outputs. torch.compile traces the custom ops instead.
+    eager: Callable | None = None
 
     def device_reason(self, device_type: str) -> str | None:
         """Why this backend cannot run on `device_type` tensors at all (None: it can)."""
@@ -141,9 +146,9 @@ class OpFamily:
         return self._register("backward", name, **kwargs)
 
     def _register(self, direction, name, *, devices=None, dtypes=FLOAT_DTYPES, requires="default",
-                  backward_by=None, why_not=None, doc="", autograd=False):
-        if backward_by is not None and direction != "forward":
-            raise ValueError("backward_by= is for forward backends")
+                  backward_by=None, why_not=None, doc="", autograd=False, eager=None):
+        if (backward_by is not None or eager is not None) and direction != "forward":
+            raise ValueError("backward_by= and eager= are for forward backends")
 
         def decorator(fn: Callable) -> Callable:
             kind = name.split(":")[0]
@@ -154,7 +159,7 @@ class OpFamily:
                 dtypes=None if dtypes is None else tuple(dtypes),
                 requires=_DEFAULT_REQUIRES.get(kind) if requires == "default" else requires,
                 backward_by=backward_by, why_not=why_not, doc=doc or (fn.__doc__ or "").strip().split("\n")[0],
-                autograd=autograd,
+                autograd=autograd, eager=eager,
             )
             self._cache.clear()
             return fn
@@ -312,13 +317,20 @@ class OpFamily:
 
     def run(self, inputs, fwd: str, bwd: str):
         """Run backends already selected (``select``) on a validated record: autograd; the public outputs."""
-        if torch.compiler.is_compiling():
-            outs = self._fwd_op(*inputs, fwd, bwd)
-        else:
-            backend = self.forward_backends[fwd]
-            if not backend.autograd and torch.is_grad_enabled() and self._any_requires_grad(inputs):
-                return _EagerFunction.apply(self, fwd, bwd, *inputs)  # the public outputs only
-            outs = backend.run(*inputs)
+        if not torch.compiler.is_compiling():
+            return self.run_eager(inputs, fwd, bwd)
+        return self._public(self._fwd_op(*inputs, fwd, bwd))
+
+    def run_eager(self, inputs, fwd: str, bwd: str):
+        """``run`` outside torch.compile (the caller knows it is not tracing)."""
+        backend = self.forward_backends[fwd]
+        if backend.eager is not None and bwd == fwd:
+            return backend.eager(*inputs)
+        if not backend.autograd and torch.is_grad_enabled() and self._any_requires_grad(inputs):
+            return _EagerFunction.apply(self, fwd, bwd, *inputs)  # the public outputs only
+        return self._public(backend.run(*inputs))
+
+    def _public(self, outs):
         if self.public_outputs == 1:
             return outs[0] if isinstance(outs, (tuple, list)) else outs
         return tuple(outs[: self.public_outputs])

@@ -288,7 +288,11 @@ class LoRALinear(nn.Linear):
             self.unmerge()  # a disabled adapter must not stay folded into W (as peft unmerges on disable)
         if self.merged or not self.adapter_enabled:
             return F.linear(x, self.base_weight(), self.bias)  # autocast applies to F.linear as usual
-        A, B, s, p = self.adapter_weights()
+        if self.active_adapter == self.adapter_name:  # the first adapter, read without nn.Module.__getattr__
+            params = self._parameters
+            A, B, s, p = params["lora_A"], params["lora_B"], self.scaling, self.lora_dropout
+        else:
+            A, B, s, p = self.adapter_weights()
         # lora_linear applies autocast itself (x, W, b in the autocast dtype; the fp32 adapters stay masters).
         return lora_linear(x, self.base_weight(), self.bias, A, B, s, p if self.training else 0.0)
 

@@ -93,10 +93,9 @@ FAMILY = OpFamily(
     fake=_fake,
     backward_fake=_backward_fake,
     public_outputs=1,
-    # CPU tensors: the plain ATen composite (reference) has the least host time and the same GEMMs; the C++
-    # backend wins only where dropout needs its Philox mask (the PyTorch one is many elementwise ops).
-    preference={"cuda": ("triton", "aten"),
-                "cpu": lambda i: ("aten", "reference") if i.dropout_p > 0 else ("reference", "aten")},
+    # CPU tensors: the C++ composite, whose eager path is one C++ autograd node, has the least host time (the
+    # same GEMMs as the reference; `python -m peft_kernels.bench overhead`).
+    preference={"cuda": ("triton", "aten"), "cpu": ("aten", "reference")},
     tune_key=_tune_key,
     doc="y = x W^T + b + s (drop(x) A^T) B^T",
 )
@@ -147,7 +146,15 @@ def _reference_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, se
     return dx, dW, db, dA, dB
 
 
-@FAMILY.forward("aten")
+_AUTOGRAD_NODE = _backends.native_function("lora_linear_autograd")
+
+
+def _aten_eager(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """The aten forward and backward as one C++ autograd node (csrc/lora.cpp): no Python in the backward."""
+    return _AUTOGRAD_NODE(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed) if dropout_p else 0)
+
+
+@FAMILY.forward("aten", eager=_aten_eager if _AUTOGRAD_NODE is not None else None)
 def _aten_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """C++ composing ATen GEMMs (cuBLAS/MKL) with the library's Philox dropout kernels (csrc/lora.cpp): the
     portable fallback, not a fused kernel (it is the design of the cuBLAS addmm_ anchor)."""
@@ -254,6 +261,31 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         dropout_p: dropout on the adapter's input, in [0, 1).
         seed: int or int tensor for the dropout mask; None draws one from torch's generator.
     """
+    # The steady state (eager, no autocast, plain float scalars, a tensor signature seen before) is this block: a
+    # cached lookup and the backend's call, nothing else. At small token counts this host time is the layer's step.
+    if (type(scaling) is float and type(dropout_p) is float and -_INF < scaling < _INF and 0.0 <= dropout_p < 1.0
+            and not torch._C._is_any_autocast_enabled() and not torch.compiler.is_compiling()):
+        key = _key(x, weight, bias, lora_A, lora_B)
+        choice = None if key is None else _CALLS.get((_config.dispatch_switches(), dropout_p > 0.0, key))
+        if choice is not None:
+            seed_t = as_seed_tensor(OP, seed) if dropout_p > 0.0 else _NO_SEED
+            if x.dim() == 2:
+                x2d = x if x.is_contiguous() else x.contiguous()
+                return FAMILY.run_eager(LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t),
+                                        *choice)
+            x2d = x.reshape(-1, x.shape[-1])
+            if not x2d.is_contiguous():
+                x2d = x2d.contiguous()
+            y = FAMILY.run_eager(LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t), *choice)
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _lora_linear_checked(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+_INF = float("inf")
+
+
+def _lora_linear_checked(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> Tensor:
+    """Every other call: autocast, scalar conversion and checks, tensor validation, dispatch (then cached)."""
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         # What autocast does for F.linear: activation, W and b in the autocast dtype; the adapters stay fp32
         # masters (cast inside the backends; their gradients come back fp32).
@@ -264,9 +296,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     scaling = v.check_finite(OP, "scaling", scaling)
     dropout_p = v.check_probability(OP, "dropout_p", dropout_p)
     compiling = torch.compiler.is_compiling()
-    # One signature for validation and dispatch, hashed once: a steady-state call is this lookup + the launches.
     key = None if compiling else _key(x, weight, bias, lora_A, lora_B)
-    call_key = None if key is None else (_config.forced_backend(), _config.tuning_override(), dropout_p > 0, key)
+    call_key = None if key is None else (_config.dispatch_switches(), dropout_p > 0, key)
     choice = _CALLS.get(call_key) if call_key is not None else None
     if choice is None:
         validate(x, weight, bias, lora_A, lora_B)

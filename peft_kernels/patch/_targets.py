@@ -12,6 +12,8 @@ import functools
 import re
 from collections.abc import Iterable
 
+import torch
+
 try:  # Python >= 3.11
     from re import _constants as _sre_c
     from re import _parser as _sre_parse
@@ -46,6 +48,11 @@ def _forward_is_linear_map(cls: type) -> bool:
     return False
 
 
+# Per class: read on every call of a patched peft layer (dynamo, which warns about cached functions, traces the
+# plain one).
+_forward_is_linear_map_cached = functools.cache(_forward_is_linear_map)
+
+
 def linear_kind(module: nn.Module) -> str | None:
     """"linear" / "conv1d" when the module computes exactly what the fused op does, else None."""
     if is_conv1d(module):
@@ -54,7 +61,8 @@ def linear_kind(module: nn.Module) -> str | None:
         kind = "linear"
     else:
         return None
-    if not _forward_is_linear_map(type(module)):
+    linear_map = _forward_is_linear_map if torch.compiler.is_compiling() else _forward_is_linear_map_cached
+    if not linear_map(type(module)):
         return None
     w = getattr(module, "weight", None)
     return kind if isinstance(w, Tensor) and w.is_floating_point() and w.dim() == 2 and w.numel() else None

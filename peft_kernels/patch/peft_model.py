@@ -39,12 +39,14 @@ class PeftPatchReport:
         return "\n".join(lines)
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    # accelerate's offload hooks replace ``forward`` on the instance; plain hooks live in these dicts.
-    return "forward" in m.__dict__ or any(getattr(m, h, None) for h in _HOOK_DICTS)
+    # accelerate's offload hooks replace ``forward`` on the instance; plain hooks live in these dicts (read from
+    # the instance dict: this runs on every call of a patched layer).
+    d = m.__dict__
+    return bool("forward" in d or d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks")
+                or d.get("_backward_pre_hooks"))
 
 
 def _base_kind(base: nn.Module) -> str | None:
@@ -60,16 +62,20 @@ def _base_reason(base: nn.Module) -> str | None:
 
 
 def _adapter_reason(layer: nn.Module, name: str) -> str | None:
-    """Why the fused op cannot compute adapter ``name`` of a peft lora.Linear, or None when it can."""
-    if name not in layer.lora_A:
+    """Why the fused op cannot compute adapter ``name`` of a peft lora.Linear, or None when it can. Submodules
+    are read from ``_modules`` (not nn.Module.__getattr__): this runs on every call of a patched layer."""
+    modules = layer._modules
+    A = modules["lora_A"]._modules.get(name)
+    if A is None:
         return f"adapter {name!r} has no LoRA weights on this layer"
-    if layer.use_dora.get(name, False) or name in layer.lora_magnitude_vector:
+    magnitude = modules.get("lora_magnitude_vector")
+    if layer.use_dora.get(name, False) or (magnitude is not None and name in magnitude._modules):
         return f"adapter {name!r} uses DoRA (use_dora=True)"
     variant = getattr(layer, "lora_variant", {}).get(name)
     if variant is not None:
         return f"adapter {name!r} is a LoRA variant ({type(variant).__name__})"
-    A, B, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if layer.lora_bias.get(name, False) or getattr(B, "bias", None) is not None:
+    B, drop = modules["lora_B"]._modules[name], modules["lora_dropout"]._modules[name]
+    if layer.lora_bias.get(name, False) or B.bias is not None:
         return f"adapter {name!r} has lora_bias=True"
     if type(A) is not nn.Linear or type(B) is not nn.Linear or _has_hooks(A) or _has_hooks(B):
         return f"adapter {name!r} has custom or hooked lora_A / lora_B modules"
@@ -95,9 +101,10 @@ def _fused_args(layer: nn.Module, x: Tensor, args: tuple, kwargs: dict):
     """The op's arguments when the fused path serves this call, else None (peft's own forward runs).
 
     Re-checked on every call: the layer's state can change after patching (merge, disable_adapter(),
-    set_adapter, mixed-batch ``adapter_names`` passed by peft's hooks, a DoRA adapter added, ...).
+    set_adapter, mixed-batch ``adapter_names`` passed by peft's hooks, a DoRA adapter added, ...). Submodules
+    are read from ``_modules``: nn.Module.__getattr__ would be most of this function's time.
     """
-    if args or any(v is not None for v in kwargs.values()):
+    if args or (kwargs and any(v is not None for v in kwargs.values())):
         return None
     if layer.disable_adapters or layer.merged_adapters:
         return None
@@ -105,19 +112,24 @@ def _fused_args(layer: nn.Module, x: Tensor, args: tuple, kwargs: dict):
     if len(active) != 1:
         return None
     name = active[0]
-    base = layer.base_layer
+    modules = layer._modules
+    base = modules["base_layer"]
     kind = _base_kind(base)
     if kind is None or _adapter_reason(layer, name) is not None:
         return None
-    weight = base.weight if kind == "linear" else base.weight.t()
-    bias = base.bias
-    A, B, drop = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_dropout[name]
+    params = base._parameters
+    weight = params["weight"] if kind == "linear" else params["weight"].t()
+    A = modules["lora_A"]._modules[name]._parameters["weight"]
+    B = modules["lora_B"]._modules[name]._parameters["weight"]
     # Under autocast lora_linear casts x, W and b itself (as autocast does for F.linear).
-    autocast = torch.is_autocast_enabled(x.device.type) and x.is_floating_point() and weight.is_floating_point()
-    if (x.dtype != weight.dtype and not autocast) or not (x.device == weight.device == A.device == B.device):
+    if x.dtype != weight.dtype and not (torch.is_autocast_enabled(x.device.type) and x.is_floating_point()
+                                        and weight.is_floating_point()):
         return None
-    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    return x, weight, bias, A, B, layer.scaling[name], p
+    if not (x.device == weight.device == A.device == B.device):
+        return None
+    drop = modules["lora_dropout"]._modules[name]
+    p = drop.p if drop.training and isinstance(drop, nn.Dropout) else 0.0
+    return x, weight, params.get("bias"), A, B, layer.scaling[name], p
 
 
 def _peft_lora_classes():
