@@ -214,7 +214,14 @@ def tuning_override() -> bool | None:
 
 def dispatch_switches() -> tuple:
     """What every dispatch cache key starts with: (forced backend, ``tuning()`` setting)."""
-    return forced_backend(), _get(_tune)
+    if _OVERLAY.stack:
+        return forced_backend(), _get(_tune)
+    forced = _forced_backend.get()  # inlined forced_backend(): this runs on every steady-state op call
+    if forced is None:
+        forced = (SETTINGS.backend, SETTINGS.strict) if SETTINGS.backend is not None else None
+    elif forced[0] == "auto":
+        forced = None
+    return forced, _tune.get()
 
 
 def tuning(enabled: bool):
@@ -227,5 +234,11 @@ def tuned_choices() -> dict[tuple, str]:
     return dict(TUNED)
 
 
+# Dispatch caches that hold measured choices (each op family's): emptied with the measurements.
+_DISPATCH_CACHES: list = []
+
+
 def clear_tuning_cache() -> None:
     TUNED.clear()
+    for cache in _DISPATCH_CACHES:
+        cache.clear()

@@ -90,6 +90,21 @@ def _signature(value) -> object:
     return value
 
 
+def signature(*tensors) -> tuple | None:
+    """What validation and dispatch read of these tensors (None entries allowed), as a cache key; None when an
+    argument is not a tensor (the public function's full checks then raise)."""
+    try:
+        return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+                     for t in tensors)
+    except (AttributeError, TypeError):
+        return None
+
+
+def steady() -> bool:
+    """A public function may take its cached steady-state path: eager, no autocast to apply."""
+    return not torch._C._is_any_autocast_enabled() and not torch.compiler.is_compiling()
+
+
 def _empty_for_none(grads, like: Tensor) -> list[Tensor]:
     return [g if g is not None else like.new_empty(0) for g in grads]
 
@@ -132,6 +147,9 @@ class OpFamily:
         self.forward_backends: dict[str, Backend] = {}
         self.backward_backends: dict[str, Backend] = {}
         self._cache: dict[tuple, tuple[str, str]] = {}
+        # The steady-state cache of the public function: (switches, validated signature) -> (fwd, bwd, node).
+        self._calls: dict[tuple, tuple[str, str, Callable | None]] = {}
+        _config._DISPATCH_CACHES.extend((self._cache, self._calls))
         self._warned: set[str] = set()
         self._define_custom_ops(schema, backward_schema)
         FAMILIES[name] = self
@@ -161,10 +179,14 @@ class OpFamily:
                 backward_by=backward_by, why_not=why_not, doc=doc or (fn.__doc__ or "").strip().split("\n")[0],
                 autograd=autograd, eager=eager,
             )
-            self._cache.clear()
+            self._clear()
             return fn
 
         return decorator
+
+    def _clear(self) -> None:
+        self._cache.clear()
+        self._calls.clear()
 
     def why_not(self, name: str, direction: str = "forward", *, both: bool = False) -> Callable:
         """Decorator: ``why_not(inputs) -> str | None`` for backend `name` (both directions with ``both=True``)."""
@@ -175,7 +197,7 @@ class OpFamily:
                 if name not in table:
                     raise KeyError(f"{self.name}: declare the {d} backend {name!r} before its why_not")
                 table[name].why_not = fn
-            self._cache.clear()
+            self._clear()
             return fn
 
         return decorator
@@ -184,7 +206,7 @@ class OpFamily:
         """Remove a backend (both directions); for tests that declare one."""
         self.forward_backends.pop(name, None)
         self.backward_backends.pop(name, None)
-        self._cache.clear()
+        self._clear()
 
     # ----------------------------------------------------------------------------------------------
     # Dispatch
@@ -329,6 +351,29 @@ class OpFamily:
         if not backend.autograd and torch.is_grad_enabled() and self._any_requires_grad(inputs):
             return _EagerFunction.apply(self, fwd, bwd, *inputs)  # the public outputs only
         return self._public(backend.run(*inputs))
+
+    def eager_call(self, fwd: str, bwd: str) -> Callable | None:
+        """The callable ``run_eager`` ends in for these backends when it is one call over the record's fields (a
+        backend's ``eager`` node), else None: a public function may cache it beside its dispatch choice."""
+        backend = self.forward_backends[fwd]
+        return backend.eager if backend.eager is not None and bwd == fwd else None
+
+    # The steady state of a public function: validate and dispatch once per signature, then only look up.
+    #     hit = FAMILY.cached(key)            # key: signature(...) of the inputs validation depends on
+    #     if hit is None: validate(...); hit = FAMILY.remember(key, inputs)
+    #     fwd, bwd, node = hit                # node: one callable over the record's fields, or None (run_eager)
+    def cached(self, key) -> tuple[str, str, Callable | None] | None:
+        return None if key is None else self._calls.get((_config.dispatch_switches(), key))
+
+    def remember(self, key, inputs) -> tuple[str, str, Callable | None]:
+        """Dispatch a validated record and, where `key` is not None, keep the choice for ``cached``."""
+        fwd, bwd = self.select(inputs)
+        hit = (fwd, bwd, self.eager_call(fwd, bwd))
+        if key is not None and not torch.compiler.is_compiling():
+            if len(self._calls) >= _CACHE_LIMIT:
+                self._calls.clear()
+            self._calls[(_config.dispatch_switches(), key)] = hit
+        return hit
 
     def _public(self, outs):
         if self.public_outputs == 1:

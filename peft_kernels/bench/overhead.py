@@ -16,6 +16,7 @@ interference only ever adds time).
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,12 +56,19 @@ def time_per_call(fns: dict[str, Callable[[], object]], calls_per_fn: int, numbe
         for _ in range(max(3, number // 5)):
             fn()
     best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / (number * calls_per_fn) * 1e6)
+    gc_was_on = gc.isenabled()
+    gc.disable()  # as timeit does: a collection triggered by one candidate's garbage lands on another's clock
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(number):
+                    fn()
+                best[name] = min(best[name], (time.perf_counter() - t0) / (number * calls_per_fn) * 1e6)
+            gc.collect()
+    finally:
+        if gc_was_on:
+            gc.enable()
     return best
 
 

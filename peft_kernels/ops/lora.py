@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from peft_kernels import _backends, _config
-from peft_kernels._op import OpFamily
+from peft_kernels import _backends
+from peft_kernels._op import OpFamily, steady
 from peft_kernels.ops import _validate as v
 from peft_kernels.ops._seed import as_seed_tensor, seed_value
 from peft_kernels.ops.dropout_mask import dropout_keep_mask
@@ -206,7 +206,7 @@ def _triton_why_not(inp: LoraInputs) -> str | None:
 # Public entry point
 # --------------------------------------------------------------------------------------------------
 def validate(x, weight, bias, lora_A, lora_B) -> None:
-    """The tensor checks (once per signature: see ``_CALLS``)."""
+    """The tensor checks (once per signature: see ``OpFamily.cached``)."""
     v.check_tensor(OP, "x", x, min_ndim=1)
     v.check_tensor(OP, "weight", weight, ndim=2)
     v.check_tensor(OP, "lora_A", lora_A, ndim=2)
@@ -228,17 +228,12 @@ def validate(x, weight, bias, lora_A, lora_B) -> None:
         v.check_size(OP, "bias", bias, 0, N, "out_features = weight.shape[0]")
 
 
-# (forced backend, tuning switch, dropout on, tensor signature) -> (forward, backward) backends: the signatures
-# seen are validated.
-_CALLS: dict[tuple, tuple[str, str]] = {}
-
-
-def _key(x, weight, bias, lora_A, lora_B):
+def _key(x, weight, bias, lora_A, lora_B, dropout_p):
     """What validation and dispatch depend on (strides: only W's; x is made contiguous), or None for a
     non-tensor argument (the full checks then raise)."""
     try:
-        return (x.shape, x.dtype, x.device, x.requires_grad, weight.shape, weight.stride(), weight.dtype,
-                weight.device, weight.requires_grad,
+        return (dropout_p > 0.0, x.shape, x.dtype, x.device, x.requires_grad, weight.shape, weight.stride(),
+                weight.dtype, weight.device, weight.requires_grad,
                 None if bias is None else (bias.shape, bias.dtype, bias.device, bias.requires_grad),
                 lora_A.shape, lora_A.dtype, lora_A.device, lora_A.requires_grad,
                 lora_B.shape, lora_B.dtype, lora_B.device, lora_B.requires_grad)
@@ -264,19 +259,22 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     # The steady state (eager, no autocast, plain float scalars, a tensor signature seen before) is this block: a
     # cached lookup and the backend's call, nothing else. At small token counts this host time is the layer's step.
     if (type(scaling) is float and type(dropout_p) is float and -_INF < scaling < _INF and 0.0 <= dropout_p < 1.0
-            and not torch._C._is_any_autocast_enabled() and not torch.compiler.is_compiling()):
-        key = _key(x, weight, bias, lora_A, lora_B)
-        choice = None if key is None else _CALLS.get((_config.dispatch_switches(), dropout_p > 0.0, key))
-        if choice is not None:
+            and steady()):
+        hit = FAMILY.cached(_key(x, weight, bias, lora_A, lora_B, dropout_p))
+        if hit is not None:
+            fwd, bwd, node = hit
             seed_t = as_seed_tensor(OP, seed) if dropout_p > 0.0 else _NO_SEED
             if x.dim() == 2:
                 x2d = x if x.is_contiguous() else x.contiguous()
+                if node is not None:
+                    return node(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
                 return FAMILY.run_eager(LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t),
-                                        *choice)
+                                        fwd, bwd)
             x2d = x.reshape(-1, x.shape[-1])
             if not x2d.is_contiguous():
                 x2d = x2d.contiguous()
-            y = FAMILY.run_eager(LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t), *choice)
+            y = (node(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t) if node is not None else
+                 FAMILY.run_eager(LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t), fwd, bwd))
             return y.reshape(*x.shape[:-1], weight.shape[0])
     return _lora_linear_checked(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
@@ -295,11 +293,9 @@ def _lora_linear_checked(x, weight, bias, lora_A, lora_B, scaling, dropout_p, se
             bias = bias.to(dt) if isinstance(bias, Tensor) else bias
     scaling = v.check_finite(OP, "scaling", scaling)
     dropout_p = v.check_probability(OP, "dropout_p", dropout_p)
-    compiling = torch.compiler.is_compiling()
-    key = None if compiling else _key(x, weight, bias, lora_A, lora_B)
-    call_key = None if key is None else (_config.dispatch_switches(), dropout_p > 0, key)
-    choice = _CALLS.get(call_key) if call_key is not None else None
-    if choice is None:
+    key = None if torch.compiler.is_compiling() else _key(x, weight, bias, lora_A, lora_B, dropout_p)
+    hit = FAMILY.cached(key)
+    if hit is None:
         validate(x, weight, bias, lora_A, lora_B)
     seed_t = as_seed_tensor(OP, seed) if dropout_p > 0 else _NO_SEED
     # Views cost an autograd node each on a tensor that needs a gradient: only where there are leading dims.
@@ -307,11 +303,7 @@ def _lora_linear_checked(x, weight, bias, lora_A, lora_B, scaling, dropout_p, se
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     inputs = LoraInputs(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_t)
-    if choice is None:
-        choice = FAMILY.select(inputs)
-        if call_key is not None:
-            if len(_CALLS) >= 4096:
-                _CALLS.clear()
-            _CALLS[call_key] = choice
-    y = FAMILY.run(inputs, *choice)
+    if hit is None:
+        hit = FAMILY.remember(key, inputs)
+    y = FAMILY.run(inputs, hit[0], hit[1])
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
