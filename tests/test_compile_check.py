@@ -107,10 +107,12 @@ def test_seed_is_not_specialized():
     from peft_kernels.triton._compile_check import jit_variant
 
     for kern in (tk._gemm_lora_tma_kernel, tk._gemm_lora_ptr_kernel, tk._lora_down_kernel, tk._lora_da_kernel):
-        for seed in (1, 32, 2**40):
-            v = jit_variant("probe", kern, {"seed": seed, "p": 0.1}, {})
-            assert v.signature["seed"] in ("i32", "i64") and "seed" not in v.divisible, kern
-            assert "seed" not in v.constexprs
+        # Nor a 16-bit keep threshold that is 1 or a multiple of 16 (p = 2**-16, p = 0.5 -> 32768).
+        for seed, keep_t in ((1, 1), (32, 32768), (2**40, 3277)):
+            v = jit_variant("probe", kern, {"seed": seed, "keep_t": keep_t, "inv_keep": 1.1}, {})
+            for name in ("seed", "keep_t"):
+                assert v.signature[name] in ("i32", "i64") and name not in v.divisible, (kern, name)
+                assert name not in v.constexprs
         # ...whereas an ordinary int parameter is specialized (the probe is faithful).
-        assert "p" in jit_variant("probe", kern, {"p": 1.0}, {}).signature
+        assert "inv_keep" in jit_variant("probe", kern, {"inv_keep": 1.0}, {}).signature
         assert jit_variant("probe", kern, {"M": 1}, {}).constexprs == {"M": 1}
