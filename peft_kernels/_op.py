@@ -94,8 +94,8 @@ def signature(*tensors) -> tuple | None:
     """What validation and dispatch read of these tensors (None entries allowed), as a cache key; None when an
     argument is not a tensor (the public function's full checks then raise)."""
     try:
-        return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
-                     for t in tensors)
+        return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+                      for t in tensors])  # a list comprehension: a generator costs more on this per-call path
     except (AttributeError, TypeError):
         return None
 
@@ -374,6 +374,14 @@ class OpFamily:
                 self._calls.clear()
             self._calls[(_config.dispatch_switches(), key)] = hit
         return hit
+
+    def call_checked(self, inputs, key):
+        """A public function's path for a signature not in ``cached``: the record is validated; dispatch it (kept
+        under `key` where that can be reused: eager, no autocast) and run it."""
+        if key is not None and steady():
+            fwd, bwd, _ = self.remember(key, inputs)
+            return self.run_eager(inputs, fwd, bwd)
+        return self(inputs)
 
     def _public(self, outs):
         if self.public_outputs == 1:

@@ -280,3 +280,78 @@ def test_fp32_master_bias_gets_an_fp32_gradient_summed_in_fp32(backend):
         lora_linear(x, W, b, A, B).backward(dy)
     assert b.grad.dtype == torch.float32
     torch.testing.assert_close(b.grad, dy.float().sum(0), rtol=1e-6, atol=1e-5)  # not rounded to bf16
+
+
+# --- the eager path of the aten backend: one C++ autograd node (csrc/lora.cpp) --------------------------------------
+NODE = "LoraLinearFunction"
+
+
+def _node(y):
+    """The op's autograd node (under the reshape view of a 3-D input)."""
+    fn = y.grad_fn
+    return fn.next_functions[0][0].name() if fn.name() == "ViewBackward0" else fn.name()
+
+
+@pytest.mark.parametrize("needs", ["x", "A", "B", "x,b", "A,B", "x,W,b,A,B"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_cpu_eager_path_is_one_cpp_node_with_exact_gradients(needs, dropout_p):
+    """On CPU tensors the default dispatch runs the C++ node; every needs combination gives the reference's
+    gradients (dropout: the same mask), and nothing is computed for an input that needs none."""
+    x, W, b, A, B = make_inputs(7, 24, 12, 4, dtype=torch.float64, adapter_dtype=torch.float64, lead=(2, 7))
+    wanted = set(needs.split(","))
+    leaves = {n: t.clone().requires_grad_(n in wanted) for n, t in zip("xWbAB", (x, W, b, A, B))}
+    y = lora_linear(*leaves.values(), scaling=0.7, dropout_p=dropout_p, seed=11)
+    assert NODE in _node(y)
+    ref = {n: t.detach().clone().requires_grad_(n in wanted) for n, t in leaves.items()}
+    y_ref = lora_linear_reference(*ref.values(), scaling=0.7, dropout_p=dropout_p, seed=11)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    for n in "xWbAB":
+        if n in wanted:
+            assert_close(leaves[n].grad, ref[n].grad, atol=1e-11, rtol=1e-11)
+        else:
+            assert leaves[n].grad is None
+
+
+def test_cpp_node_gradcheck_with_dropout_and_without_bias():
+    x, W, _, A, B = make_inputs(5, 6, 4, 2, dtype=torch.float64, adapter_dtype=torch.float64, bias=False)
+    fn = lambda x, A, B: lora_linear(x, W, None, A, B, scaling=1.5, dropout_p=0.3, seed=3)  # noqa: E731
+    args = [t.requires_grad_() for t in (x, A, B)]
+    assert NODE in _node(fn(*args))
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_cpp_node_master_weights_get_their_own_dtype_gradients():
+    """fp32 adapters and an fp32 master bias under bf16 activations: dA, dB, db come back fp32; db summed in fp32."""
+    x, W, _, A, B = make_inputs(33, 16, 8, 4, dtype=torch.bfloat16)
+    b = torch.randn(8, dtype=torch.float32, requires_grad=True)
+    A.requires_grad_(), B.requires_grad_()
+    y = lora_linear(x, W, b, A, B, scaling=2.0)
+    assert NODE in _node(y) and y.dtype == torch.bfloat16
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert A.grad.dtype == B.grad.dtype == b.grad.dtype == torch.float32
+    assert_close(b.grad, dy.float().sum(0), atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_node_sees_in_place_changes_of_saved_tensors():
+    """Saved through save_for_backward: modifying x in place after the forward is an error, not a wrong dA."""
+    x, W, b, A, B = make_inputs(4, 8, 8, 2)
+    A.requires_grad_()
+    y = lora_linear(x, W, b, A, B)
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_steady_state_path_still_checks_scalars_and_new_signatures():
+    x, W, b, A, B = make_inputs(4, 8, 8, 2)
+    lora_linear(x, W, b, A, B, 1.0)  # cached
+    with pytest.raises(ValueError, match="scaling"):
+        lora_linear(x, W, b, A, B, float("nan"))
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear(x, W, b, A, B, 1.0, 1.0)
+    with pytest.raises(ValueError, match="lora_A"):
+        lora_linear(x, W, b, A[:, :4], B, 1.0)

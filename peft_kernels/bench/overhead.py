@@ -9,8 +9,9 @@ wall time per call of ours beside its anchor: LoRALinear and a patched peft laye
 Each layer (or op) is measured as it runs in a model: a stack of ``DEPTH`` of them called in sequence, one
 loss and one ``backward()`` per step, time per step / DEPTH. The autograd engine's entry, the loss and clearing
 the gradients happen once per step, not once per layer; timing a single layer would charge all of them to it.
-The candidates are timed in interleaved rounds and each keeps its fastest round (a shared machine's
-interference only ever adds time).
+Time is this thread's CPU time (``time.thread_time``: what the host spends, not what other processes on a
+shared machine take from it; torch runs on this one thread here), in interleaved rounds, each candidate keeping
+its fastest round.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Row:
 
 def time_per_call(fns: dict[str, Callable[[], object]], calls_per_fn: int, number: int = 30,
                   rounds: int = 7) -> dict[str, float]:
-    """µs per call of each fn (each runs `calls_per_fn` layer calls): the fastest of `rounds` interleaved
+    """CPU µs per call of each fn (each runs `calls_per_fn` layer calls): the fastest of `rounds` interleaved
     rounds of `number` runs, after a warm-up."""
     for fn in fns.values():
         for _ in range(max(3, number // 5)):
@@ -61,10 +62,10 @@ def time_per_call(fns: dict[str, Callable[[], object]], calls_per_fn: int, numbe
     try:
         for _ in range(rounds):
             for name, fn in fns.items():
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 for _ in range(number):
                     fn()
-                best[name] = min(best[name], (time.perf_counter() - t0) / (number * calls_per_fn) * 1e6)
+                best[name] = min(best[name], (time.thread_time() - t0) / (number * calls_per_fn) * 1e6)
             gc.collect()
     finally:
         if gc_was_on:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily
+from peft_kernels._op import OpFamily, signature, steady
 from peft_kernels.ops import _validate as v
 
 OP = "bias_only_linear"
@@ -60,7 +60,9 @@ FAMILY = OpFamily(
     save=lambda inp, out: (inp.weight, inp.bias.dtype),
     fake=lambda inp: inp.x.new_empty(inp.x.shape[0], inp.weight.shape[0]),
     backward_fake=_backward_fake,
-    preference={"cuda": ("triton", "cuda", "aten"), "cpu": ("aten",)},
+    # CPU tensors: F.linear under autograd has the least host time (what an eager nn.Linear runs); with a bias
+    # in another dtype (an fp32 master bias) the C++ backend, whose db is summed and returned in fp32.
+    preference={"cuda": ("triton", "cuda", "aten"), "cpu": ("linear", "aten")},
     # As autocast does for F.linear: x and W in the autocast dtype; the bias stays in its own dtype (the
     # kernels add it from the fp32 accumulator, and db comes back in it).
     autocast=("x", "weight"),
@@ -73,6 +75,21 @@ FAMILY = OpFamily(
 def _reference_forward(x, weight, bias):
     """Plain PyTorch (cuBLAS / MKL addmm): the oracle and the fallback."""
     return torch.addmm(bias.to(x.dtype), x, weight.t())
+
+
+@FAMILY.forward("linear", requires=None, backward_by="reference", autograd=True)
+def _linear_forward(x, weight, bias):
+    """F.linear differentiated by autograd in eager mode (what an eager nn.Linear with a frozen weight runs: the
+    least host time), the reference backward under torch.compile. Only for a bias in x's dtype."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@FAMILY.why_not("linear")
+def _linear_why_not(inp) -> str | None:
+    if inp.bias.dtype != inp.x.dtype:
+        return (f"bias has dtype {inp.bias.dtype}, x {inp.x.dtype}: autograd would sum db in x's dtype (a master "
+                "bias must get its gradient summed and kept in its own dtype)")
+    return None
 
 
 @FAMILY.backward("reference")
@@ -168,12 +185,30 @@ def bias_only_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         bias: [out_features], any float dtype (e.g. an fp32 master bias for bf16 activations); its gradient
             comes back in its own dtype.
     """
+    if steady():  # the steady state: a signature validated before, then the backend's call
+        hit = FAMILY.cached(_key(x, weight, bias))
+        if hit is not None:
+            if x.dim() == 2:
+                return FAMILY.run_eager(BiasOnlyInputs(x if x.is_contiguous() else x.contiguous(), weight, bias),
+                                        hit[0], hit[1])
+            x2d = x.reshape(-1, x.shape[-1]).contiguous()
+            return FAMILY.run_eager(BiasOnlyInputs(x2d, weight, bias), hit[0], hit[1]).reshape(
+                *x.shape[:-1], weight.shape[0])
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         # What autocast does for F.linear, before the dtype check (x and W may arrive in different dtypes).
         dt = torch.get_autocast_dtype(x.device.type)
         if x.is_floating_point() and x.dtype != torch.float64:
             x, weight = x.to(dt), weight.to(dt) if isinstance(weight, Tensor) else weight
+    return _checked(x, weight, bias)
+
+
+def _checked(x, weight, bias) -> Tensor:
     validate(x, weight, bias)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    y = FAMILY(BiasOnlyInputs(x2d, weight, bias))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    y = FAMILY.call_checked(BiasOnlyInputs(x2d, weight, bias), _key(x, weight, bias))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _key(x, weight, bias):
+    sig = signature(x, weight, bias)
+    return None if sig is None else (torch.is_grad_enabled(), sig)  # grad mode: the frozen-weight check

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from peft_kernels import _backends, _config
-from peft_kernels._op import OpFamily
+from peft_kernels._op import OpFamily, signature, steady
 from peft_kernels.ops import _validate as v
 
 OP = "distillation_loss"
@@ -179,7 +179,9 @@ FAMILY = OpFamily(
     fake=_fake,
     backward_fake=lambda dloss, ds, needs: (torch.empty_like(ds),),
     public_outputs=1,
-    preference={"cuda": ("triton", "cuda")},
+    # CPU tensors: the C++ loop (one call, one autograd node) has the least host time at small sizes and is no
+    # slower than the reference's ATen calls at any size measured (benchmarks/NOTES.md, "distillation_loss on CPU").
+    preference={"cuda": ("triton", "cuda"), "cpu": ("cpp", "reference")},
     doc="alpha T^2 KL(t/T || s/T) + (1 - alpha) CE(s, labels), gradient computed in the forward",
 )
 
@@ -339,6 +341,41 @@ def _cuda_why_not(inp: DistillInputs) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# C++ on CPU tensors (csrc/distill.cpp): the reference's closed form as one loop per row, the whole forward in one
+# call; its eager path is one C++ autograd node (the backward scales the saved gradient, no Python in it).
+# --------------------------------------------------------------------------------------------------
+_CPP_FORWARD = _backends.native_function("distill_loss_forward_cpu")
+_CPP_NODE = _backends.native_function("distill_loss_autograd")
+_REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}
+_DIVERGENCE_CODE = {name: i for i, name in enumerate(DIVERGENCES)}
+
+
+def _cpp_eager(s, t, labels, kd_mask, temperature, alpha, ignore_index, reduction, divergence, beta, need_grad,
+               grad_in_logits):
+    return _CPP_NODE(s, t, labels, kd_mask, temperature, alpha, ignore_index, _REDUCTION_CODE[reduction],
+                     _DIVERGENCE_CODE[divergence], beta, need_grad, grad_in_logits)
+
+
+@FAMILY.forward("cpp", eager=_cpp_eager if _CPP_NODE is not None else None)
+def _cpp_forward(s, t, labels, kd_mask, temperature, alpha, ignore_index, reduction, divergence, beta, need_grad,
+                 grad_in_logits):
+    """C++ loop per row over the vocabulary (csrc/distill.cpp): the label check, the counts, the losses, the
+    gradient and the reduction in one call; rows in parallel."""
+    return _CPP_FORWARD(s, t, labels, kd_mask, temperature, alpha, ignore_index, _REDUCTION_CODE[reduction],
+                        _DIVERGENCE_CODE[divergence], beta, need_grad, grad_in_logits)
+
+
+FAMILY.backward("cpp", dtypes=None)(_reference_backward)  # ds scaled by the incoming gradient: the same math
+
+
+@FAMILY.why_not("cpp")
+def _cpp_why_not(inp: DistillInputs) -> str | None:
+    if _CPP_FORWARD is None:
+        return "the loaded peft_kernels._C was built before csrc/distill.cpp (rebuild: make install)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------------
 def check_number(op: str, name: str, value, *, positive: bool = False, lo=None, hi=None, open_lo=False,
@@ -434,22 +471,86 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
         + (1 - alpha) · F.cross_entropy(s, labels, ignore_index=ignore_index)`` with the KL over the n
         labelled rows; 0 when every row is ignored.
     """
-    temperature, alpha, beta = validate(student_logits, teacher_logits, labels, temperature, alpha,
-                                        ignore_index, reduction, divergence, beta, kd_mask)
-    lead, V = student_logits.shape[:-1], student_logits.shape[-1]
-    s = student_logits.reshape(-1, V)
+    # The steady state (eager, plain scalars in range, a signature seen before) is this block: cheap scalar checks
+    # (they run on every call: a temperature schedule changes the float, never the cache key), a cached lookup and
+    # the backend's call. Anything else takes the full checks below (which raise on a bad argument).
+    if (type(temperature) in _NUMBER and type(alpha) in _NUMBER and type(beta) in _NUMBER
+            and 0.0 < temperature < _INF and 0.0 <= alpha <= 1.0 and 0.0 < beta < 1.0 and steady()):
+        need_grad = student_logits.requires_grad and torch.is_grad_enabled() if isinstance(student_logits, Tensor) \
+            else False
+        key = _key(student_logits, teacher_logits, labels, kd_mask, ignore_index, reduction, divergence, need_grad,
+                   grad_in_logits)
+        hit = FAMILY.cached(key)
+        if hit is not None:
+            return _call(hit, student_logits, teacher_logits, labels, kd_mask, float(temperature), float(alpha),
+                         ignore_index, reduction, divergence, float(beta), need_grad, grad_in_logits)
+    return _distillation_loss_checked(student_logits, teacher_logits, labels, temperature, alpha, ignore_index,
+                                      reduction, divergence, beta, kd_mask, grad_in_logits)
+
+
+_NUMBER = (float, int)
+_INF = math.inf
+
+
+def _key(s, t, labels, kd_mask, ignore_index, reduction, divergence, need_grad, grad_in_logits):
+    """What validation and dispatch depend on besides the float scalars, or None (not cacheable: the full checks
+    run). ``type(ignore_index)`` too: True == 1 as a dict key, but only the int is valid."""
+    sig = signature(s, t, labels, kd_mask)
+    if sig is None or type(ignore_index) is not int or type(reduction) is not str or type(divergence) is not str:
+        return None
+    return (sig, ignore_index, reduction, divergence, need_grad, bool(grad_in_logits))
+
+
+def _rows(student_logits, teacher_logits, labels, kd_mask):
+    """The op's [N, V] view of its arguments (copies only where V is not unit-stride)."""
+    V = student_logits.shape[-1]
+    s = student_logits if student_logits.dim() == 2 else student_logits.reshape(-1, V)
     if s.stride(-1) != 1 and V > 1:
         s = s.contiguous()
-    t = teacher_logits.detach().reshape(-1, V)
+    t = teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits
+    if t.dim() != 2:
+        t = t.reshape(-1, V)
     if t.stride(-1) != 1 and V > 1:
         t = t.contiguous()
-    lab = labels.reshape(-1).to(torch.int64) if labels is not None else None
-    kdm = kd_mask.reshape(-1) if kd_mask is not None else None
+    lab = None
+    if labels is not None:
+        lab = labels if labels.dim() == 1 else labels.reshape(-1)
+        if lab.dtype != torch.int64:
+            lab = lab.to(torch.int64)
+    kdm = None if kd_mask is None else kd_mask if kd_mask.dim() == 1 else kd_mask.reshape(-1)
+    return s, t, lab, kdm
+
+
+def _call(hit, student_logits, teacher_logits, labels, kd_mask, temperature, alpha, ignore_index, reduction,
+          divergence, beta, need_grad, grad_in_logits):
+    """Run the cached choice `hit` = (fwd, bwd, node) on validated arguments (eager)."""
+    fwd, bwd, node = hit
+    s, t, lab, kdm = _rows(student_logits, teacher_logits, labels, kd_mask)
+    # The logits buffer can take the gradient only when it is the caller's own memory (not a fresh copy).
+    in_place = bool(grad_in_logits) and need_grad and s.data_ptr() == student_logits.data_ptr()
+    args = (s, t, lab, kdm, temperature, alpha, ignore_index, reduction, divergence, beta, need_grad, in_place)
+    loss = node(*args) if node is not None else FAMILY.run_eager(DistillInputs(*args), fwd, bwd)
+    return loss.reshape(student_logits.shape[:-1]) if reduction == "none" and student_logits.dim() != 2 else loss
+
+
+def _distillation_loss_checked(student_logits, teacher_logits, labels, temperature, alpha, ignore_index, reduction,
+                               divergence, beta, kd_mask, grad_in_logits):
+    """Every other call: the full checks, dispatch (then cached for the steady state)."""
+    temperature, alpha, beta = validate(student_logits, teacher_logits, labels, temperature, alpha,
+                                        ignore_index, reduction, divergence, beta, kd_mask)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    # The logits buffer can take the gradient only when it is the caller's own memory (not a fresh copy), and
-    # not in a compiled graph (a custom op may not mutate an input it does not declare; the graph may reuse it).
-    in_place = (bool(grad_in_logits) and need_grad and not torch.compiler.is_compiling()
+    compiling = torch.compiler.is_compiling()
+    s, t, lab, kdm = _rows(student_logits, teacher_logits, labels, kd_mask)
+    # Not in a compiled graph: a custom op may not mutate an input it does not declare (the graph may reuse it).
+    in_place = (bool(grad_in_logits) and need_grad and not compiling
                 and s.data_ptr() == student_logits.data_ptr())
-    loss = FAMILY(DistillInputs(s, t, lab, kdm, temperature, alpha, ignore_index, reduction, divergence, beta,
-                                need_grad, in_place))
-    return loss.reshape(lead) if reduction == "none" else loss
+    inputs = DistillInputs(s, t, lab, kdm, temperature, alpha, ignore_index, reduction, divergence, beta,
+                           need_grad, in_place)
+    if compiling:
+        loss = FAMILY(inputs)
+    else:
+        key = _key(student_logits, teacher_logits, labels, kd_mask, ignore_index, reduction, divergence, need_grad,
+                   grad_in_logits)
+        fwd, bwd, node = FAMILY.remember(key, inputs)
+        loss = node(*inputs) if node is not None else FAMILY.run_eager(inputs, fwd, bwd)
+    return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss

@@ -93,9 +93,10 @@ def test_backward_runs_the_fused_ops_and_no_weight_gradient():
 
     model = apply_bitfit(tiny_bert()).train()
     weight_shapes = {tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 2}
-    loss = model(ids(), labels=torch.tensor([0, 1, 1])).loss
-    with peft_kernels.use_backend("aten"), Ops() as mode:
-        loss.backward()
+    with peft_kernels.use_backend("aten"):  # the backward backend is chosen with the forward
+        loss = model(ids(), labels=torch.tensor([0, 1, 1])).loss
+        with Ops() as mode:
+            loss.backward()
     fused = [c for c in mode.calls if "bias_only_linear_bwd" in c[0]]
     assert len(fused) == 2 * 6 + 2, "every BitFit linear's backward is one fused call"
     # dx GEMMs produce [tokens, in] tensors; a dW GEMM would produce a weight-shaped one.
