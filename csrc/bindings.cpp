@@ -7,6 +7,8 @@
 #ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
 
+#include "peft_kernels/distill.h"
+#include "peft_kernels/adapter.h"
 #include "peft_kernels/lora.h"
 #endif
 
@@ -94,5 +96,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Eager-mode autograd nodes called directly (not through torch.ops: its Python dispatch is most of a small
   // layer's host time). torch.compile traces the custom ops instead.
   m.def("lora_linear_autograd", &peft_kernels::lora_linear_autograd, "LoRA linear as one C++ autograd node");
+  m.def("bottleneck_adapter_autograd", &peft_kernels::bottleneck_adapter_autograd,
+        "the bottleneck adapter's reference math as one C++ autograd node");
+  // Distillation loss on CPU tensors (csrc/distill.cpp): the `cpp` backend's forward -> (loss, ds), and the same
+  // as one autograd node. Not torch ops: the family's custom ops wrap the forward for torch.compile.
+  m.def("distill_loss_forward_cpu", &peft_kernels::distill_loss_forward_cpu, "distillation loss forward (CPU)");
+  m.def("distill_loss_autograd", &peft_kernels::distill_loss_autograd, "distillation loss as one autograd node");
 }
 #endif
