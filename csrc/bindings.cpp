@@ -9,6 +9,7 @@
 
 #include "peft_kernels/distill.h"
 #include "peft_kernels/adapter.h"
+#include "peft_kernels/adapter.h"
 #include "peft_kernels/lora.h"
 #endif
 
@@ -96,6 +97,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Eager-mode autograd nodes called directly (not through torch.ops: its Python dispatch is most of a small
   // layer's host time). torch.compile traces the custom ops instead.
   m.def("lora_linear_autograd", &peft_kernels::lora_linear_autograd, "LoRA linear as one C++ autograd node");
+  m.def("bottleneck_adapter_autograd", &peft_kernels::bottleneck_adapter_autograd,
+        "the bottleneck adapter reference math as one C++ autograd node");
   m.def("bottleneck_adapter_autograd", &peft_kernels::bottleneck_adapter_autograd,
         "the bottleneck adapter's reference math as one C++ autograd node");
   // Distillation loss on CPU tensors (csrc/distill.cpp): the `cpp` backend's forward -> (loss, ds), and the same

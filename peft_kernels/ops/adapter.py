@@ -174,10 +174,18 @@ FAMILY = OpFamily(
 )
 
 
-@FAMILY.forward("reference", devices=("cpu", "cuda"))
+_AUTOGRAD_NODE = _backends.native_function("bottleneck_adapter_autograd")
+
+
+def _reference_eager(h, W_down, b_down, W_up, b_up, activation, scaling, residual):
+    """The reference forward and backward, op for op, as one C++ autograd node (csrc/adapter.cpp)."""
+    return _AUTOGRAD_NODE(h, W_down, b_down, W_up, b_up, activation, scaling, residual)
+
+
+@FAMILY.forward("reference", devices=("cpu", "cuda"), eager=_reference_eager if _AUTOGRAD_NODE is not None else None)
 def _reference_forward(h, W_down, b_down, W_up, b_up, activation, scaling, residual):
-    """Plain PyTorch: linear, activation, linear, add. (Its backward below runs in eager mode and under
-    torch.compile alike: compiled and eager gradients are bit-identical.)"""
+    """Plain PyTorch: linear, activation, linear, add. In eager mode the same ATen calls run from C++ (with the
+    backward below), so eager and compiled results are bit-identical."""
     dt = h.dtype
     # F.linear, not addmm on W.t(): the transpose view would be one more ATen call (and autograd node) each.
     z = F.linear(h, _as(W_down, dt), None if b_down is None else _as(b_down, dt))
