@@ -10,6 +10,7 @@
 #include "peft_kernels/distill.h"
 #include "peft_kernels/adapter.h"
 #include "peft_kernels/lora.h"
+#include "peft_kernels/prompt.h"
 #endif
 
 TORCH_LIBRARY(peft_kernels, m) {
@@ -102,5 +103,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // as one autograd node. Not torch ops: the family's custom ops wrap the forward for torch.compile.
   m.def("distill_loss_forward_cpu", &peft_kernels::distill_loss_forward_cpu, "distillation loss forward (CPU)");
   m.def("distill_loss_autograd", &peft_kernels::distill_loss_autograd, "distillation loss as one autograd node");
+  // Soft-prompt embedding on CPU tensors (csrc/prompt.cpp): the `cpp` backend's forward, and it as one autograd node.
+  m.def("soft_prompt_embed_forward_cpu", &peft_kernels::soft_prompt_embed_forward_cpu, "soft prompt embed (CPU)");
+  m.def("soft_prompt_embed_autograd", &peft_kernels::soft_prompt_embed_autograd, "soft prompt embed autograd node");
 }
 #endif

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily
+from peft_kernels._op import OpFamily, signature, steady
 from peft_kernels.ops import _validate as v
 
 OP = "soft_prompt_embed"
@@ -149,7 +149,9 @@ FAMILY = OpFamily(
     fake=_fake,
     backward_fake=_backward_fake,
     primary="embedding_weight",
-    preference={"cuda": ("triton", "cuda"), "cpu": ()},
+    # CPU tensors: the C++ row copy (one call, one autograd node) has the least host time and one pass over the
+    # output (benchmarks/NOTES.md, "soft_prompt_embed on CPU").
+    preference={"cuda": ("triton", "cuda"), "cpu": ("cpp", "reference")},
     doc="inputs_embeds with P virtual-token vectors at the front or at template positions",
 )
 
@@ -183,10 +185,12 @@ def _reference_forward(input_ids, embedding_weight, prompt_embeds, slots, vpos):
     check_ids_in_range(input_ids, embedding_weight.shape[0])
     B, S = input_ids.shape
     P, H = prompt_embeds.shape[-2], embedding_weight.shape[1]
-    tokens = F.embedding(input_ids, embedding_weight)
+    # torch.embedding is what F.embedding calls (no padding_idx, no max_norm here): one Python layer less.
+    tokens = torch.embedding(embedding_weight, input_ids)
     # Expanded before the cast: autograd then sums a shared prompt's gradient over the batch in its own dtype.
     prompt = prompt_embeds.expand(B, P, H) if prompt_embeds.dim() == 2 else prompt_embeds
-    prompt = prompt.to(embedding_weight.dtype)
+    if prompt.dtype != embedding_weight.dtype:  # a no-op cast is still a dispatcher call
+        prompt = prompt.to(embedding_weight.dtype)
     if slots is None:
         return torch.cat((prompt, tokens), dim=1)
     T = P + S
@@ -215,6 +219,30 @@ def _reference_backward(dout, input_ids, slots, vpos, num_embeddings, num_prompt
             acc = torch.float64 if dout.dtype == torch.float64 or prompt_dtype == torch.float64 else torch.float32
             dprompt = dp.sum(0, dtype=acc).to(prompt_dtype)
     return dweight, dprompt
+
+
+# --------------------------------------------------------------------------------------------------
+# C++ on CPU tensors (csrc/prompt.cpp): each output row copied once; its eager path one C++ autograd node.
+# --------------------------------------------------------------------------------------------------
+_CPP_FORWARD = _backends.native_function("soft_prompt_embed_forward_cpu")
+_CPP_NODE = _backends.native_function("soft_prompt_embed_autograd")
+
+
+@FAMILY.forward("cpp", dtypes=v.FLOAT_DTYPES, eager=_CPP_NODE)
+def _cpp_forward(input_ids, embedding_weight, prompt_embeds, slots, vpos):
+    """a row copy per output row (the id range checked in the same call), rows in parallel"""
+    return _CPP_FORWARD(input_ids, embedding_weight, prompt_embeds, slots, vpos)
+
+
+# The custom-op (torch.compile) path's backward: the reference's math (the C++ node's backward is the same, in C++).
+FAMILY.backward("cpp", dtypes=v.FLOAT_DTYPES)(_reference_backward)
+
+
+@FAMILY.why_not("cpp", both=True)
+def _cpp_why_not(inp: PromptInputs) -> str | None:
+    if _CPP_FORWARD is None:
+        return "the loaded peft_kernels._C was built before csrc/prompt.cpp (rebuild: make install)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,6 +375,22 @@ def soft_prompt_embed(input_ids: Tensor, embedding_weight: Tensor, prompt_embeds
     Returns:
         [B, P + S, H] in embedding_weight's dtype. Extend the attention mask (and labels, with -100) to match.
     """
+    # The steady state (eager, the prompt in front, a signature seen before) is this block: a cached lookup and the
+    # backend's call. The ids' range is checked inside the backends (memoized per ids tensor).
+    if positions is None and maps is None and steady():
+        hit = FAMILY.cached(signature(input_ids, embedding_weight, prompt_embeds))
+        if hit is not None:
+            fwd, bwd, node = hit
+            ids = input_ids if input_ids.is_contiguous() else input_ids.contiguous()
+            prompt = prompt_embeds if prompt_embeds.stride(-1) == 1 else prompt_embeds.contiguous()
+            if node is not None:
+                return node(ids, embedding_weight, prompt, None, None)
+            return FAMILY.run_eager(PromptInputs(ids, embedding_weight, prompt, None, None), fwd, bwd)
+    return _soft_prompt_embed_checked(input_ids, embedding_weight, prompt_embeds, positions, maps)
+
+
+def _soft_prompt_embed_checked(input_ids, embedding_weight, prompt_embeds, positions, maps) -> Tensor:
+    """Every other call: the tensor checks once per signature, the positions or maps, dispatch (then cached)."""
     key = None if torch.compiler.is_compiling() else v.tensor_key(input_ids, embedding_weight, prompt_embeds)
     if key not in _VALIDATED:  # the tensor checks run once per signature
         validate(input_ids, embedding_weight, prompt_embeds)
@@ -371,6 +415,10 @@ def soft_prompt_embed(input_ids: Tensor, embedding_weight: Tensor, prompt_embeds
         slots, vpos = prompt_maps(_as_positions(positions, B, S, P, input_ids.device), S, P)
     ids = input_ids if input_ids.is_contiguous() else input_ids.contiguous()
     prompt = prompt_embeds if prompt_embeds.stride(-1) == 1 else prompt_embeds.contiguous()
+    inputs = PromptInputs(ids, embedding_weight, prompt, slots, vpos)
+    if slots is None and key is not None and steady():
+        # Validated, no map: kept for the steady state above (the same signature as its lookup).
+        return FAMILY.call_checked(inputs, signature(input_ids, embedding_weight, prompt_embeds))
     # The tensor signature (plus "is there a map") is all dispatch depends on: no second signature to compute.
     dispatch_key = None if key is None else (key, slots is None)
-    return FAMILY(PromptInputs(ids, embedding_weight, prompt, slots, vpos), dispatch_key)
+    return FAMILY(inputs, dispatch_key)
