@@ -63,7 +63,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   const auto A = as_dtype(lora_A, dt), B = as_dtype(lora_B, dt);
   at::Tensor dx, dW, db, dA, dB;
   at::Tensor G;  // s * dy B  [M, r]
-  if (need_dx || need_dA) G = at::mm(dy, B).mul_(scaling);
+  // s * (a @ b) as one addmm with beta = 0 (its `self`, a tensor of the output's shape, is ignored): one
+  // dispatcher call instead of mm + mul_ (host time is the step time on small layers).
+  if (need_dx || need_dA) G = at::addmm(S, dy, B, /*beta=*/0.0, /*alpha=*/scaling);
   if (need_dx) {
     dx = at::mm(dy, as_dtype(weight, dt));
     if (dropout_p > 0.0) {
@@ -78,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   if (need_dW) dW = as_dtype(at::mm(dy.t(), x), weight.scalar_type());
   if (need_db) db = column_sum(dy);  // fp32 accumulation (fp64 for fp64), in dy's dtype
   if (need_dA) dA = as_dtype(at::mm(G.t(), maybe_dropout(x, dropout_p, seed)), lora_A.scalar_type());
-  if (need_dB) dB = as_dtype(at::mm(dy.t(), S).mul_(scaling), lora_B.scalar_type());
+  if (need_dB) dB = as_dtype(at::addmm(B, dy.t(), S, /*beta=*/0.0, /*alpha=*/scaling), lora_B.scalar_type());
   return {dx, dW, db, dA, dB};
 }
 

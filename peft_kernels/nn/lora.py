@@ -279,7 +279,18 @@ class LoRALinear(nn.Linear):
         """W as [out_features, in_features] (subclasses that store it transposed return a view)."""
         return self.weight
 
+    # The layer's weight is self.weight itself (LoRAConv1D stores it transposed: base_weight() is a view).
+    _weight_is_base = True
+
     def forward(self, x: Tensor) -> Tensor:
+        d = self.__dict__
+        if (type(x) is Tensor and not d["merged"] and d["adapter_enabled"] and self._weight_is_base
+                and d["active_adapter"] == d["adapter_name"] and x.dim() and x.shape[-1] == d["in_features"]):
+            # The steady state of a training step: plain attribute reads, then the op (which validates x).
+            params = d["_parameters"]
+            bias = params["bias"] if "bias" in params else d.get("bias")  # a wrapped bias-free layer: a plain None
+            return lora_linear(x, params["weight"], bias, params["lora_A"], params["lora_B"], d["scaling"],
+                               d["lora_dropout"] if d["training"] else 0.0)
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
             what = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
             raise (ValueError if isinstance(x, Tensor) else TypeError)(

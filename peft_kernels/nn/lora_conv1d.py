@@ -37,6 +37,8 @@ class LoRAConv1D(LoRALinear):
     rather than assuming ``weight.shape == (out, in)``.
     """
 
+    _weight_is_base = False  # weight is [in, out]: the op gets base_weight(), a transposed view
+
     fan_in_fan_out = True
 
     @classmethod
