@@ -533,8 +533,8 @@ def _concat_kv_heads(t, prefix):
     pre = pre.expand(B, H, P, D) if pre.dim() == 3 else pre
     order = sorted(range(4), key=lambda d: -t.stride(d)) if t.stride(-1) == 1 else [0, 1, 2, 3]
     buf = torch.empty_permuted((B, H, P + Lk, D), order, dtype=t.dtype, device=t.device)
-    buf[:, :, :P] = pre
-    buf[:, :, P:] = t
+    buf.narrow(2, 0, P).copy_(pre)  # narrow + copy_: two calls; slice assignment's index parsing costs more
+    buf.narrow(2, P, Lk).copy_(t)
     return buf
 
 
