@@ -529,8 +529,10 @@ def _concat_kv_heads(t, prefix):
     """[prefix; t] along the sequence in t's physical layout (so dK/dV come back in it), prefix cast to t's dtype."""
     B, H, Lk, D = t.shape
     P = prefix.shape[-2]
-    pre = prefix.to(t.dtype)
+    pre = prefix if prefix.dtype == t.dtype else prefix.to(t.dtype)
     pre = pre.expand(B, H, P, D) if pre.dim() == 3 else pre
+    if t.is_contiguous():  # [B, H, L, D] order: torch.cat makes the same buffer in one call
+        return torch.cat([pre, t], 2)
     order = sorted(range(4), key=lambda d: -t.stride(d)) if t.stride(-1) == 1 else [0, 1, 2, 3]
     buf = torch.empty_permuted((B, H, P + Lk, D), order, dtype=t.dtype, device=t.device)
     buf.narrow(2, 0, P).copy_(pre)  # narrow + copy_: two calls; slice assignment's index parsing costs more
