@@ -66,118 +66,198 @@ void distill_rows(const Params& P, const scalar_t* s, const tscalar_t* t, const 
   const acc_t kd_grad_w = kd_w * T;
   const acc_t beta = static_cast<acc_t>(P.beta), one_minus_beta = static_cast<acc_t>(1.0 - P.beta);
   const acc_t log_beta = static_cast<acc_t>(std::log(P.beta)), log1m_beta = static_cast<acc_t>(std::log1p(-P.beta));
-  const bool t_is_one = P.T == 1.0;
+  const bool t_is_one = P.T == 1.0, t_is_two = P.T == 2.0;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
 
-  at::parallel_for(0, P.N, grain, [&](int64_t begin, int64_t end) {
-    // exp(x - max) of the row's three softmaxes, kept from the sums: one exp per element and softmax.
-    std::vector<acc_t> buf(3 * static_cast<size_t>(V));
-    acc_t* es = buf.data();
-    acc_t* et = es + V;
-    acc_t* ec = et + V;
-    for (const auto i : c10::irange(begin, end)) {
-      const scalar_t* sr = s + i * P.ss0;
-      const tscalar_t* tr = t + i * P.ts0;
-      scalar_t* gr = P.need_grad ? grad + i * P.gs0 : nullptr;
-      const bool kd = kd_on[i], ce = ce_on[i];
-      if (!kd && !ce) {
-        loss_rows[i] = acc_t(0);
-        if (gr)
-          for (int64_t v = 0; v < V; ++v) gr[v * P.gs1] = scalar_t(0);
-        continue;
-      }
-      // Maxima: s/T (always: CE at T = 1 reads it too), t/T (the divergence), s (CE at T != 1).
-      const bool want_c = P.has_labels && !t_is_one;
-      acc_t ms = ninf, mt = ninf, mc = ninf;
-      for (int64_t v = 0; v < V; ++v) {
-        const acc_t x = static_cast<acc_t>(sr[v * P.ss1]);
-        ms = nan_max(ms, x * inv_t);
-        if (want_c) mc = nan_max(mc, x);
-        if (kd) mt = nan_max(mt, static_cast<acc_t>(tr[v * P.ts1]) * inv_t);
-      }
-      acc_t zs = 0, zt = 0, zc = 0;
-      for (int64_t v = 0; v < V; ++v) {
-        const acc_t x = static_cast<acc_t>(sr[v * P.ss1]);
-        zs += (es[v] = std::exp(x * inv_t - ms));
-        if (want_c) zc += (ec[v] = std::exp(x - mc));
-        if (kd) zt += (et[v] = std::exp(static_cast<acc_t>(tr[v * P.ts1]) * inv_t - mt));
-      }
-      const acc_t lzs = std::log(zs), lzt = std::log(zt), lzc = std::log(zc);
-      const acc_t rzs = acc_t(1) / zs, rzt = acc_t(1) / zt, rzc = acc_t(1) / zc;
-      // Probabilities from the kept exponentials (the reference exponentiates the log-probabilities: the same
-      // value to an ulp); a -inf entry gives exactly 0 either way.
-      auto q_at = [&](int64_t v) { return es[v] * rzs; };
-      auto p_at = [&](int64_t v) { return et[v] * rzt; };
-      auto c_at = [&](int64_t v) { return t_is_one ? es[v] * rzs : ec[v] * rzc; };
-      auto log_q_at = [&](int64_t v) { return (static_cast<acc_t>(sr[v * P.ss1]) * inv_t - ms) - lzs; };
-      auto log_p_at = [&](int64_t v) { return (static_cast<acc_t>(tr[v * P.ts1]) * inv_t - mt) - lzt; };
-      auto log_c_at = [&](int64_t v) {
-        return t_is_one ? log_q_at(v) : (static_cast<acc_t>(sr[v * P.ss1]) - mc) - lzc;
-      };
-      // The hard-label term, read before any gradient is written (grad may be s itself).
-      const int64_t lab = ce ? labels[i] : 0;
-      const acc_t cw = ce ? ce_w : acc_t(0);  // a row without a label has weight 0 (its c * 0 is added, as there)
-      const acc_t ce_term = ce ? log_c_at(lab) * -cw : acc_t(0);
-      // The gradient of the hard-label term at entry v (added after the divergence's, as the reference does).
-      auto ce_grad = [&](acc_t g, int64_t v) {
-        if (!P.has_labels) return g;
-        const acc_t c = c_at(v);
-        g = g + c * cw;
-        if (v == lab) g = g + -cw;
-        return g;
-      };
-      acc_t div = 0, kq = 0;
-      if (P.divergence == kForwardKL) {
-        for (int64_t v = 0; v < V; ++v) {
-          if (kd) {
-            const acc_t lq = log_q_at(v), lp = log_p_at(v);
-            const acc_t p = p_at(v);
-            div += lp == ninf ? acc_t(0) : (lp - lq) * p;
-            if (gr) gr[v * P.gs1] = static_cast<scalar_t>(ce_grad((q_at(v) - p) * kd_grad_w, v));
-          } else if (gr) {
-            gr[v * P.gs1] = static_cast<scalar_t>(ce_grad(acc_t(0), v));
+  // Rows go in chunks through three stages: (1) per row, the maxima and the shifted logits x - max of its softmaxes
+  // into buffers (s/T, t/T, and s at T != 1, 2); (2) their exponentials, by ATen's vectorized exp over the whole
+  // chunk (libm's scalar expf per element was most of the loop's time); (3) per row, the sums, the divergence, the
+  // loss and the gradient from the buffers. Stage 3 does not read s: the gradient may overwrite it (in_place).
+  const bool want_c = P.has_labels && !t_is_one;
+  const bool own_c = want_c && !t_is_two;  // T = 2: exp(s - max s) is the square of exp(s/2 - max(s/2)), exactly
+  const int64_t nb = own_c ? 3 : 2;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(P.N, (int64_t{1} << 18) / std::max<int64_t>(V, 1)));
+  const auto acc_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor xbuf = at::empty({nb, chunk, V}, acc_opts), ebuf = at::empty({nb, chunk, V}, acc_opts);
+  acc_t* X = xbuf.data_ptr<acc_t>();
+  acc_t* E = ebuf.data_ptr<acc_t>();
+  const int64_t plane = chunk * V;
+  for (int64_t c0 = 0; c0 < P.N; c0 += chunk) {
+    const int64_t c1 = std::min(P.N, c0 + chunk), rows = c1 - c0;
+    at::parallel_for(c0, c1, grain, [&](int64_t begin, int64_t end) {
+      for (const auto i : c10::irange(begin, end)) {
+        const scalar_t* sr = s + i * P.ss0;
+        const tscalar_t* tr = t + i * P.ts0;
+        acc_t* xs = X + (i - c0) * V;
+        acc_t* xt = xs + plane;
+        acc_t* xc = xt + plane;
+        const bool kd = kd_on[i], active = kd || ce_on[i];
+        // A NaN the maximum skips still reaches the row sum (exp(NaN - m) is NaN): the row's loss is NaN.
+        acc_t ms = ninf, mt = ninf, mc = ninf;
+        if (active) {
+          for (int64_t v = 0; v < V; ++v) {
+            const acc_t x = static_cast<acc_t>(sr[v * P.ss1]);
+            ms = nan_max(ms, x * inv_t);
+            if (own_c) mc = nan_max(mc, x);
+            if (kd) mt = nan_max(mt, static_cast<acc_t>(tr[v * P.ts1]) * inv_t);
           }
         }
-      } else {
+        // Rows (or softmaxes) not needed get zeros: their exponentials are computed with the chunk's, never read.
+        for (int64_t v = 0; v < V; ++v) {
+          const acc_t x = active ? static_cast<acc_t>(sr[v * P.ss1]) : acc_t(0);
+          xs[v] = active ? x * inv_t - ms : acc_t(0);
+          xt[v] = kd ? static_cast<acc_t>(tr[v * P.ts1]) * inv_t - mt : acc_t(0);
+          if (own_c) xc[v] = active ? x - mc : acc_t(0);
+        }
+      }
+    });
+    if (rows * V * nb >= 2048) {
+      for (int64_t b = 0; b < nb; ++b) {  // contiguous [rows, V] of each plane
+        at::Tensor out = ebuf[b].narrow(0, 0, rows);
+        at::exp_out(out, xbuf[b].narrow(0, 0, rows));
+      }
+    } else {
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t k = 0; k < rows * V; ++k) E[b * plane + k] = std::exp(X[b * plane + k]);
+    }
+    at::parallel_for(c0, c1, grain, [&](int64_t begin, int64_t end) {
+      for (const auto i : c10::irange(begin, end)) {
+        const acc_t* xs = X + (i - c0) * V;
+        const acc_t* xt = xs + plane;
+        const acc_t* xc = xt + plane;
+        const acc_t* es = E + (i - c0) * V;
+        const acc_t* et = es + plane;
+        const acc_t* ec = et + plane;
+        scalar_t* gr = P.need_grad ? grad + i * P.gs0 : nullptr;
+        const bool kd = kd_on[i], ce = ce_on[i];
+        if (!kd && !ce) {
+          loss_rows[i] = acc_t(0);
+          if (gr)
+            for (int64_t v = 0; v < V; ++v) gr[v * P.gs1] = scalar_t(0);
+          continue;
+        }
+        acc_t zs = 0, zt = 0, zc = 0;
+#pragma omp simd reduction(+ : zs)
+        for (int64_t v = 0; v < V; ++v) zs += es[v];
         if (kd) {
+#pragma omp simd reduction(+ : zt)
+          for (int64_t v = 0; v < V; ++v) zt += et[v];
+        }
+        if (want_c) {
+          if (own_c) {
+#pragma omp simd reduction(+ : zc)
+            for (int64_t v = 0; v < V; ++v) zc += ec[v];
+          } else {
+#pragma omp simd reduction(+ : zc)
+            for (int64_t v = 0; v < V; ++v) zc += es[v] * es[v];
+          }
+        }
+        const acc_t lzs = std::log(zs), lzt = std::log(zt), lzc = std::log(zc);
+        const acc_t rzs = acc_t(1) / zs, rzt = acc_t(1) / zt, rzc = acc_t(1) / zc;
+        // log_softmax as (x - max) - log(sum exp(x - max)), as ATen's; probabilities from the kept exponentials
+        // (the reference exponentiates the log-probabilities: the same value to an ulp; a -inf entry gives 0).
+        auto log_q_at = [&](int64_t v) { return xs[v] - lzs; };
+        auto log_p_at = [&](int64_t v) { return xt[v] - lzt; };
+        auto log_c_at = [&](int64_t v) {
+          return t_is_one ? xs[v] - lzs : (own_c ? xc[v] : xs[v] * acc_t(2)) - lzc;
+        };
+        auto q_at = [&](int64_t v) { return es[v] * rzs; };
+        auto p_at = [&](int64_t v) { return et[v] * rzt; };
+        auto c_at = [&](int64_t v) { return t_is_one ? es[v] * rzs : (own_c ? ec[v] : es[v] * es[v]) * rzc; };
+        const int64_t lab = ce ? labels[i] : 0;
+        const acc_t cw = ce ? ce_w : acc_t(0);  // a row without a label has weight 0 (its c * 0 is added, as there)
+        const acc_t ce_term = ce ? log_c_at(lab) * -cw : acc_t(0);
+        // The gradient of the hard-label term at entry v (added after the divergence's, as the reference does).
+        auto ce_grad = [&](acc_t g, int64_t v) {
+          if (!P.has_labels) return g;
+          g = g + c_at(v) * cw;
+          if (v == lab) g = g + -cw;
+          return g;
+        };
+        acc_t div = 0, kq = 0;
+        if (P.divergence == kForwardKL && kd) {
+          // The common case in branch-free loops the compiler vectorizes: the divergence, then the gradient with
+          // the label's entry fixed up after (the same arithmetic, in the same order, as ce_grad).
+#pragma omp simd reduction(+ : div)
           for (int64_t v = 0; v < V; ++v) {
-            const acc_t lq = log_q_at(v), lp = log_p_at(v);
-            const acc_t q = q_at(v);
-            if (P.divergence == kReverseKL) {
-              div += lq == ninf ? acc_t(0) : (lq - lp) * q;
+            const acc_t lq = xs[v] - lzs, lp = xt[v] - lzt;
+            div += lp == ninf ? acc_t(0) : (lp - lq) * (et[v] * rzt);
+          }
+          if (gr) {
+            scalar_t* g1 = P.gs1 == 1 ? gr : nullptr;
+            if (g1 != nullptr && P.has_labels) {
+              if (own_c || t_is_one) {
+                const acc_t* cexp = t_is_one ? es : ec;
+                const acc_t rc = t_is_one ? rzs : rzc;
+#pragma omp simd
+                for (int64_t v = 0; v < V; ++v)
+                  g1[v] = static_cast<scalar_t>((es[v] * rzs - et[v] * rzt) * kd_grad_w + (cexp[v] * rc) * cw);
+              } else {
+#pragma omp simd
+                for (int64_t v = 0; v < V; ++v)
+                  g1[v] = static_cast<scalar_t>((es[v] * rzs - et[v] * rzt) * kd_grad_w + (es[v] * es[v] * rzc) * cw);
+              }
+              g1[lab] = static_cast<scalar_t>(ce_grad((q_at(lab) - p_at(lab)) * kd_grad_w, lab));
+            } else if (g1 != nullptr) {
+#pragma omp simd
+              for (int64_t v = 0; v < V; ++v) g1[v] = static_cast<scalar_t>((es[v] * rzs - et[v] * rzt) * kd_grad_w);
             } else {
-              const acc_t lm = log_add_exp(lp + log_beta, lq + log1m_beta);
-              kq += lq == ninf ? acc_t(0) : (lq - lm) * q;
-              div += lp == ninf ? acc_t(0) : (lp - lm) * p_at(v);  // kp, combined below
+              for (int64_t v = 0; v < V; ++v)
+                gr[v * P.gs1] = static_cast<scalar_t>(ce_grad((q_at(v) - p_at(v)) * kd_grad_w, v));
             }
           }
-          if (P.divergence != kReverseKL) div = beta * div + one_minus_beta * kq;
-        }
-        if (gr) {
+        } else if (P.divergence == kForwardKL) {
           for (int64_t v = 0; v < V; ++v) {
-            acc_t g = 0;
             if (kd) {
+              const acc_t lq = log_q_at(v), lp = log_p_at(v);
+              const acc_t p = p_at(v);
+              div += lp == ninf ? acc_t(0) : (lp - lq) * p;
+              if (gr) gr[v * P.gs1] = static_cast<scalar_t>(ce_grad((q_at(v) - p) * kd_grad_w, v));
+            } else if (gr) {
+              gr[v * P.gs1] = static_cast<scalar_t>(ce_grad(acc_t(0), v));
+            }
+          }
+        } else {
+          if (kd) {
+            for (int64_t v = 0; v < V; ++v) {
               const acc_t lq = log_q_at(v), lp = log_p_at(v);
               const acc_t q = q_at(v);
               if (P.divergence == kReverseKL) {
-                g = q == acc_t(0) ? acc_t(0) : ((lq - lp) - div) * q;
+                div += lq == ninf ? acc_t(0) : (lq - lp) * q;
               } else {
                 const acc_t lm = log_add_exp(lp + log_beta, lq + log1m_beta);
-                g = q == acc_t(0) ? acc_t(0) : ((lq - lm) - kq) * q;
-                g = g * one_minus_beta;
+                kq += lq == ninf ? acc_t(0) : (lq - lm) * q;
+                div += lp == ninf ? acc_t(0) : (lp - lm) * p_at(v);  // kp, combined below
               }
-              g = g * kd_grad_w;
             }
-            gr[v * P.gs1] = static_cast<scalar_t>(ce_grad(g, v));
+            if (P.divergence != kReverseKL) div = beta * div + one_minus_beta * kq;
+          }
+          if (gr) {
+            for (int64_t v = 0; v < V; ++v) {
+              acc_t g = 0;
+              if (kd) {
+                const acc_t lq = log_q_at(v), lp = log_p_at(v);
+                const acc_t q = q_at(v);
+                if (P.divergence == kReverseKL) {
+                  g = q == acc_t(0) ? acc_t(0) : ((lq - lp) - div) * q;
+                } else {
+                  const acc_t lm = log_add_exp(lp + log_beta, lq + log1m_beta);
+                  g = q == acc_t(0) ? acc_t(0) : ((lq - lm) - kq) * q;
+                  g = g * one_minus_beta;
+                }
+                g = g * kd_grad_w;
+              }
+              gr[v * P.gs1] = static_cast<scalar_t>(ce_grad(g, v));
+            }
           }
         }
+        acc_t row_loss = kd ? div * kd_loss_w : acc_t(0);
+        if (P.has_labels) row_loss = row_loss + ce_term;
+        loss_rows[i] = row_loss;
       }
-      acc_t row_loss = kd ? div * kd_loss_w : acc_t(0);
-      if (P.has_labels) row_loss = row_loss + ce_term;
-      loss_rows[i] = row_loss;
-    }
-  });
+    });
+  }
 }
 
 }  // namespace
