@@ -93,6 +93,24 @@ def test_cpp_matches_reference(dtype, divergence, reduction, T, with_labels, wit
         assert torch.equal(g[[2, 5]], torch.zeros(2, s.shape[1], dtype=dtype))
 
 
+@pytest.mark.parametrize("divergence, T", [("forward_kl", 2.0), ("forward_kl", 1.0), ("forward_kl", 1.3),
+                                           ("reverse_kl", 2.0), ("jsd", 0.7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_matches_reference_over_several_row_chunks(divergence, T, dtype):
+    """N x V above the kernel's chunk (2^18 elements; here 2 chunks) and above its vectorized-exp threshold."""
+    s, t, labels, _ = _kd_inputs(N=70, V=4000, dtype=dtype, seed=11)
+    if divergence == "reverse_kl":
+        t[:, -2:] = 0.5
+    s[2], t[5] = float("nan"), float("inf")  # ignored rows
+    kw = dict(temperature=T, alpha=0.6, divergence=divergence, beta=0.3)
+    loss, g = _loss_and_grad("cpp", s, t, labels, **kw)
+    loss_ref, g_ref = _loss_and_grad("reference", s, t, labels, **kw)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+    assert_close(loss, loss_ref, **tol, name="loss")
+    assert_close(g, g_ref, **tol, name="grad")
+    assert torch.equal(g[[2, 5]], torch.zeros(2, 4000, dtype=dtype))
+
+
 def test_cpp_teacher_of_another_dtype_and_int32_labels():
     s, t, labels, _ = _kd_inputs(dtype=torch.bfloat16, tdtype=torch.float32)
     for backend in ("cpp", "reference"):
