@@ -253,10 +253,10 @@ class OpFamily:
     def select(self, inputs, key=None) -> tuple[str, str]:
         """(forward backend, backward backend) for these inputs: a cached lookup in steady state. `key`, where the
         caller has one, must capture everything the choice depends on (the default: every input's signature)."""
-        forced = _config.forced_backend()
         if torch.compiler.is_compiling():
-            return self._select(inputs, forced)
-        switches = (forced, _config.tuning_override())
+            return self._select(inputs, _config.forced_backend())
+        switches = _config.dispatch_switches()
+        forced = switches[0]
         key = (switches, *map(_signature, inputs)) if key is None else (switches, key)
         hit = self._cache.get(key)
         if hit is None:
@@ -345,9 +345,10 @@ class OpFamily:
 
     def run_eager(self, inputs, fwd: str, bwd: str):
         """``run`` outside torch.compile (the caller knows it is not tracing)."""
+        node = self.eager_call(fwd, bwd)
+        if node is not None:
+            return node(*inputs)
         backend = self.forward_backends[fwd]
-        if backend.eager is not None and bwd == fwd:
-            return backend.eager(*inputs)
         if not backend.autograd and torch.is_grad_enabled() and self._any_requires_grad(inputs):
             return _EagerFunction.apply(self, fwd, bwd, *inputs)  # the public outputs only
         return self._public(backend.run(*inputs))
