@@ -10,7 +10,12 @@
 #include "peft_kernels/distill.h"
 #include "peft_kernels/adapter.h"
 #include "peft_kernels/lora.h"
+#include "peft_kernels/prefix.h"
 #include "peft_kernels/prompt.h"
+
+namespace peft_kernels {
+void add_signature_function(PyObject* module);  // csrc/signature.cpp
+}
 #endif
 
 TORCH_LIBRARY(peft_kernels, m) {
@@ -106,5 +111,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Soft-prompt embedding on CPU tensors (csrc/prompt.cpp): the `cpp` backend's forward, and it as one autograd node.
   m.def("soft_prompt_embed_forward_cpu", &peft_kernels::soft_prompt_embed_forward_cpu, "soft prompt embed (CPU)");
   m.def("soft_prompt_embed_autograd", &peft_kernels::soft_prompt_embed_autograd, "soft prompt embed autograd node");
+  // Prefix attention over concatenated keys on CPU tensors, no mask (csrc/prefix.cpp): the `concat` backend's node.
+  m.def("prefix_concat_attention_autograd", &peft_kernels::prefix_concat_attention_autograd,
+        "prefix attention over [prefix; k] (CPU, no mask) as one autograd node");
+  // The public functions' steady-state cache key (METH_FASTCALL: a pybind11 call costs more than the key).
+  peft_kernels::add_signature_function(m.ptr());
 }
 #endif

@@ -66,8 +66,12 @@ class Backend:
     # forward only, optional: the whole op as one differentiable callable with its own autograd node (a C++
     # torch::autograd::Function: no Python in its backward), the same math as this forward and its backward.
     # The eager path calls it instead of the forward + _EagerFunction where this backend's own backward runs;
-    # it returns the public outputs. torch.compile traces the custom ops instead.
+    # it returns the public outputs. torch.compile traces the custom ops instead. For an `autograd` backend: the
+    # differentiable forward itself (a public function's steady state then calls it with nothing in between).
     eager: Callable | None = None
+    # forward only, optional: the inputs the eager node serves (a node may cover a common subset of what the
+    # backend takes, e.g. no mask); the others run the forward + _EagerFunction. None: all of them.
+    eager_when: Callable[[Any], bool] | None = None
 
     def device_reason(self, device_type: str) -> str | None:
         """Why this backend cannot run on `device_type` tensors at all (None: it can)."""
@@ -90,14 +94,20 @@ def _signature(value) -> object:
     return value
 
 
-def signature(*tensors) -> tuple | None:
+def python_signature(*tensors) -> tuple | None:
     """What validation and dispatch read of these tensors (None entries allowed), as a cache key; None when an
-    argument is not a tensor (the public function's full checks then raise)."""
-    try:
-        return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
-                      for t in tensors])  # a list comprehension: a generator costs more on this per-call path
-    except (AttributeError, TypeError):
-        return None
+    argument is not a plain strided tensor (the public function's full checks then run)."""
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.layout != torch.strided):
+            return None  # a subclass may redefine what it reports; a sparse tensor has no strides
+    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+                  for t in tensors])  # a list comprehension: a generator costs more on this per-call path
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+# The same key from the extension (bytes, equal exactly when the fields above are): a fraction of the host time.
+# Eager mode only (dynamo cannot trace it): callers compute keys outside torch.compile, where the cache is used.
+signature: Callable[..., object] = _backends.native_function("tensor_signature") or python_signature
 
 
 def steady() -> bool:
@@ -164,9 +174,11 @@ class OpFamily:
         return self._register("backward", name, **kwargs)
 
     def _register(self, direction, name, *, devices=None, dtypes=FLOAT_DTYPES, requires="default",
-                  backward_by=None, why_not=None, doc="", autograd=False, eager=None):
+                  backward_by=None, why_not=None, doc="", autograd=False, eager=None, eager_when=None):
         if (backward_by is not None or eager is not None) and direction != "forward":
             raise ValueError("backward_by= and eager= are for forward backends")
+        if eager_when is not None and eager is None:
+            raise ValueError("eager_when= needs eager=")
 
         def decorator(fn: Callable) -> Callable:
             kind = name.split(":")[0]
@@ -177,7 +189,7 @@ class OpFamily:
                 dtypes=None if dtypes is None else tuple(dtypes),
                 requires=_DEFAULT_REQUIRES.get(kind) if requires == "default" else requires,
                 backward_by=backward_by, why_not=why_not, doc=doc or (fn.__doc__ or "").strip().split("\n")[0],
-                autograd=autograd, eager=eager,
+                autograd=autograd, eager=eager, eager_when=eager_when,
             )
             self._clear()
             return fn
@@ -345,7 +357,7 @@ class OpFamily:
 
     def run_eager(self, inputs, fwd: str, bwd: str):
         """``run`` outside torch.compile (the caller knows it is not tracing)."""
-        node = self.eager_call(fwd, bwd)
+        node = self.eager_call(fwd, bwd, inputs)
         if node is not None:
             return node(*inputs)
         backend = self.forward_backends[fwd]
@@ -353,11 +365,14 @@ class OpFamily:
             return _EagerFunction.apply(self, fwd, bwd, *inputs)  # the public outputs only
         return self._public(backend.run(*inputs))
 
-    def eager_call(self, fwd: str, bwd: str) -> Callable | None:
-        """The callable ``run_eager`` ends in for these backends when it is one call over the record's fields (a
-        backend's ``eager`` node), else None: a public function may cache it beside its dispatch choice."""
+    def eager_call(self, fwd: str, bwd: str, inputs) -> Callable | None:
+        """The callable ``run_eager`` ends in for these backends and inputs when it is one call over the record's
+        fields (a backend's ``eager`` node), else None: a public function may cache it beside its dispatch choice
+        (under a key that decides ``eager_when``)."""
         backend = self.forward_backends[fwd]
-        return backend.eager if backend.eager is not None and bwd == fwd else None
+        if backend.eager is None or (bwd != fwd and not backend.autograd):  # autograd: no backend's backward runs
+            return None
+        return backend.eager if backend.eager_when is None or backend.eager_when(inputs) else None
 
     # The steady state of a public function: validate and dispatch once per signature, then only look up.
     #     hit = FAMILY.cached(key)            # key: signature(...) of the inputs validation depends on
@@ -369,7 +384,7 @@ class OpFamily:
     def remember(self, key, inputs) -> tuple[str, str, Callable | None]:
         """Dispatch a validated record and, where `key` is not None, keep the choice for ``cached``."""
         fwd, bwd = self.select(inputs)
-        hit = (fwd, bwd, self.eager_call(fwd, bwd))
+        hit = (fwd, bwd, self.eager_call(fwd, bwd, inputs))
         if key is not None and not torch.compiler.is_compiling():
             if len(self._calls) >= _CACHE_LIMIT:
                 self._calls.clear()

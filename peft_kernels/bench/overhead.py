@@ -50,7 +50,7 @@ class Row:
 
 
 def time_per_call(fns: dict[str, Callable[[], object]], calls_per_fn: int, number: int = 30,
-                  rounds: int = 7) -> dict[str, float]:
+                  rounds: int = 11) -> dict[str, float]:
     """CPU µs per call of each fn (each runs `calls_per_fn` layer calls): the fastest of `rounds` interleaved
     rounds of `number` runs, after a warm-up."""
     for fn in fns.values():
@@ -172,8 +172,9 @@ def _op_rows(number: int) -> list[Row]:
          _chain(lambda h: h + F.linear(F.relu(F.linear(h, Wd, bd)), Wu, bu)), "h + up(relu(down(h)))", h,
          [h, Wd, bd, Wu, bu])
 
+    # q, k, v as a transformers attention layer passes them: [B, L, H, D] projections viewed as [B, H, L, D].
     B_, H, L, D, P = 1, 2, 8, 16, 4
-    k, v = torch.randn(B_, H, L, D), torch.randn(B_, H, L, D)
+    k, v = torch.randn(B_, L, H, D).transpose(1, 2), torch.randn(B_, L, H, D).transpose(1, 2)
     pk_, pv = torch.randn(H, P, D, requires_grad=True), torch.randn(H, P, D, requires_grad=True)
 
     def sdpa_cat(q):
@@ -181,7 +182,7 @@ def _op_rows(number: int) -> list[Row]:
         vv = torch.cat([pv.expand(B_, -1, -1, -1), v], dim=2)
         return F.scaled_dot_product_attention(q, kk, vv)
 
-    q = torch.randn(B_, H, L, D, requires_grad=True)
+    q = torch.randn(B_, L, H, D).transpose(1, 2).requires_grad_(True)
     pair("prefix_attention", _chain(lambda q: pk.prefix_attention(q, k, v, pk_, pv)), _chain(sdpa_cat),
          "SDPA over cat(prefix, k)", q, [q, pk_, pv])
 

@@ -487,12 +487,14 @@ def bottleneck_adapter(h: Tensor, W_down: Tensor, b_down: Tensor | None, W_up: T
         hit = FAMILY.cached(_key(h, W_down, b_down, W_up, b_up, activation, residual))
         if hit is not None:
             h2d = h if h.dim() == 2 and h.is_contiguous() else h.reshape(-1, h.shape[-1]).contiguous()
-            y = FAMILY.run_eager(AdapterInputs(h2d, W_down, b_down, W_up, b_up, activation, scaling, residual),
-                                 hit[0], hit[1])
+            node = hit[2]
+            y = (node(h2d, W_down, b_down, W_up, b_up, activation, scaling, residual) if node is not None else
+                 FAMILY.run_eager(AdapterInputs(h2d, W_down, b_down, W_up, b_up, activation, scaling, residual),
+                                  hit[0], hit[1]))
             return y if h2d is h else y.reshape(h.shape)
     validate(h, W_down, b_down, W_up, b_up, activation, scaling, residual)
     scaling = v.check_finite(OP, "scaling", scaling)
-    key = _key(h, W_down, b_down, W_up, b_up, activation, residual)
+    key = None if torch.compiler.is_compiling() else _key(h, W_down, b_down, W_up, b_up, activation, residual)
     if h.dim() == 2 and h.is_contiguous():
         return FAMILY.call_checked(AdapterInputs(h, W_down, b_down, W_up, b_up, activation, scaling, residual), key)
     H = h.shape[-1]

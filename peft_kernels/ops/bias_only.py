@@ -77,7 +77,7 @@ def _reference_forward(x, weight, bias):
     return torch.addmm(bias.to(x.dtype), x, weight.t())
 
 
-@FAMILY.forward("linear", requires=None, backward_by="reference", autograd=True)
+@FAMILY.forward("linear", requires=None, backward_by="reference", autograd=True, eager=torch.nn.functional.linear)
 def _linear_forward(x, weight, bias):
     """F.linear differentiated by autograd in eager mode (what an eager nn.Linear with a frozen weight runs: the
     least host time), the reference backward under torch.compile. Only for a bias in x's dtype."""
@@ -188,6 +188,8 @@ def bias_only_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if steady():  # the steady state: a signature validated before, then the backend's call
         hit = FAMILY.cached(_key(x, weight, bias))
         if hit is not None:
+            if hit[2] is not None:  # F.linear itself (the `linear` backend): any leading dims, any strides
+                return hit[2](x, weight, bias)
             if x.dim() == 2:
                 return FAMILY.run_eager(BiasOnlyInputs(x if x.is_contiguous() else x.contiguous(), weight, bias),
                                         hit[0], hit[1])
@@ -205,7 +207,8 @@ def bias_only_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 def _checked(x, weight, bias) -> Tensor:
     validate(x, weight, bias)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    y = FAMILY.call_checked(BiasOnlyInputs(x2d, weight, bias), _key(x, weight, bias))
+    key = None if torch.compiler.is_compiling() else _key(x, weight, bias)  # the key is an eager-mode thing
+    y = FAMILY.call_checked(BiasOnlyInputs(x2d, weight, bias), key)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 

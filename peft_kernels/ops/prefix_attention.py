@@ -553,7 +553,23 @@ def _sdpa_backward_backend(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, 
                                  _prefix_merge_backward), needs)
 
 
-@FAMILY.forward("concat")
+_CONCAT_NODE = _backends.native_function("prefix_concat_attention_autograd")
+
+
+def _concat_eager(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    """The Python concat backend's calls for the unmasked case on CPU tensors as one C++ autograd node
+    (csrc/prefix.cpp; tested bit-identical): the eager host path."""
+    return _CONCAT_NODE(q, k, v, prefix_k, prefix_v, scale)
+
+
+def _concat_eager_serves(inp: PrefixInputs) -> bool:
+    # No mask at all: not causal (or one query row, which sees every key), no padding; the CPU flash op.
+    return (inp.key_padding_mask is None and (not inp.causal or inp.q.shape[2] == 1)
+            and inp.q.device.type == "cpu")
+
+
+@FAMILY.forward("concat", eager=_concat_eager if _CONCAT_NODE is not None else None,
+                eager_when=_concat_eager_serves if _CONCAT_NODE is not None else None)
 def _concat_forward_backend(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
     """One fused SDPA call over [prefix; k] (a concatenation copy), bottom-right causal."""
     return _concat_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
@@ -716,11 +732,13 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
         hit = FAMILY.cached(_key(q, k, v, prefix_k, prefix_v, causal, key_padding_mask))
         if hit is not None:
             s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+            if hit[2] is not None:  # the backend's eager node (its key decides that it serves these inputs)
+                return hit[2](q, k, v, prefix_k, prefix_v, causal, key_padding_mask, s)
             return FAMILY.run_eager(PrefixInputs(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, s),
                                     hit[0], hit[1])
     scale = validate(q, k, v, prefix_k, prefix_v, key_padding_mask, scale)
-    return FAMILY.call_checked(PrefixInputs(q, k, v, prefix_k, prefix_v, bool(causal), key_padding_mask, scale),
-                               _key(q, k, v, prefix_k, prefix_v, causal, key_padding_mask))
+    key = None if torch.compiler.is_compiling() else _key(q, k, v, prefix_k, prefix_v, causal, key_padding_mask)
+    return FAMILY.call_checked(PrefixInputs(q, k, v, prefix_k, prefix_v, bool(causal), key_padding_mask, scale), key)
 
 
 def _key(q, k, v, prefix_k, prefix_v, causal, key_padding_mask):

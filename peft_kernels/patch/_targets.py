@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 from torch import Tensor, nn
 
-from peft_kernels.nn.lora_conv1d import _conv1d_class, is_conv1d
+from peft_kernels.nn.lora_conv1d import _conv1d_class, is_conv1d  # noqa: F401  (re-exported)
 
 Conv1D = _conv1d_class()
 ALL_LINEAR = "all-linear"
@@ -53,18 +53,30 @@ def _forward_is_linear_map(cls: type) -> bool:
 _forward_is_linear_map_cached = functools.cache(_forward_is_linear_map)
 
 
-def linear_kind(module: nn.Module) -> str | None:
-    """"linear" / "conv1d" when the module computes exactly what the fused op does, else None."""
-    if is_conv1d(module):
+def _class_kind(cls: type) -> str | None:
+    """"linear" / "conv1d" when instances of `cls` compute a linear map the fused op does (given a float weight)."""
+    conv1d = _conv1d_class()
+    if conv1d is not None and issubclass(cls, conv1d):
         kind = "conv1d"
-    elif isinstance(module, nn.Linear):
+    elif issubclass(cls, nn.Linear):
         kind = "linear"
     else:
         return None
-    linear_map = _forward_is_linear_map if torch.compiler.is_compiling() else _forward_is_linear_map_cached
-    if not linear_map(type(module)):
+    return kind if _forward_is_linear_map(cls) else None
+
+
+_class_kind_cached = functools.cache(_class_kind)  # per class, as _forward_is_linear_map_cached
+
+
+def linear_kind(module: nn.Module) -> str | None:
+    """"linear" / "conv1d" when the module computes exactly what the fused op does, else None."""
+    kind = _class_kind(type(module)) if torch.compiler.is_compiling() else _class_kind_cached(type(module))
+    if kind is None:
         return None
-    w = getattr(module, "weight", None)
+    # From _parameters where it is one (nn.Module.__getattr__ costs more than the rest of this per-call check).
+    w = module.__dict__.get("_parameters", {}).get("weight")
+    if w is None:
+        w = getattr(module, "weight", None)
     return kind if isinstance(w, Tensor) and w.is_floating_point() and w.dim() == 2 and w.numel() else None
 
 

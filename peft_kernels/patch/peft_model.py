@@ -45,8 +45,9 @@ def _has_hooks(m: nn.Module) -> bool:
     # accelerate's offload hooks replace ``forward`` on the instance; plain hooks live in these dicts (read from
     # the instance dict: this runs on every call of a patched layer).
     d = m.__dict__
-    return bool("forward" in d or d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks")
-                or d.get("_backward_pre_hooks"))
+    get = d.get
+    return bool("forward" in d or get("_forward_hooks") or get("_forward_pre_hooks") or get("_backward_hooks")
+                or get("_backward_pre_hooks"))
 
 
 def _base_kind(base: nn.Module) -> str | None:
@@ -75,7 +76,7 @@ def _adapter_reason(layer: nn.Module, name: str) -> str | None:
     if variant is not None:
         return f"adapter {name!r} is a LoRA variant ({type(variant).__name__})"
     B, drop = modules["lora_B"]._modules[name], modules["lora_dropout"]._modules[name]
-    if layer.lora_bias.get(name, False) or B.bias is not None:
+    if layer.lora_bias.get(name, False) or B._parameters.get("bias") is not None:  # nn.Linear keeps it there
         return f"adapter {name!r} has lora_bias=True"
     if type(A) is not nn.Linear or type(B) is not nn.Linear or _has_hooks(A) or _has_hooks(B):
         return f"adapter {name!r} has custom or hooked lora_A / lora_B modules"

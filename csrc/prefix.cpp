@@ -1,0 +1,106 @@
+// Prefix attention over concatenated keys on CPU tensors as one autograd node (see peft_kernels/prefix.h). At the
+// sizes of a CPU step the Python composition's host time (a torch.autograd.Function, the layout checks, five ATen
+// calls through Python) is several times the attention's own; here it is one call.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <array>
+
+#include "peft_kernels/check.h"
+#include "peft_kernels/prefix.h"
+
+namespace peft_kernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// [prefix; t] along the sequence by one at::cat (contiguous), the prefix in t's dtype. The Python backend keeps
+// t's physical layout (a large dK/dV then comes back in it); at the sizes of a CPU step the number of ATen calls
+// is the cost, and the dK/dV slices are copied into k's layout either way. The flash kernel's results do not
+// depend on the layout (tested bit-identical to the Python backend in both).
+at::Tensor concat_kv(const at::Tensor& t, const at::Tensor& prefix) {
+  at::Tensor pre = prefix.scalar_type() == t.scalar_type() ? prefix : prefix.to(t.scalar_type());
+  if (pre.dim() == 3) pre = pre.expand({t.size(0), t.size(1), pre.size(1), pre.size(2)});
+  return at::cat({pre, t}, 2);
+}
+
+// The strides torch.empty_like(ref) gives (preserve_format).
+std::vector<int64_t> empty_like_strides(const at::Tensor& ref) {
+  if (ref.is_non_overlapping_and_dense()) return ref.strides().vec();
+  return at::empty_like(ref, ref.options().device(at::kMeta)).strides().vec();
+}
+
+// t in ref's layout (the op's contract: outputs and gradients laid out like the inputs): t itself where it has it
+// and owns its storage, else a copy.
+at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
+  if (t.sizes() == ref.sizes() && t.strides() == at::IntArrayRef(empty_like_strides(ref)) &&
+      t.storage_offset() == 0 && t.storage().nbytes() == static_cast<size_t>(t.numel()) * t.element_size()) {
+    return t;
+  }
+  return at::empty_like(ref, t.options()).copy_(t);
+}
+
+at::ScalarType acc_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& prefix_k, const at::Tensor& prefix_v, double scale) {
+    const at::Tensor K = concat_kv(k, prefix_k), V = concat_kv(v, prefix_v);
+    auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, K, V, 0.0, false, std::nullopt, scale);
+    out = like(out, q);
+    lse = lse.contiguous();
+    ctx->save_for_backward({q, k, v, prefix_k, prefix_v, out, lse});
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &q = saved[0], &k = saved[1], &v = saved[2], &prefix_k = saved[3], &prefix_v = saved[4],
+               &out = saved[5], &lse = saved[6];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    std::array<bool, 5> need{};
+    for (size_t i = 0; i < need.size(); ++i) need[i] = ctx->needs_input_grad(i);
+    at::Tensor dq, dk, dv, dpk, dpv;
+    at::Tensor dout = grads[0];
+    if (!dout.defined() || std::none_of(need.begin(), need.end(), [](bool b) { return b; })) {
+      return {dq, dk, dv, dpk, dpv, at::Tensor()};
+    }
+    if (dout.stride(-1) != 1) dout = dout.contiguous();  // the flash kernel reads rows of the head dim
+    const int64_t P = prefix_k.size(-2), Lk = k.size(2);
+    const at::Tensor K = concat_kv(k, prefix_k), V = concat_kv(v, prefix_v);
+    auto [gq, gK, gV] = at::_scaled_dot_product_flash_attention_for_cpu_backward(dout, q, K, V, out, lse, 0.0,
+                                                                                  false, std::nullopt, scale);
+    const auto acc = acc_dtype(q.scalar_type());
+    auto prefix_grad = [&](const at::Tensor& g, const at::Tensor& prefix) {
+      const at::Tensor rows = g.narrow(2, 0, P);
+      const at::Tensor d = prefix.dim() == 3 ? rows.sum(0, false, acc) : at::empty_like(prefix).copy_(rows);
+      return d.scalar_type() == prefix.scalar_type() ? d : d.to(prefix.scalar_type());
+    };
+    if (need[0]) dq = like(gq, q);
+    if (need[1]) dk = like(gK.narrow(2, P, Lk), k);
+    if (need[2]) dv = like(gV.narrow(2, P, Lk), v);
+    if (need[3]) dpk = prefix_grad(gK, prefix_k);
+    if (need[4]) dpv = prefix_grad(gV, prefix_v);
+    return {dq, dk, dv, dpk, dpv, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor prefix_concat_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            const at::Tensor& prefix_k, const at::Tensor& prefix_v, double scale) {
+  PK_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && prefix_k.device().is_cpu() &&
+               prefix_v.device().is_cpu(),
+           "prefix_concat_attention_autograd takes CPU tensors");
+  PK_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+               q.size(3) == k.size(3) && (prefix_k.dim() == 3 || prefix_k.dim() == 4) &&
+               prefix_v.sizes() == prefix_k.sizes() && prefix_k.size(-3) == k.size(1) &&
+               prefix_k.size(-1) == k.size(3) && (prefix_k.dim() == 3 || prefix_k.size(0) == k.size(0)),
+           "prefix_concat_attention_autograd: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], prefix [(B,) Hkv, P, D]");
+  return PrefixConcatFunction::apply(q, k, v, prefix_k, prefix_v, scale);
+}
+
+}  // namespace peft_kernels

@@ -1,0 +1,191 @@
+"""The eager host path of the public functions: the steady-state cache key (C++ and Python) and the eager nodes
+that serve a signature once it is cached (prefix attention's concat node on CPU, F.linear for BitFit on CPU).
+Each must give what the backend's own forward and backward give, and a signature it does not serve must not
+reach it."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+
+import pytest
+import torch
+
+import peft_kernels
+from peft_kernels import _backends
+from peft_kernels._op import _EagerFunction, python_signature, signature
+from peft_kernels.ops.bias_only import bias_only_linear, bias_only_linear_reference
+from tests.helpers import assert_close
+
+pa = importlib.import_module("peft_kernels.ops.prefix_attention")
+bo = importlib.import_module("peft_kernels.ops.bias_only")
+
+native = pytest.mark.skipif(not _backends.native_status()[0], reason="the native extension is not built")
+
+
+# --- the cache key ---------------------------------------------------------------------------------------------
+def _variants(x):
+    """Tensors that differ from x in exactly one field the key must see."""
+    return {
+        "shape": x.detach().reshape(x.shape[1], x.shape[0]),
+        "strides": x.detach().t().contiguous().t(),
+        "dtype": x.detach().double(),
+        "requires_grad": x.detach().requires_grad_(not x.requires_grad),
+        "dim": x.detach().reshape(-1),
+    }
+
+
+@pytest.mark.parametrize("key", [python_signature, signature], ids=["python", "active"])
+def test_signature_sees_every_field_and_only_those(key):
+    x = torch.randn(3, 4)
+    assert key(x, None) == key(torch.randn(3, 4), None)  # values do not matter
+    assert key(x, None) != key(None, x) and key(x) != key(x, None)
+    assert key(torch.nn.Parameter(x.clone())) == key(x.clone().requires_grad_(True))
+    for field, other in _variants(x).items():
+        assert key(other) != key(x), field
+
+
+@pytest.mark.parametrize("key", [python_signature, signature], ids=["python", "active"])
+def test_signature_refuses_what_it_cannot_describe(key):
+    class Sub(torch.Tensor):
+        pass
+
+    x = torch.randn(3, 4)
+    assert key(x.as_subclass(Sub)) is None  # a subclass may report another shape or dtype than it stores
+    assert key(x.to_sparse()) is None
+    assert key(x, 1.0) is None and key("x") is None
+
+
+@native
+def test_the_native_signature_is_the_active_one():
+    assert signature is _backends.native_function("tensor_signature")
+
+
+# --- prefix attention: the concat backend's eager node (csrc/prefix.cpp) ----------------------------------------
+def _prefix_inputs(dtype, shared, hf, pdtype, B=2, Hq=4, Hkv=2, Lq=7, Lk=9, D=16, P=3):
+    def act(*shape):  # transformers passes [B, L, H, D] projections viewed as [B, H, L, D]
+        t = torch.randn(shape[0], shape[2], shape[1], shape[3], dtype=dtype)
+        return t.transpose(1, 2) if hf else t.transpose(1, 2).contiguous()
+
+    pshape = (Hkv, P, D) if shared else (B, Hkv, P, D)
+    return (act(B, Hq, Lq, D), act(B, Hkv, Lk, D), act(B, Hkv, Lk, D), torch.randn(pshape, dtype=pdtype or dtype),
+            torch.randn(pshape, dtype=pdtype or dtype))
+
+
+def _python_concat(inputs, scale, needs, dout):
+    leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+    out = _EagerFunction.apply(pa.FAMILY, "concat", "concat", *leaves, False, None, scale)
+    out.backward(dout)
+    return out, [t.grad for t in leaves]
+
+
+@native
+@pytest.mark.parametrize("dtype, pdtype", [(torch.float32, None), (torch.float64, None), (torch.bfloat16, None),
+                                           (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("hf", [True, False])
+def test_concat_node_is_bit_identical_to_the_python_backend(dtype, pdtype, shared, hf):
+    """Outputs, every gradient, their strides and dtypes: what the Python forward + backward (the path
+    torch.compile runs) give."""
+    torch.manual_seed(0)
+    inputs = _prefix_inputs(dtype, shared, hf, pdtype)
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    out = pa._CONCAT_NODE(*leaves, 0.3)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref, ref_grads = _python_concat(inputs, 0.3, [True] * 5, dout)
+    assert torch.equal(out, ref) and out.stride() == ref.stride() == inputs[0].stride()
+    for name, g, r, t in zip("q k v prefix_k prefix_v".split(), (t.grad for t in leaves), ref_grads, inputs):
+        assert torch.equal(g, r), name
+        assert g.dtype == r.dtype == t.dtype and g.stride() == r.stride(), name
+
+
+@native
+@pytest.mark.parametrize("needs", [n for n in itertools.product([False, True], repeat=5) if any(n)][::3])
+def test_concat_node_computes_only_the_gradients_asked_for(needs):
+    torch.manual_seed(1)
+    inputs = _prefix_inputs(torch.float32, True, True, None)
+    leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+    out = pa._CONCAT_NODE(*leaves, 0.25)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    _, ref_grads = _python_concat(inputs, 0.25, needs, dout)
+    for t, r, n in zip(leaves, ref_grads, needs):
+        assert (t.grad is None) == (not n)
+        if n:
+            assert torch.equal(t.grad, r)
+
+
+@native
+def test_concat_node_serves_only_unmasked_cpu_signatures():
+    """Causal (more than one query row) and padded inputs run the Python composition with its mask; the result
+    is the float64 reference's either way."""
+    torch.manual_seed(2)
+    q, k, v, pk_, pv = _prefix_inputs(torch.float64, True, True, None, Lq=9, Lk=9)
+    pad = torch.ones(2, 9, dtype=torch.bool)
+    pad[1, -3:] = False
+    cases = [(dict(), True), (dict(causal=True), False), (dict(key_padding_mask=pad), False),
+             (dict(causal=True), True)]
+    with peft_kernels.use_backend("concat", strict=True):
+        for i, (kw, serves) in enumerate(cases):
+            qq = q[:, :, :1] if i == 3 else q  # one query row sees every key: causal is no mask there
+            leaves = [t.detach().requires_grad_(True) for t in (qq, k, v, pk_, pv)]
+            out = peft_kernels.prefix_attention(*leaves, **kw)
+            assert ("PrefixConcatFunction" in out.grad_fn.name()) == serves, kw
+            out.sum().backward()
+            ref_leaves = [t.detach().requires_grad_(True) for t in (qq, k, v, pk_, pv)]
+            ref = pa.prefix_attention_reference(*ref_leaves, upcast=True, **kw)
+            ref.sum().backward()
+            assert_close(out, ref, name="out")
+            for t, r in zip(leaves, ref_leaves):
+                assert_close(t.grad, r.grad, name="grad")
+
+
+@native
+def test_cpu_dispatch_runs_the_concat_node_in_the_steady_state():
+    q, k, v, pk_, pv = (t.requires_grad_(True) for t in _prefix_inputs(torch.float32, True, True, None))
+    for _ in range(2):  # the second call takes the cached path
+        out = peft_kernels.prefix_attention(q, k, v, pk_, pv)
+        assert "PrefixConcatFunction" in out.grad_fn.name()
+    with torch.no_grad():
+        assert torch.equal(peft_kernels.prefix_attention(q, k, v, pk_, pv), out)
+
+
+# --- BitFit on CPU: F.linear itself in the steady state -----------------------------------------------------------
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (3, 1, 2)])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_bias_only_steady_state_on_cpu(lead, contiguous):
+    torch.manual_seed(3)
+    W = torch.randn(6, 8, dtype=torch.float64)
+    x = torch.randn(*lead, 8, dtype=torch.float64)
+    if not contiguous:
+        x = torch.randn(*lead, 16, dtype=torch.float64)[..., ::2]
+    for _ in range(2):  # the first call validates and dispatches, the second is the cached path
+        xg = x.detach().requires_grad_(True)
+        b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        y = bias_only_linear(xg, W, b)
+        xr, br = xg.detach().requires_grad_(True), b.detach().requires_grad_(True)
+        yr = bias_only_linear_reference(xr, W, br)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        yr.backward(dy)
+        assert_close(y, yr)
+        assert_close(xg.grad, xr.grad, name="dx")
+        assert_close(b.grad, br.grad, name="db")
+    assert bo.FAMILY.cached(bo._key(xg, W, b))[2] is torch.nn.functional.linear
+
+
+def test_bias_only_master_bias_is_not_served_by_f_linear():
+    """An fp32 bias under bf16 activations: its gradient summed and returned in fp32 by the C++ backend, not
+    autograd's bf16 sum through F.linear."""
+    x = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(6, 8, dtype=torch.bfloat16)
+    b = torch.randn(6, requires_grad=True)
+    for _ in range(2):
+        y = bias_only_linear(x, W, b)
+        y.float().sum().backward()
+        assert b.grad.dtype == torch.float32
+    hit = bo.FAMILY.cached(bo._key(x, W, b))
+    assert hit[0] != "linear" and hit[2] is None
+    with pytest.raises(ValueError, match="weight requires grad"):
+        bias_only_linear(x, W.requires_grad_(True), b)
