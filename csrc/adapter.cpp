@@ -126,7 +126,9 @@ struct AdapterFunction : public torch::autograd::Function<AdapterFunction> {
     if (need_dh || need_dWd || need_dbd) {
       const auto mdt = act_math_dtype(dt);
       const auto da = as_dtype(at::mm(dy, Wu), mdt).mul_(s);
-      const auto dz = as_dtype(da * act_derivative(as_dtype(z, mdt), activation), dt);
+      // relu: da where z > 0, else 0, in one op (what eager autograd runs; the Python backward's masked_fill).
+      const auto dz = activation == "relu" ? as_dtype(at::threshold_backward(da, z, 0), dt)
+                                           : as_dtype(da * act_derivative(as_dtype(z, mdt), activation), dt);
       if (need_dh) dh = residual ? at::addmm(dy, dz, Wd) : at::mm(dz, Wd);
       if (need_dWd) dWd = as_dtype(at::mm(dz.t(), h), W_down.scalar_type());
       if (need_dbd) dbd = as_dtype(sum_rows(dz), b_down.scalar_type());

@@ -51,15 +51,19 @@ struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunct
     auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, K, V, 0.0, false, std::nullopt, scale);
     out = like(out, q);
     lse = lse.contiguous();
-    ctx->save_for_backward({q, k, v, prefix_k, prefix_v, out, lse});
+    // [prefix; k] and [prefix; v] kept for the backward (as autograd keeps SDPA's inputs over a torch.cat), not
+    // rebuilt there: at these sizes ATen calls are the backward's cost. Of k and v only their layouts.
+    ctx->save_for_backward({q, prefix_k, prefix_v, out, lse, K, V});
+    ctx->saved_data["k_strides"] = empty_like_strides(k);
+    ctx->saved_data["v_strides"] = empty_like_strides(v);
     ctx->saved_data["scale"] = scale;
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &q = saved[0], &k = saved[1], &v = saved[2], &prefix_k = saved[3], &prefix_v = saved[4],
-               &out = saved[5], &lse = saved[6];
+    const auto &q = saved[0], &prefix_k = saved[1], &prefix_v = saved[2], &out = saved[3], &lse = saved[4],
+               &K = saved[5], &V = saved[6];
     const double scale = ctx->saved_data["scale"].toDouble();
     std::array<bool, 5> need{};
     for (size_t i = 0; i < need.size(); ++i) need[i] = ctx->needs_input_grad(i);
@@ -69,8 +73,7 @@ struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunct
       return {dq, dk, dv, dpk, dpv, at::Tensor()};
     }
     if (dout.stride(-1) != 1) dout = dout.contiguous();  // the flash kernel reads rows of the head dim
-    const int64_t P = prefix_k.size(-2), Lk = k.size(2);
-    const at::Tensor K = concat_kv(k, prefix_k), V = concat_kv(v, prefix_v);
+    const int64_t P = prefix_k.size(-2), Lk = K.size(2) - P;
     auto [gq, gK, gV] = at::_scaled_dot_product_flash_attention_for_cpu_backward(dout, q, K, V, out, lse, 0.0,
                                                                                   false, std::nullopt, scale);
     const auto acc = acc_dtype(q.scalar_type());
@@ -80,8 +83,13 @@ struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunct
       return d.scalar_type() == prefix.scalar_type() ? d : d.to(prefix.scalar_type());
     };
     if (need[0]) dq = like(gq, q);
-    if (need[1]) dk = like(gK.narrow(2, P, Lk), k);
-    if (need[2]) dv = like(gV.narrow(2, P, Lk), v);
+    // dk, dv: copies of the slices (never their own storage) in k's and v's layouts, as torch.empty_like makes.
+    auto real_rows = [&](const at::Tensor& g, const char* strides) {
+      const at::Tensor rows = g.narrow(2, P, Lk);
+      return at::empty_strided(rows.sizes(), ctx->saved_data[strides].toIntVector(), rows.options()).copy_(rows);
+    };
+    if (need[1]) dk = real_rows(gK, "k_strides");
+    if (need[2]) dv = real_rows(gV, "v_strides");
     if (need[3]) dpk = prefix_grad(gK, prefix_k);
     if (need[4]) dpv = prefix_grad(gV, prefix_v);
     return {dq, dk, dv, dpk, dpv, at::Tensor()};

@@ -189,3 +189,39 @@ def test_bias_only_master_bias_is_not_served_by_f_linear():
     assert hit[0] != "linear" and hit[2] is None
     with pytest.raises(ValueError, match="weight requires grad"):
         bias_only_linear(x, W.requires_grad_(True), b)
+
+
+# --- the BitFit layer on CPU tensors: F.linear where that is what the op would run ------------------------------
+def _bitfit_layer(dtype=torch.float32, bias_dtype=None):
+    from peft_kernels.patch.bitfit import BitFitLinear
+
+    base = torch.nn.Linear(8, 6, dtype=dtype)
+    base.weight.requires_grad_(False)
+    if bias_dtype is not None:
+        base.bias = torch.nn.Parameter(base.bias.detach().to(bias_dtype))
+    return BitFitLinear.wrap(base)
+
+
+def test_bitfit_layer_on_cpu_runs_f_linear_unless_a_backend_is_forced():
+    layer = _bitfit_layer()
+    x = torch.randn(3, 8, requires_grad=True)
+    y = layer(x)
+    assert y.grad_fn.name() == "AddmmBackward0"  # what nn.Linear's F.linear gives
+    with peft_kernels.use_backend("aten", strict=True):
+        y_forced = layer(x)
+    assert "AddmmBackward" not in y_forced.grad_fn.name()  # the op's own backend, as forced
+    assert_close(y_forced, y)
+    for out in (y, y_forced):
+        out.sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad.dtype == torch.float32
+
+
+def test_bitfit_layer_master_bias_and_autocast_take_the_op():
+    layer = _bitfit_layer(torch.bfloat16, torch.float32)
+    x = torch.randn(3, 8, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()  # F.linear would refuse the dtype mix; the op sums db in fp32
+    assert layer.bias.grad.dtype == torch.float32
+    fp32 = _bitfit_layer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp32(torch.randn(3, 8))
+    assert y.dtype == torch.bfloat16 and "AddmmBackward" not in y.grad_fn.name()

@@ -49,10 +49,12 @@ class Row:
         return self.ratio <= self.target
 
 
-def time_per_call(fns: dict[str, Callable[[], object]], calls_per_fn: int, number: int = 30,
-                  rounds: int = 11) -> dict[str, float]:
+def time_per_call(fns: dict[str, Callable[[], object]], calls_per_fn: int, number: int = 10,
+                  rounds: int | None = None) -> dict[str, float]:
     """CPU µs per call of each fn (each runs `calls_per_fn` layer calls): the fastest of `rounds` interleaved
-    rounds of `number` runs, after a warm-up."""
+    rounds of `number` runs, after a warm-up. Many short rounds: on a shared machine the fastest of them is
+    the one another process did not disturb (the minimum is the estimate of the undisturbed time)."""
+    rounds = rounds if rounds is not None else (5 if number < 10 else 31)
     for fn in fns.values():
         for _ in range(max(3, number // 5)):
             fn()
@@ -206,15 +208,56 @@ def _op_rows(number: int) -> list[Row]:
     return rows
 
 
-def run(number: int = 30) -> list[Row]:
+class _EagerAdapter(nn.Module):
+    """A bottleneck adapter as written in plain PyTorch: ``h + up(relu(down(h)))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.up = nn.Linear(K, 16), nn.Linear(16, K)
+
+    def forward(self, h):
+        return h + self.up(F.relu(self.down(h)))
+
+
+def _module_rows(number: int) -> list[Row]:
+    """The modules a model runs, each in a DEPTH-deep stack beside the plain-PyTorch module it replaces."""
+    from peft_kernels.nn import AdapterConfig, BottleneckAdapter
+    from peft_kernels.patch.bitfit import BitFitLinear
+
+    rows: list[Row] = []
+
+    def pair(what, ours, eager, anchor_name, x):
+        fns = {"ours fwd": lambda: ours(x), "eager fwd": lambda: eager(x),
+               "ours fwd+bwd": _fwd_bwd(ours, x, [x, *_trainable(ours)]),
+               "eager fwd+bwd": _fwd_bwd(eager, x, [x, *_trainable(eager)])}
+        t = time_per_call(fns, DEPTH, number)
+        for mode in ("fwd", "fwd+bwd"):
+            rows.append(Row(what, mode, t[f"ours {mode}"], anchor_name, t[f"eager {mode}"], 1.0))
+
+    linears = nn.Sequential(*[nn.Linear(K, K) for _ in range(DEPTH)])
+    for layer in linears:
+        layer.weight.requires_grad_(False)
+    bitfit = nn.Sequential(*[BitFitLinear.wrap(copy.deepcopy(layer)) for layer in linears])
+    pair("BitFitLinear", bitfit, linears, "nn.Linear, W frozen", torch.randn(M, K, requires_grad=True))
+
+    eager = nn.Sequential(*[_EagerAdapter() for _ in range(DEPTH)])
+    ours = nn.Sequential(*[BottleneckAdapter(K, AdapterConfig(bottleneck=16, non_linearity="relu"))
+                           for _ in range(DEPTH)])
+    ours.load_state_dict(eager.state_dict())
+    pair("BottleneckAdapter", ours, eager, "h + up(relu(down(h))) module", torch.randn(M, K, requires_grad=True))
+    return rows
+
+
+def run(number: int = 10) -> list[Row]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         rows = _lora_rows(number)
-        try:
-            rows += _op_rows(number)
-        except Exception as exc:  # noqa: BLE001  (an op mid-change must not hide the LoRA rows)
-            print(f"overhead: op rows failed: {type(exc).__name__}: {exc}")
+        for more in (_module_rows, _op_rows):
+            try:
+                rows += more(number)
+            except Exception as exc:  # noqa: BLE001  (an op mid-change must not hide the LoRA rows)
+                print(f"overhead: {more.__name__} failed: {type(exc).__name__}: {exc}")
         return rows
     finally:
         torch.set_num_threads(threads)
@@ -234,6 +277,6 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(quick: bool = False) -> list[Row]:
-    rows = run(number=5 if quick else 30)
+    rows = run(number=5 if quick else 10)
     print(format_table(rows), flush=True)
     return rows

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from peft_kernels.ops.adapter import ACTIVATIONS, AdapterInputs, bottleneck_adapter, bottleneck_adapter_mixed
-from peft_kernels.ops.adapter import FAMILY as ADAPTER_FAMILY
+from peft_kernels.ops.adapter import ACTIVATIONS, bottleneck_adapter, bottleneck_adapter_mixed
 
 # AdapterHub / transformers activation names -> ours (AdapterHub resolves names with transformers'
 # get_activation: "swish" and "silu" are SiLU, "gelu" the exact erf GELU, "gelu_new" the tanh approximation).
@@ -242,18 +241,10 @@ class BottleneckAdapter(nn.Module):
             self.dropout is None or not self.training)
 
     def core(self, x: Tensor, residual: bool) -> Tensor:
-        """``[x +] s · up(act(down(x)))``: the fused op. The module's own weights were checked when it was built;
-        per call only x is (the op's full validation is host time a small layer would pay on every step)."""
-        w, wu, H = self.down.weight, self.up.weight, self.hidden_size
-        if (isinstance(x, Tensor) and x.dim() >= 1 and x.is_contiguous() and x.is_floating_point()
-                and x.shape[-1] == H and x.device == w.device
-                and wu.shape == (H, self.bottleneck) and w.shape == (self.bottleneck, H)):
-            x2 = x if x.dim() == 2 else x.view(-1, H)
-            y = ADAPTER_FAMILY(AdapterInputs(x2, w, self.down.bias, wu, self.up.bias, self.activation, self.scaling,
-                                             residual))
-            return y if x.dim() == 2 else y.view(x.shape)
-        return bottleneck_adapter(x, w, self.down.bias, self.up.weight, self.up.bias, self.activation, self.scaling,
-                                  residual)
+        """``[x +] s · up(act(down(x)))``: the fused op (validated once per input signature, then a cached call)."""
+        params_d, params_u = self.down._parameters, self.up._parameters
+        return bottleneck_adapter(x, params_d["weight"], params_d["bias"], params_u["weight"], params_u["bias"],
+                                  self.activation, self.scaling, residual)
 
     def branch(self, x: Tensor) -> Tensor:
         """``s · up(act(down(LN_before(x))))`` with dropout and LN_after: the parallel adapter's output."""

@@ -9,17 +9,9 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def tensor_key(*tensors) -> tuple | None:
-    """What the tensor checks of a public function depend on (shape, dtype, device, strides, requires_grad), for
-    ``Validated``; None when an argument is not a tensor (or None), so that the full checks run and raise."""
-    try:
-        return tuple(None if t is None else (t.shape, t.dtype, t.device, t.stride(), t.requires_grad) for t in tensors)
-    except AttributeError:
-        return None
-
-
 class Validated:
-    """The tensor signatures a public function has validated: a steady-state call checks only its scalars.
+    """The tensor signatures (``_op.signature``) a public function has validated: a steady-state call checks only
+    its scalars.
     Bounded (cleared when full): shapes that vary per batch would otherwise grow it without end."""
 
     def __init__(self, limit: int = 4096) -> None:

@@ -215,7 +215,10 @@ def _reference_backward(dy, h, W_down, b_down, W_up, b_up, z, activation, scalin
     if need_dh or need_dWd or need_dbd:
         mdt = _act_math_dtype(dt)
         da = _as(dy @ Wu, mdt).mul_(scaling)
-        dz = _as(da * activation_derivative(_as(z, mdt), activation), dt)
+        if activation == "relu":  # da where z > 0, else 0: one op (the C++ node's threshold_backward, bit for bit)
+            dz = _as(da.masked_fill(z <= 0, 0), dt)
+        else:
+            dz = _as(da * activation_derivative(_as(z, mdt), activation), dt)
         if need_dh:
             dh = torch.addmm(dy, dz, Wd) if residual else dz @ Wd
         if need_dWd:

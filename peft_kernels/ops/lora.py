@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily, steady
+from peft_kernels._op import OpFamily, signature, steady
 from peft_kernels.ops import _validate as v
 from peft_kernels.ops._seed import as_seed_tensor, seed_value
 from peft_kernels.ops.dropout_mask import dropout_keep_mask
@@ -229,16 +229,10 @@ def validate(x, weight, bias, lora_A, lora_B) -> None:
 
 
 def _key(x, weight, bias, lora_A, lora_B, dropout_p):
-    """What validation and dispatch depend on (strides: only W's; x is made contiguous), or None for a
-    non-tensor argument (the full checks then raise)."""
-    try:
-        return (dropout_p > 0.0, x.shape, x.dtype, x.device, x.requires_grad, weight.shape, weight.stride(),
-                weight.dtype, weight.device, weight.requires_grad,
-                None if bias is None else (bias.shape, bias.dtype, bias.device, bias.requires_grad),
-                lora_A.shape, lora_A.dtype, lora_A.device, lora_A.requires_grad,
-                lora_B.shape, lora_B.dtype, lora_B.device, lora_B.requires_grad)
-    except AttributeError:
-        return None
+    """What validation and dispatch depend on, or None for an argument that is not a plain tensor (the full checks
+    then run and raise)."""
+    sig = signature(x, weight, bias, lora_A, lora_B)
+    return None if sig is None else (dropout_p > 0.0, sig)
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # no dropout: the seed is unused (one shared tensor, no allocation)

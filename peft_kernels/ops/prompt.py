@@ -391,7 +391,7 @@ def soft_prompt_embed(input_ids: Tensor, embedding_weight: Tensor, prompt_embeds
 
 def _soft_prompt_embed_checked(input_ids, embedding_weight, prompt_embeds, positions, maps) -> Tensor:
     """Every other call: the tensor checks once per signature, the positions or maps, dispatch (then cached)."""
-    key = None if torch.compiler.is_compiling() else v.tensor_key(input_ids, embedding_weight, prompt_embeds)
+    key = None if torch.compiler.is_compiling() else signature(input_ids, embedding_weight, prompt_embeds)
     if key not in _VALIDATED:  # the tensor checks run once per signature
         validate(input_ids, embedding_weight, prompt_embeds)
         _VALIDATED.add(key)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peft_kernels import _config
+from peft_kernels._op import steady
 from peft_kernels.nn.lora import LoRALinear
 from peft_kernels.nn.lora_conv1d import LoRAConv1D
 from peft_kernels.ops.bias_norm import bias_only_norm, bias_only_norm_reference
@@ -83,9 +85,15 @@ class BitFitLinear(nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        if _fused_enabled(self.weight, self.bias):
-            return bias_only_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        params = self._parameters  # not nn.Module.__getattr__: this is the layer's per-call host time
+        weight, bias = params["weight"], params["bias"]
+        if not _fused_enabled(weight, bias):
+            return F.linear(x, weight, bias)
+        # CPU tensors, the bias in x's dtype, eager, no autocast, no forced backend: what the op itself runs there
+        # is F.linear (its `linear` backend, ops/bias_only.py), so the layer calls it as nn.Linear does.
+        if x.is_cpu and bias.dtype == x.dtype and steady() and _config.dispatch_switches()[0] is None:
+            return F.linear(x, weight, bias)
+        return bias_only_linear(x, weight, bias)
 
 
 _Conv1DBase = Conv1D if Conv1D is not None else nn.Module

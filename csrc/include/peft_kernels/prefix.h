@@ -7,7 +7,8 @@
 namespace peft_kernels {
 
 // softmax(q [Pk; k]^T * scale) [Pv; v] over all keys (no causal mask, no padding) as one C++ autograd node: one
-// CPU flash call over the concatenated keys, the output laid out like q; backward through the flash backward,
+// CPU flash call over the concatenated keys (kept for the backward, as autograd keeps SDPA's inputs over a
+// torch.cat), the output laid out like q; backward through the flash backward,
 // dPK/dPV the first P rows of dK/dV summed over the batch in fp32 (fp64 for fp64) for a shared [H, P, D] prefix,
 // copied for a per-example one, in the prefix's dtype. The Python backend's composition (`_concat_forward` /
 // `_concat_backward`) with its [prefix; k] buffer contiguous: the two are bit-identical (tested).
