@@ -14,7 +14,7 @@ void put(std::string& buf, int64_t v) { buf.append(reinterpret_cast<const char*>
 // bytes encoding, for each argument, None as -1 or a strided tensor as: dim, sizes, strides, dtype, device type,
 // device index, requires_grad (a prefix-free encoding: equal bytes <=> equal fields). None when an argument is
 // neither (a subclass of Tensor, a sparse tensor, another type): the caller then takes its fully checked path.
-PyObject* tensor_signature(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+PyObject* tensor_signature(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) try {
   std::string buf;
   buf.reserve(static_cast<size_t>(nargs) * 12 * sizeof(int64_t));
   for (Py_ssize_t i = 0; i < nargs; ++i) {
@@ -25,7 +25,7 @@ PyObject* tensor_signature(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
     }
     if (!THPVariable_CheckExact(o)) Py_RETURN_NONE;  // subclasses may redefine shape or dtype
     const at::Tensor& t = THPVariable_Unpack(o);
-    if (t.layout() != at::kStrided) Py_RETURN_NONE;
+    if (t.layout() != at::kStrided || t.is_nested()) Py_RETURN_NONE;
     const int64_t d = t.dim();
     put(buf, d);
     for (int64_t s : t.sizes()) put(buf, s);
@@ -36,6 +36,8 @@ PyObject* tensor_signature(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
     put(buf, t.requires_grad() ? 1 : 0);
   }
   return PyBytes_FromStringAndSize(buf.data(), static_cast<Py_ssize_t>(buf.size()));
+} catch (...) {  // a tensor whose sizes or strides cannot be read (a functorch wrapper, ...): the checked path
+  Py_RETURN_NONE;
 }
 
 PyMethodDef methods[] = {

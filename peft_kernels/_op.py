@@ -98,10 +98,13 @@ def python_signature(*tensors) -> tuple | None:
     """What validation and dispatch read of these tensors (None entries allowed), as a cache key; None when an
     argument is not a plain strided tensor (the public function's full checks then run)."""
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.layout != torch.strided):
-            return None  # a subclass may redefine what it reports; a sparse tensor has no strides
-    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
-                  for t in tensors])  # a list comprehension: a generator costs more on this per-call path
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or t.layout != torch.strided or t.is_nested):
+            return None  # a subclass may redefine what it reports; sparse and nested tensors have no strides
+    try:
+        return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+                      for t in tensors])  # a list comprehension: a generator costs more on this per-call path
+    except RuntimeError:  # sizes or strides that cannot be read (a functorch wrapper, ...)
+        return None
 
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)

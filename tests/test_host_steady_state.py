@@ -225,3 +225,41 @@ def test_bitfit_layer_master_bias_and_autocast_take_the_op():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = fp32(torch.randn(3, 8))
     assert y.dtype == torch.bfloat16 and "AddmmBackward" not in y.grad_fn.name()
+
+
+@pytest.mark.parametrize("key", [python_signature, signature], ids=["python", "active"])
+def test_signature_of_a_nested_tensor_is_none(key):
+    nested = torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)])
+    assert key(nested) is None
+
+
+def test_bitfit_layer_without_a_bias_is_a_plain_linear():
+    from peft_kernels.patch.bitfit import BitFitLinear
+
+    base = torch.nn.Linear(8, 6, bias=False)
+    base.weight.requires_grad_(False)
+    layer = BitFitLinear.wrap(base)
+    x = torch.randn(3, 8)
+    assert torch.equal(layer(x), base(x))
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_adapter_node_half_activations_bit_identical(dtype, activation):
+    """Half activations with fp32 master weights: the C++ node's relu backward (threshold_backward on an fp32
+    da and a half z) and the others give what the Python backward gives, bit for bit."""
+    ad = importlib.import_module("peft_kernels.ops.adapter")
+    torch.manual_seed(4)
+    h = torch.randn(6, 16, dtype=dtype, requires_grad=True)
+    params = [torch.randn(4, 16), torch.randn(4), torch.randn(16, 4), torch.randn(16)]
+    params = [p.requires_grad_(True) for p in params]
+    y = ad._AUTOGRAD_NODE(h, *params[:2], *params[2:], activation, 0.5, True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    rec = ad.AdapterInputs(h.detach(), *(p.detach() for p in params), activation, 0.5, True)
+    y_py, z = ad.FAMILY.forward_backends["reference"].run(*rec)
+    grads = ad.FAMILY.backward_backends["reference"].run(dy, *ad.FAMILY._save_fn(rec, (y_py, z)), [True] * 5)
+    assert torch.equal(y, y_py)
+    for t, g in zip((h, *params), grads):
+        assert torch.equal(t.grad, g) and t.grad.dtype == t.dtype

@@ -86,7 +86,8 @@ class BitFitLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         params = self._parameters  # not nn.Module.__getattr__: this is the layer's per-call host time
-        weight, bias = params["weight"], params["bias"]
+        weight = params["weight"]
+        bias = params["bias"] if "bias" in params else self.__dict__.get("bias")  # a bias-free layer: a plain None
         if not _fused_enabled(weight, bias):
             return F.linear(x, weight, bias)
         # CPU tensors, the bias in x's dtype, eager, no autocast, no forced backend: what the op itself runs there
