@@ -99,7 +99,10 @@ struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunct
 }  // namespace
 
 at::Tensor prefix_concat_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            const at::Tensor& prefix_k, const at::Tensor& prefix_v, double scale) {
+                                            const at::Tensor& prefix_k, const at::Tensor& prefix_v, bool causal,
+                                            const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  PK_CHECK(!(key_padding_mask.has_value() && key_padding_mask->defined()) && (!causal || q.size(2) == 1),
+           "prefix_concat_attention_autograd computes unmasked attention (no padding; causal only for one query)");
   PK_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && prefix_k.device().is_cpu() &&
                prefix_v.device().is_cpu(),
            "prefix_concat_attention_autograd takes CPU tensors");

@@ -378,11 +378,20 @@ class OpFamily:
         return backend.eager if backend.eager_when is None or backend.eager_when(inputs) else None
 
     # The steady state of a public function: validate and dispatch once per signature, then only look up.
-    #     hit = FAMILY.cached(key)            # key: signature(...) of the inputs validation depends on
+    #     hit = FAMILY.steady_hit(extra, *tensors)   # or FAMILY.cached(key): key = (extra, signature(*tensors))
     #     if hit is None: validate(...); hit = FAMILY.remember(key, inputs)
     #     fwd, bwd, node = hit                # node: one callable over the record's fields, or None (run_eager)
     def cached(self, key) -> tuple[str, str, Callable | None] | None:
         return None if key is None else self._calls.get((_config.dispatch_switches(), key))
+
+    def steady_hit(self, extra, *tensors) -> tuple[str, str, Callable | None] | None:
+        """``steady()`` and ``cached((extra, signature(*tensors)))`` in one call (each Python call on this path
+        costs host time per layer): `extra` is the hashable non-tensor part of the key, as the public function's
+        cold path builds it."""
+        if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():  # dynamo: before the C key
+            return None
+        sig = signature(*tensors)
+        return None if sig is None else self._calls.get((_config.dispatch_switches(), (extra, sig)))
 
     def remember(self, key, inputs) -> tuple[str, str, Callable | None]:
         """Dispatch a validated record and, where `key` is not None, keep the choice for ``cached``."""

@@ -90,7 +90,7 @@ def test_concat_node_is_bit_identical_to_the_python_backend(dtype, pdtype, share
     torch.manual_seed(0)
     inputs = _prefix_inputs(dtype, shared, hf, pdtype)
     leaves = [t.detach().requires_grad_(True) for t in inputs]
-    out = pa._CONCAT_NODE(*leaves, 0.3)
+    out = pa._CONCAT_NODE(*leaves, False, None, 0.3)
     dout = torch.randn_like(out)
     out.backward(dout)
     ref, ref_grads = _python_concat(inputs, 0.3, [True] * 5, dout)
@@ -106,7 +106,7 @@ def test_concat_node_computes_only_the_gradients_asked_for(needs):
     torch.manual_seed(1)
     inputs = _prefix_inputs(torch.float32, True, True, None)
     leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
-    out = pa._CONCAT_NODE(*leaves, 0.25)
+    out = pa._CONCAT_NODE(*leaves, False, None, 0.25)
     dout = torch.randn_like(out)
     out.backward(dout)
     _, ref_grads = _python_concat(inputs, 0.25, needs, dout)
@@ -139,6 +139,15 @@ def test_concat_node_serves_only_unmasked_cpu_signatures():
             assert_close(out, ref, name="out")
             for t, r in zip(leaves, ref_leaves):
                 assert_close(t.grad, r.grad, name="grad")
+
+
+@native
+def test_concat_node_refuses_a_mask():
+    q, k, v, pk_, pv = _prefix_inputs(torch.float32, True, True, None)
+    with pytest.raises(RuntimeError, match="unmasked"):
+        pa._CONCAT_NODE(q, k, v, pk_, pv, False, torch.ones(2, 9, dtype=torch.bool), 0.25)
+    with pytest.raises(RuntimeError, match="unmasked"):
+        pa._CONCAT_NODE(q, k, v, pk_, pv, True, None, 0.25)
 
 
 @native

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily, signature, steady
+from peft_kernels._op import OpFamily, signature
 from peft_kernels.ops import _validate as v
 
 OP = "bottleneck_adapter"
@@ -485,9 +485,10 @@ def bottleneck_adapter(h: Tensor, W_down: Tensor, b_down: Tensor | None, W_up: T
         scaling: scale of the adapter branch.
         residual: add h (Houlsby/Pfeiffer place the adapter inside a residual connection).
     """
-    if type(scaling) is float and -math.inf < scaling < math.inf and steady():
+    if type(scaling) is float and -math.inf < scaling < math.inf and type(activation) is str \
+            and type(residual) is bool:
         # The steady state: a signature validated before (activation and residual in it), then the backend.
-        hit = FAMILY.cached(_key(h, W_down, b_down, W_up, b_up, activation, residual))
+        hit = FAMILY.steady_hit((activation, residual), h, W_down, b_down, W_up, b_up)
         if hit is not None:
             h2d = h if h.dim() == 2 and h.is_contiguous() else h.reshape(-1, h.shape[-1]).contiguous()
             node = hit[2]
@@ -509,7 +510,7 @@ def bottleneck_adapter(h: Tensor, W_down: Tensor, b_down: Tensor | None, W_up: T
 def _key(h, W_down, b_down, W_up, b_up, activation, residual):
     sig = signature(h, W_down, b_down, W_up, b_up)
     return None if sig is None or type(activation) is not str or type(residual) is not bool else (
-        activation, residual, sig)
+        (activation, residual), sig)
 
 
 def bottleneck_adapter_mixed(h: Tensor, W_down: Tensor, b_down: Tensor | None, W_up: Tensor, b_up: Tensor | None,

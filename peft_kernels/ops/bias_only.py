@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily, signature, steady
+from peft_kernels._op import OpFamily, signature
 from peft_kernels.ops import _validate as v
 
 OP = "bias_only_linear"
@@ -185,17 +185,16 @@ def bias_only_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         bias: [out_features], any float dtype (e.g. an fp32 master bias for bf16 activations); its gradient
             comes back in its own dtype.
     """
-    if steady():  # the steady state: a signature validated before, then the backend's call
-        hit = FAMILY.cached(_key(x, weight, bias))
-        if hit is not None:
-            if hit[2] is not None:  # F.linear itself (the `linear` backend): any leading dims, any strides
-                return hit[2](x, weight, bias)
-            if x.dim() == 2:
-                return FAMILY.run_eager(BiasOnlyInputs(x if x.is_contiguous() else x.contiguous(), weight, bias),
-                                        hit[0], hit[1])
-            x2d = x.reshape(-1, x.shape[-1]).contiguous()
-            return FAMILY.run_eager(BiasOnlyInputs(x2d, weight, bias), hit[0], hit[1]).reshape(
-                *x.shape[:-1], weight.shape[0])
+    hit = FAMILY.steady_hit(torch.is_grad_enabled(), x, weight, bias)  # grad mode: the frozen-weight check
+    if hit is not None:  # the steady state: a signature validated before, then the backend's call
+        if hit[2] is not None:  # F.linear itself (the `linear` backend): any leading dims, any strides
+            return hit[2](x, weight, bias)
+        if x.dim() == 2:
+            return FAMILY.run_eager(BiasOnlyInputs(x if x.is_contiguous() else x.contiguous(), weight, bias),
+                                    hit[0], hit[1])
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        return FAMILY.run_eager(BiasOnlyInputs(x2d, weight, bias), hit[0], hit[1]).reshape(
+            *x.shape[:-1], weight.shape[0])
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         # What autocast does for F.linear, before the dtype check (x and W may arrive in different dtypes).
         dt = torch.get_autocast_dtype(x.device.type)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily, signature, steady
+from peft_kernels._op import OpFamily, signature
 from peft_kernels.ops import _validate as v
 from peft_kernels.ops._seed import as_seed_tensor, seed_value
 from peft_kernels.ops.dropout_mask import dropout_keep_mask
@@ -252,9 +252,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     """
     # The steady state (eager, no autocast, plain float scalars, a tensor signature seen before) is this block: a
     # cached lookup and the backend's call, nothing else. At small token counts this host time is the layer's step.
-    if (type(scaling) is float and type(dropout_p) is float and -_INF < scaling < _INF and 0.0 <= dropout_p < 1.0
-            and steady()):
-        hit = FAMILY.cached(_key(x, weight, bias, lora_A, lora_B, dropout_p))
+    if type(scaling) is float and type(dropout_p) is float and -_INF < scaling < _INF and 0.0 <= dropout_p < 1.0:
+        hit = FAMILY.steady_hit(dropout_p > 0.0, x, weight, bias, lora_A, lora_B)  # as _key builds it
         if hit is not None:
             fwd, bwd, node = hit
             seed_t = as_seed_tensor(OP, seed) if dropout_p > 0.0 else _NO_SEED

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily, signature, steady
+from peft_kernels._op import OpFamily, signature
 from peft_kernels.ops import _validate as val
 
 OP = "prefix_attention"
@@ -553,13 +553,9 @@ def _sdpa_backward_backend(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, 
                                  _prefix_merge_backward), needs)
 
 
+# The Python concat backend's calls for the unmasked case on CPU tensors as one C++ autograd node over the record's
+# fields (csrc/prefix.cpp; tested bit-identical): the eager host path.
 _CONCAT_NODE = _backends.native_function("prefix_concat_attention_autograd")
-
-
-def _concat_eager(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
-    """The Python concat backend's calls for the unmasked case on CPU tensors as one C++ autograd node
-    (csrc/prefix.cpp; tested bit-identical): the eager host path."""
-    return _CONCAT_NODE(q, k, v, prefix_k, prefix_v, scale)
 
 
 def _concat_eager_serves(inp: PrefixInputs) -> bool:
@@ -568,7 +564,7 @@ def _concat_eager_serves(inp: PrefixInputs) -> bool:
             and inp.q.device.type == "cpu")
 
 
-@FAMILY.forward("concat", eager=_concat_eager if _CONCAT_NODE is not None else None,
+@FAMILY.forward("concat", eager=_CONCAT_NODE,
                 eager_when=_concat_eager_serves if _CONCAT_NODE is not None else None)
 def _concat_forward_backend(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
     """One fused SDPA call over [prefix; k] (a concatenation copy), bottom-right causal."""
@@ -727,9 +723,9 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     it, and its gradients come back in fp32, summed over the batch for a shared prefix, without a rounding to
     the activation dtype on the way.
     """
-    if type(causal) is bool and (scale is None or (type(scale) is float and 0.0 < scale < math.inf)) and steady():
+    if type(causal) is bool and (scale is None or (type(scale) is float and 0.0 < scale < math.inf)):
         # The steady state: a signature validated before, then the backends' call.
-        hit = FAMILY.cached(_key(q, k, v, prefix_k, prefix_v, causal, key_padding_mask))
+        hit = FAMILY.steady_hit(causal, q, k, v, prefix_k, prefix_v, key_padding_mask)
         if hit is not None:
             s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
             if hit[2] is not None:  # the backend's eager node (its key decides that it serves these inputs)

@@ -377,8 +377,8 @@ def soft_prompt_embed(input_ids: Tensor, embedding_weight: Tensor, prompt_embeds
     """
     # The steady state (eager, the prompt in front, a signature seen before) is this block: a cached lookup and the
     # backend's call. The ids' range is checked inside the backends (memoized per ids tensor).
-    if positions is None and maps is None and steady():
-        hit = FAMILY.cached(signature(input_ids, embedding_weight, prompt_embeds))
+    if positions is None and maps is None:
+        hit = FAMILY.steady_hit(None, input_ids, embedding_weight, prompt_embeds)
         if hit is not None:
             fwd, bwd, node = hit
             ids = input_ids if input_ids.is_contiguous() else input_ids.contiguous()
@@ -418,7 +418,7 @@ def _soft_prompt_embed_checked(input_ids, embedding_weight, prompt_embeds, posit
     inputs = PromptInputs(ids, embedding_weight, prompt, slots, vpos)
     if slots is None and key is not None and steady():
         # Validated, no map: kept for the steady state above (the same signature as its lookup).
-        return FAMILY.call_checked(inputs, signature(input_ids, embedding_weight, prompt_embeds))
+        return FAMILY.call_checked(inputs, (None, signature(input_ids, embedding_weight, prompt_embeds)))
     # The tensor signature (plus "is there a map") is all dispatch depends on: no second signature to compute.
     dispatch_key = None if key is None else (key, slots is None)
     return FAMILY(inputs, dispatch_key)

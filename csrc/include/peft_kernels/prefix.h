@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace peft_kernels {
 
 // softmax(q [Pk; k]^T * scale) [Pv; v] over all keys (no causal mask, no padding) as one C++ autograd node: one
@@ -12,7 +14,9 @@ namespace peft_kernels {
 // dPK/dPV the first P rows of dK/dV summed over the batch in fp32 (fp64 for fp64) for a shared [H, P, D] prefix,
 // copied for a per-example one, in the prefix's dtype. The Python backend's composition (`_concat_forward` /
 // `_concat_backward`) with its [prefix; k] buffer contiguous: the two are bit-identical (tested).
+// Takes the op's input record as it is (causal and key_padding_mask must describe no mask: refused otherwise).
 at::Tensor prefix_concat_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            const at::Tensor& prefix_k, const at::Tensor& prefix_v, double scale);
+                                            const at::Tensor& prefix_k, const at::Tensor& prefix_v, bool causal,
+                                            const std::optional<at::Tensor>& key_padding_mask, double scale);
 
 }  // namespace peft_kernels
