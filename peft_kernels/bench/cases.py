@@ -669,7 +669,7 @@ def distill_cases(device: str, quick: bool = False) -> list[Case]:
             W, tW = (torch.empty((Vl, H), device=device, dtype=dtype) for _ in range(2))
             return LinearDistillInputs(h, W, None, None, None, th, tW, None, None,
                                        torch.empty(Nl, device=device, dtype=torch.long), None, 1.0, T, alpha, -100,
-                                       "mean", "forward_kl", 0.5, auto_chunk_size(Nl, H, Vl), 0b11)
+                                       "mean", "forward_kl", 0.5, auto_chunk_size(Nl, H, Vl, h.device.type), 0b11)
 
         cases.append(Case("distill_linear", lshape, "gemm_floor", gemm_floor, floor=True))
         if not big:

@@ -368,6 +368,26 @@ def _cpp_forward(s, t, labels, kd_mask, temperature, alpha, ignore_index, reduct
 FAMILY.backward("cpp", dtypes=None)(_reference_backward)  # ds scaled by the incoming gradient: the same math
 
 
+def cpp_rows(s, t, labels, kd_mask, counts, temperature, w_kd, w_ce, ignore_index, mean, divergence, beta,
+             grad_out):
+    """``reference_rows``' contract on CPU tensors over the C++ loop, for a chunk of the rows (the counts are the
+    whole batch's). The loop weighs the two terms (alpha, 1 - alpha) and divides by its own rows' counts; here
+    its per-row losses ("none") with alpha set to the ratio of the wanted weights w_kd / n_kd and w_ce / n_ce,
+    times their sum, give the wanted terms; the gradient is written in place and scaled the same way."""
+    kd, ce = (w_kd / max(float(counts[0]), 1.0), w_ce / max(float(counts[1]), 1.0)) if mean else (w_kd, w_ce)
+    scale = kd + ce
+    alpha = kd / scale if scale > 0.0 else 1.0
+    in_place = grad_out is not None and grad_out.data_ptr() == s.data_ptr() and grad_out.is_contiguous() \
+        and s.is_contiguous()
+    rows, ds = _CPP_FORWARD(s, t, labels, kd_mask, temperature, alpha, ignore_index, _REDUCTION_CODE["none"],
+                            _DIVERGENCE_CODE[divergence], beta, grad_out is not None, in_place)
+    if grad_out is not None:
+        if not in_place:
+            grad_out.copy_(ds)
+        grad_out.mul_(scale)
+    return rows.mul_(scale)
+
+
 @FAMILY.why_not("cpp")
 def _cpp_why_not(inp: DistillInputs) -> str | None:
     if _CPP_FORWARD is None:
