@@ -48,11 +48,6 @@ def _forward_is_linear_map(cls: type) -> bool:
     return False
 
 
-# Per class: read on every call of a patched peft layer (dynamo, which warns about cached functions, traces the
-# plain one).
-_forward_is_linear_map_cached = functools.cache(_forward_is_linear_map)
-
-
 def _class_kind(cls: type) -> str | None:
     """"linear" / "conv1d" when instances of `cls` compute a linear map the fused op does (given a float weight)."""
     conv1d = _conv1d_class()
@@ -65,7 +60,9 @@ def _class_kind(cls: type) -> str | None:
     return kind if _forward_is_linear_map(cls) else None
 
 
-_class_kind_cached = functools.cache(_class_kind)  # per class, as _forward_is_linear_map_cached
+# Per class: read on every call of a patched peft layer (dynamo, which warns about cached functions, traces the
+# plain one).
+_class_kind_cached = functools.cache(_class_kind)
 
 
 def linear_kind(module: nn.Module) -> str | None:
