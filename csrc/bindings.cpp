@@ -9,6 +9,7 @@
 
 #include "peft_kernels/distill.h"
 #include "peft_kernels/adapter.h"
+#include "peft_kernels/bias_norm.h"
 #include "peft_kernels/lora.h"
 #include "peft_kernels/prefix.h"
 #include "peft_kernels/prompt.h"
@@ -104,6 +105,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_linear_autograd", &peft_kernels::lora_linear_autograd, "LoRA linear as one C++ autograd node");
   m.def("bottleneck_adapter_autograd", &peft_kernels::bottleneck_adapter_autograd,
         "the bottleneck adapter reference math as one C++ autograd node");
+  m.def("bias_rms_norm_autograd", &peft_kernels::bias_rms_norm_autograd,
+        "the bias-only RMSNorm reference math as one C++ autograd node");
   // Distillation loss on CPU tensors (csrc/distill.cpp): the `cpp` backend's forward -> (loss, ds), and the same
   // as one autograd node. Not torch ops: the family's custom ops wrap the forward for torch.compile.
   m.def("distill_loss_forward_cpu", &peft_kernels::distill_loss_forward_cpu, "distillation loss forward (CPU)");

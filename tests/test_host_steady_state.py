@@ -314,3 +314,140 @@ def test_fused_linear_distillation_dispatches_cpp_on_cpu():
                                  torch.randn(V, H), None, None, torch.randint(0, V, (N,)), None, 1.0, 2.0, 0.5,
                                  -100, "mean", "forward_kl", 0.5, 4, 1)
     assert FAMILY.select(inputs) == ("cpp", "reference")
+
+
+# --- BitFit norms on CPU: F.layer_norm itself, and the RMSNorm reference as one C++ node --------------------------
+bn = importlib.import_module("peft_kernels.ops.bias_norm")
+
+
+def _norm_reference_backend(x, weight, bias, eps, dy, needs):
+    """The `reference` backend's own forward and backward (what torch.compile and the custom op run)."""
+    rec = bn.BiasNormInputs(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, eps, True)
+    outs = bn.FAMILY.forward_backends["reference"].run(*rec)
+    grads = bn.FAMILY.backward_backends["reference"].run(dy.reshape(-1, x.shape[-1]), *bn.FAMILY._save_fn(rec, outs),
+                                                         needs)
+    dx, db = grads
+    return outs[0].reshape(x.shape), (None if dx is None else dx.reshape(x.shape), db)
+
+
+@native
+@pytest.mark.parametrize("dtype, pdtype", [(torch.float32, None), (torch.float64, None), (torch.bfloat16, None),
+                                           (torch.float16, None), (torch.bfloat16, torch.float32),
+                                           (torch.float16, torch.float32)])
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_rms_norm_node_is_bit_identical_to_the_python_backend(dtype, pdtype, lead, needs):
+    torch.manual_seed(5)
+    pdtype = pdtype or dtype
+    x = torch.randn(*lead, 24, dtype=dtype).requires_grad_(needs[0])
+    weight = (torch.rand(24, dtype=pdtype) + 0.5)
+    bias = torch.randn(24, dtype=pdtype).requires_grad_(needs[1])
+    y = bn._RMS_NODE(x, weight, bias, 1e-6)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_py, (dx, db) = _norm_reference_backend(x.detach(), weight, bias.detach(), 1e-6, dy, list(needs))
+    assert torch.equal(y, y_py) and y.dtype == dtype
+    if needs[0]:
+        assert torch.equal(x.grad, dx) and x.grad.dtype == dtype
+    if needs[1]:
+        assert torch.equal(bias.grad, db) and bias.grad.dtype == pdtype
+    assert weight.grad is None
+
+
+@native
+@pytest.mark.parametrize("lead, contiguous", [((5,), True), ((2, 3), True), ((2, 3), False)])
+def test_bias_only_norm_steady_state_on_cpu(lead, contiguous):
+    """Both norms, twice (validate + dispatch, then the cached path), against the float64 reference; the cached
+    callable is F.layer_norm for LayerNorm and the C++ node for RMSNorm."""
+    torch.manual_seed(6)
+    weight = torch.rand(12, dtype=torch.float64) + 0.5
+    for rms in (False, True):
+        for _ in range(2):
+            x = torch.randn(*lead, 12 if contiguous else 24, dtype=torch.float64)
+            x = (x if contiguous else x[..., ::2]).requires_grad_(True)
+            b = torch.randn(12, dtype=torch.float64, requires_grad=True)
+            y = bn.bias_only_norm(x, weight, b, 1e-5, rms=rms)
+            xr, br = x.detach().requires_grad_(True), b.detach().requires_grad_(True)
+            yr = bn.bias_only_norm_reference(xr, weight, br, 1e-5, rms=rms)
+            dy = torch.randn_like(y)
+            y.backward(dy)
+            yr.backward(dy)
+            assert_close(y, yr)
+            assert_close(x.grad, xr.grad, name="dx")
+            assert_close(b.grad, br.grad, name="db")
+        node = bn.FAMILY.cached(bn._key(x, weight, b, rms))[2]
+        assert node is (bn._reference_eager if rms else bn._layer_norm_eager)
+        assert ("BiasRmsNormFunction" if rms else "NativeLayerNormBackward") in y.grad_fn.name()
+
+
+def test_bias_only_norm_steady_state_still_validates_what_it_does_not_key():
+    x, weight, b = torch.randn(3, 8), torch.ones(8), torch.zeros(8, requires_grad=True)
+    bn.bias_only_norm(x, weight, b)  # cached
+    with pytest.raises(ValueError, match="eps"):
+        bn.bias_only_norm(x, weight, b, eps=0.0)
+    with pytest.raises(ValueError, match="eps"):
+        bn.bias_only_norm(x, weight, b, eps=float("nan"))
+    with pytest.raises(TypeError, match="rms"):
+        bn.bias_only_norm(x, weight, b, rms=1)
+    with pytest.raises(ValueError, match="weight requires grad"):
+        bn.bias_only_norm(x, weight.clone().requires_grad_(True), b)
+    assert torch.equal(bn.bias_only_norm(x, weight, b, eps=1), bn.bias_only_norm(x, weight, b, eps=1.0))
+
+
+def _bitfit_norms():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from peft_kernels.patch.bitfit import BitFitLayerNorm, BitFitRMSNorm
+
+    ln = torch.nn.LayerNorm(8)
+    ln.weight.requires_grad_(False)
+    rms = LlamaRMSNorm(8, eps=1e-6)
+    rms.weight.requires_grad_(False)
+    return BitFitLayerNorm.wrap(ln), BitFitRMSNorm.wrap(rms, torch.nn.Parameter(torch.zeros(8))), ln, rms
+
+
+def test_bitfit_layer_norm_on_cpu_runs_f_layer_norm_unless_a_backend_is_forced():
+    layer, _, ln, _ = _bitfit_norms()
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    y = layer(x)
+    assert y.grad_fn.name() == "NativeLayerNormBackward0"  # what nn.LayerNorm's F.layer_norm gives
+    assert torch.equal(y, ln(x))
+    with peft_kernels.use_backend("reference", strict=True):
+        y_forced = layer(x)
+    assert "NativeLayerNorm" not in y_forced.grad_fn.name()
+    assert_close(y_forced, y)
+    for out in (y, y_forced):
+        out.sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is not None
+
+
+@native
+def test_bitfit_rms_norm_runs_the_node_and_matches_the_hf_norm_plus_bias():
+    _, layer, _, rms = _bitfit_norms()
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    assert_close(layer(x), rms(x) + layer.bias)  # validates and dispatches
+    y = layer(x)  # the cached path: the node over x's leading dims
+    assert "BiasRmsNormFunction" in y.grad_fn.name()
+    assert_close(y, rms(x) + layer.bias)
+    y.sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is not None and x.grad is not None
+
+
+def test_bitfit_conv1d_on_cpu_runs_f_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    from peft_kernels.patch.bitfit import BitFitConv1D
+
+    base = Conv1D(6, 8)
+    base.weight.requires_grad_(False)
+    layer = BitFitConv1D.wrap(base)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, base(x))  # F.linear over W's transpose is the addmm HF's Conv1D runs
+    assert layer(x[0]).grad_fn.name() == "AddmmBackward0"  # F.linear itself, not the op's autograd.Function
+    with peft_kernels.use_backend("aten", strict=True):
+        assert_close(layer(x), y)
+    y.sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is not None

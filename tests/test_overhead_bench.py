@@ -12,6 +12,10 @@ def test_overhead_rows_and_table():
     names = {(r.what, r.mode) for r in rows}
     assert ("LoRALinear", "fwd") in names and ("LoRALinear", "fwd+bwd") in names
     assert ("patched peft layer", "fwd+bwd") in names
+    for module in ("LoRAConv1D", "BitFitLinear", "BitFitConv1D", "BitFitLayerNorm", "BitFitRMSNorm",
+                   "BottleneckAdapter"):  # every module a patched model runs per layer has a row with a target
+        assert {(module, "fwd"), (module, "fwd+bwd")} <= names, module
+        assert all(r.target < float("inf") for r in rows if r.what == module)
     assert all(r.ours > 0 and r.anchor > 0 for r in rows)
     table = overhead.format_table(rows)
     assert "peft LoRA layer" in table and "ratio" in table

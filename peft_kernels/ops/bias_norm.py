@@ -7,12 +7,15 @@ fp32 (fp64 for fp64) whatever the dtypes of x, w and b; y comes back in x's dtyp
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from peft_kernels._op import OpFamily
+from peft_kernels import _backends
+from peft_kernels._op import OpFamily, signature
 from peft_kernels.ops import _validate as v
 
 OP = "bias_only_norm"
@@ -69,7 +72,17 @@ FAMILY = OpFamily(
 )
 
 
-@FAMILY.forward("reference")
+# The reference's RMSNorm forward and backward, op for op, as one C++ autograd node over any leading dims
+# (csrc/bias_norm.cpp; tested bit-identical): the eager host path where no fused kernel serves (CPU tensors).
+_RMS_NODE = _backends.native_function("bias_rms_norm_autograd")
+
+
+def _reference_eager(x, weight, bias, eps, rms):
+    return _RMS_NODE(x, weight, bias, eps)
+
+
+@FAMILY.forward("reference", eager=_reference_eager if _RMS_NODE is not None else None,
+                eager_when=(lambda inp: inp.rms) if _RMS_NODE is not None else None)
 def _reference_forward(x, weight, bias, eps, rms):
     """Plain PyTorch in fp32: the oracle and the fallback (the op order of HF's RMSNorm, so outputs match it)."""
     xf = x.to(_acc(x.dtype))
@@ -103,7 +116,13 @@ def _reference_backward(dy, x, weight, mean, rstd, rms, db_dtype, needs):
     return dx, db
 
 
-@FAMILY.forward("layer_norm", requires=None)
+def _layer_norm_eager(x, weight, bias, eps, rms):
+    # What the two functions below are, differentiated by autograd: F.layer_norm with the weight frozen runs
+    # aten::native_layer_norm and its backward with dweight masked off. Any leading dims.
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@FAMILY.forward("layer_norm", requires=None, eager=_layer_norm_eager)
 def _native_forward(x, weight, bias, eps, rms):
     """PyTorch's own LayerNorm kernels (aten::native_layer_norm and its backward with dweight masked off): the
     fast path on the CPU; on CUDA its backward reads dy twice (dx, then the bias in a second kernel)."""
@@ -165,6 +184,27 @@ def bias_only_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, r
         x: [..., H] activations (fp16/bf16/fp32/fp64). weight, bias: [H], any float dtype (fp32 masters are
             fine); the bias's gradient comes back in its own dtype. eps: > 0, added to the variance.
     """
+    if type(eps) is float and 0.0 < eps < math.inf and type(rms) is bool:
+        # The steady state: a signature validated before (grad mode: the frozen-weight check), then the backend.
+        hit = FAMILY.steady_hit((torch.is_grad_enabled(), rms), x, weight, bias)
+        if hit is not None:
+            if hit[2] is not None:  # one callable over any leading dims: F.layer_norm, or the C++ RMSNorm node
+                return hit[2](x, weight, bias, eps, rms)
+            x2d = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, x.shape[-1]).contiguous()
+            y = FAMILY.run_eager(BiasNormInputs(x2d, weight, bias, eps, rms), hit[0], hit[1])
+            return y if x2d is x else y.reshape(x.shape)
+    validate(x, weight, bias, rms)
+    eps = v.check_positive(OP, "eps", eps)
+    if type(eps) is int:
+        eps = float(eps)  # the steady state takes floats
+    key = None if torch.compiler.is_compiling() else _key(x, weight, bias, rms)  # an eager-mode thing
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    y = FAMILY.call_checked(BiasNormInputs(x2d, weight, bias, eps, rms), key)
+    return y.reshape(x.shape)
+
+
+def validate(x: Tensor, weight: Tensor, bias: Tensor, rms: bool) -> None:
+    """Everything but eps (a float that torch.compile may trace as a symbol: checked where it is read)."""
     v.check_tensor(OP, "x", x, min_ndim=1)
     v.check_tensor(OP, "weight", weight, ndim=1)
     v.check_tensor(OP, "bias", bias, ndim=1)
@@ -172,12 +212,13 @@ def bias_only_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, r
     v.check_nonzero(OP, "x", x, -1, "the normalized size")
     v.check_size(OP, "weight", weight, 0, x.shape[-1], "the normalized size x.shape[-1]")
     v.check_size(OP, "bias", bias, 0, x.shape[-1], "the normalized size x.shape[-1]")
-    eps = v.check_positive(OP, "eps", eps)
     if not isinstance(rms, bool):
         raise TypeError(f"{OP}: rms must be a bool, got {type(rms).__name__}")
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{OP}: weight requires grad, but this op keeps it frozen (it never computes dw); call "
                          "weight.requires_grad_(False), or use F.layer_norm / F.rms_norm to train it")
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    y = FAMILY(BiasNormInputs(x2d, weight, bias, eps, rms))
-    return y.reshape(x.shape)
+
+
+def _key(x, weight, bias, rms):
+    sig = signature(x, weight, bias)
+    return None if sig is None else ((torch.is_grad_enabled(), rms), sig)

@@ -66,6 +66,21 @@ _MLP = re.compile(r"mlp|ffn|feed_forward|feedforward|intermediate|experts?|dense
 _LORA_TYPES = (LoRALinear, LoRAConv1D)
 
 
+def _weight_and_bias(m: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+    # Not nn.Module.__getattr__ (a large share of a small layer's per-call host time). A bias-free layer's bias
+    # may be a plain None attribute rather than a registered one.
+    params = m._parameters
+    bias = params["bias"] if "bias" in params else m.__dict__.get("bias")
+    return params.get("weight"), bias
+
+
+def _op_is_plain(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
+    """Whether the fused op would run PyTorch's own differentiable function on these tensors (CPU tensors, weight
+    and bias in x's dtype, eager, no autocast, no forced backend), so a layer may call that function itself."""
+    return (x.is_cpu and bias.dtype == x.dtype and weight.dtype == x.dtype and steady()
+            and _config.dispatch_switches()[0] is None)
+
+
 def _fused_enabled(weight: Tensor, bias: Tensor | None) -> bool:
     # Where the fused op has nothing to fuse (no trainable bias, a trainable weight, no autograd), the plain op
     # is at least as fast: the layers fall back to it.
@@ -85,14 +100,10 @@ class BitFitLinear(nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        params = self._parameters  # not nn.Module.__getattr__: this is the layer's per-call host time
-        weight = params["weight"]
-        bias = params["bias"] if "bias" in params else self.__dict__.get("bias")  # a bias-free layer: a plain None
+        weight, bias = _weight_and_bias(self)
         if not _fused_enabled(weight, bias):
             return F.linear(x, weight, bias)
-        # CPU tensors, the bias in x's dtype, eager, no autocast, no forced backend: what the op itself runs there
-        # is F.linear (its `linear` backend, ops/bias_only.py), so the layer calls it as nn.Linear does.
-        if x.is_cpu and bias.dtype == x.dtype and steady() and _config.dispatch_switches()[0] is None:
+        if _op_is_plain(x, weight, bias):  # what the op runs there: its `linear` backend, F.linear itself
             return F.linear(x, weight, bias)
         return bias_only_linear(x, weight, bias)
 
@@ -113,8 +124,11 @@ class BitFitConv1D(_Conv1DBase):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        if _fused_enabled(self.weight, self.bias):
-            return bias_only_linear(x, self.weight.t(), self.bias)
+        weight, bias = _weight_and_bias(self)
+        if _fused_enabled(weight, bias):
+            if _op_is_plain(x, weight, bias):  # the op's `linear` backend: F.linear itself
+                return F.linear(x, weight.t(), bias)
+            return bias_only_linear(x, weight.t(), bias)
         y = x.reshape(-1, x.shape[-1]) @ self.weight
         if self.bias is not None:
             y = y + self.bias
@@ -139,9 +153,12 @@ class BitFitLayerNorm(nn.LayerNorm):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        if _fused_enabled(self.weight, self.bias):
-            return bias_only_norm(_norm_input(x), self.weight, self.bias, self.eps, rms=False)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        weight, bias = _weight_and_bias(self)
+        if _fused_enabled(weight, bias):
+            if _op_is_plain(x, weight, bias):  # the op's `layer_norm` backend: F.layer_norm itself
+                return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+            return bias_only_norm(_norm_input(x), weight, bias, self.eps, rms=False)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 class BitFitRMSNorm(nn.Module):
@@ -160,10 +177,11 @@ class BitFitRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        if _fused_enabled(self.weight, self.bias):
-            return bias_only_norm(_norm_input(x), self.weight, self.bias, eps, rms=True)
-        bias = self.bias if self.bias is not None else torch.zeros_like(self.weight)
-        return bias_only_norm_reference(x, self.weight, bias, eps, rms=True)
+        weight, bias = _weight_and_bias(self)
+        if _fused_enabled(weight, bias):
+            return bias_only_norm(_norm_input(x), weight, bias, eps, rms=True)
+        bias = bias if bias is not None else torch.zeros_like(weight)
+        return bias_only_norm_reference(x, weight, bias, eps, rms=True)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, bias={self.bias is not None}"
