@@ -418,13 +418,29 @@ def apply_bitfit(model: nn.Module, include="all", add_missing_biases: bool = Fal
         if add:
             state.added.append(name + ".bias")
     if include == "all":  # BitFit trains every bias: also those of layers it has no fused op for
-        known = set(state.trained)
+        by_name = dict(model.named_parameters(remove_duplicate=False))
+        known = {id(by_name[n]) for n in state.trained}
         for n, p in model.named_parameters():
-            if (n == "bias" or n.endswith(".bias")) and n not in known:
+            if (n == "bias" or n.endswith(".bias")) and id(p) not in known:
                 p.requires_grad_(True)
                 state.trained.append(n)
+    state.trained = _canonical_names(model, state.trained)
     _methods.register_method(model, METHOD, state)
     return model
+
+
+def _canonical_names(model: nn.Module, names: list[str]) -> list[str]:
+    """Each Parameter once, under the name ``named_parameters()`` gives it: a tied bias (BERT's MLM decoder bias is
+    ``cls.predictions.bias``) has several module paths, and a checkpoint must hold it once, under a name a fresh
+    model's ``named_parameters()`` lists."""
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    out: list[str] = []
+    for n in names:
+        c = canonical[id(by_name[n])]
+        if c not in out:
+            out.append(c)
+    return out
 
 
 def remove_bitfit(model: nn.Module) -> nn.Module:

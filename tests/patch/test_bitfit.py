@@ -263,6 +263,32 @@ def test_save_load_roundtrip_into_a_fresh_model(tmp_path):
     assert set(stored) == set(trainable(model)) and all(".bias" in k for k in stored)  # biases only
 
 
+def test_tied_bias_is_trained_and_saved_once(tmp_path):
+    """BERT's MLM head: decoder.bias is the Parameter cls.predictions.bias (two module paths, one tensor). It
+    trains, is listed once (under the name named_parameters() gives), and the checkpoint round-trips."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    base = transformers.BertForMaskedLM(cfg).eval()
+    model = apply_bitfit(copy.deepcopy(base))
+    tied = model.cls.predictions.bias
+    assert model.cls.predictions.decoder.bias is tied and tied.requires_grad
+    state = _methods.applied_methods(model)["bitfit"]
+    assert len(state.trained) == len(set(state.trained)) == len(trainable(model))
+    x = ids()
+    model(x, labels=x).loss.backward()
+    assert tied.grad is not None
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    save_bitfit(model, tmp_path)
+    fresh = load_bitfit(copy.deepcopy(base), tmp_path)
+    assert torch.equal(fresh(x).logits, model(x).logits)
+    assert fresh.cls.predictions.decoder.bias is fresh.cls.predictions.bias
+
+
 def test_load_into_an_already_bitfit_model(tmp_path):
     model = apply_bitfit(tiny_bert(), include="mlp")
     with torch.no_grad():
