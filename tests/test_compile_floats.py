@@ -42,7 +42,13 @@ def _adapter(s):
     return (lambda s: pk.bottleneck_adapter(h, Wd, bd, Wu, bu, activation="relu", scaling=s)), [1.0, 0.5, 2.0]
 
 
-CASES = {"lora_linear.scaling": _lora, "prefix_attention.scale": _prefix,
+def _norm(rms):
+    x, w, b = torch.randn(5, 8), torch.rand(8) + 0.5, torch.randn(8)
+    return (lambda e: pk.bias_only_norm(x, w, b, eps=e, rms=rms)), [1e-5, 1e-3, 0.5]
+
+
+CASES = {"lora_linear.scaling": _lora, "bias_only_norm.eps": lambda s: _norm(False),
+         "bias_only_norm.eps (rms)": lambda s: _norm(True), "prefix_attention.scale": _prefix,
          "distillation_loss.temperature": _distill, "distillation_loss.alpha": _distill_alpha,
          "bottleneck_adapter.scaling": _adapter}
 
