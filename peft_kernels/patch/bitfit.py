@@ -16,6 +16,7 @@ HF peft model with ``bias="all"`` / ``"lora_only"`` -- without changing what tra
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ from peft_kernels import _config
 from peft_kernels._op import steady
 from peft_kernels.nn.lora import LoRALinear
 from peft_kernels.nn.lora_conv1d import LoRAConv1D
+from peft_kernels.ops import bias_norm as _bias_norm
+from peft_kernels.ops import bias_only as _bias_only
 from peft_kernels.ops.bias_norm import bias_only_norm, bias_only_norm_reference
 from peft_kernels.ops.bias_only import bias_only_linear
 from peft_kernels.patch import _io, _methods
@@ -76,9 +79,18 @@ def _weight_and_bias(m: nn.Module) -> tuple[Tensor | None, Tensor | None]:
 
 def _op_is_plain(x: Tensor, weight: Tensor, bias: Tensor) -> bool:
     """Whether the fused op would run PyTorch's own differentiable function on these tensors (CPU tensors, weight
-    and bias in x's dtype, eager, no autocast, no forced backend), so a layer may call that function itself."""
-    return (x.is_cpu and bias.dtype == x.dtype and weight.dtype == x.dtype and steady()
+    and bias in x's dtype, eager, no autocast, no forced backend), so a layer may call that function itself.
+    Where that call fails, the layer runs the op's validation, which names the argument (then re-raises)."""
+    return (isinstance(x, Tensor) and x.is_cpu and bias.dtype == x.dtype and weight.dtype == x.dtype and steady()
             and _config.dispatch_switches()[0] is None)
+
+
+def _check_wrap(owner: str, base, ok: bool, what: str) -> None:
+    if isinstance(base, _LORA_TYPES):
+        raise TypeError(f"{owner}: base is a {type(base).__name__}; a LoRA layer computes its bias gradient in its "
+                        "own fused op (apply_bitfit leaves LoRA layers as they are)")
+    if not ok:
+        raise TypeError(f"{owner}: base must be {what}, got {type(base).__name__}")
 
 
 def _fused_enabled(weight: Tensor, bias: Tensor | None) -> bool:
@@ -92,6 +104,7 @@ class BitFitLinear(nn.Linear):
 
     @classmethod
     def wrap(cls, base: nn.Linear) -> BitFitLinear:
+        _check_wrap("BitFitLinear.wrap", base, isinstance(base, nn.Linear), "an nn.Linear")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = base.in_features, base.out_features
@@ -104,7 +117,11 @@ class BitFitLinear(nn.Linear):
         if not _fused_enabled(weight, bias):
             return F.linear(x, weight, bias)
         if _op_is_plain(x, weight, bias):  # what the op runs there: its `linear` backend, F.linear itself
-            return F.linear(x, weight, bias)
+            try:
+                return F.linear(x, weight, bias)
+            except RuntimeError:
+                _bias_only.validate(x, weight, bias)
+                raise
         return bias_only_linear(x, weight, bias)
 
 
@@ -116,6 +133,7 @@ class BitFitConv1D(_Conv1DBase):
 
     @classmethod
     def wrap(cls, base: nn.Module) -> BitFitConv1D:
+        _check_wrap("BitFitConv1D.wrap", base, is_conv1d(base), "a transformers Conv1D")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.nf, new.nx = base.weight.shape[1], base.weight.shape[0]
@@ -127,7 +145,11 @@ class BitFitConv1D(_Conv1DBase):
         weight, bias = _weight_and_bias(self)
         if _fused_enabled(weight, bias):
             if _op_is_plain(x, weight, bias):  # the op's `linear` backend: F.linear itself
-                return F.linear(x, weight.t(), bias)
+                try:
+                    return F.linear(x, weight.t(), bias)
+                except RuntimeError:
+                    _bias_only.validate(x, weight.t(), bias)
+                    raise
             return bias_only_linear(x, weight.t(), bias)
         y = x.reshape(-1, x.shape[-1]) @ self.weight
         if self.bias is not None:
@@ -137,6 +159,8 @@ class BitFitConv1D(_Conv1DBase):
 
 def _norm_input(x: Tensor) -> Tensor:
     # Autocast runs norms in fp32 (layer_norm is on its fp32 list); do the same.
+    if not isinstance(x, Tensor):
+        return x  # the op names it
     return x.float() if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64 else x
 
 
@@ -145,6 +169,12 @@ class BitFitLayerNorm(nn.LayerNorm):
 
     @classmethod
     def wrap(cls, base: nn.LayerNorm) -> BitFitLayerNorm:
+        owner = "BitFitLayerNorm.wrap"
+        _check_wrap(owner, base, isinstance(base, nn.LayerNorm), "an nn.LayerNorm")
+        if len(base.normalized_shape) != 1 or base.weight is None:
+            raise ValueError(f"{owner}: base must normalize over the last dim with a weight (elementwise_affine); "
+                             f"got normalized_shape={tuple(base.normalized_shape)}, "
+                             f"elementwise_affine={base.weight is not None}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.normalized_shape, new.eps, new.elementwise_affine = base.normalized_shape, base.eps, True
@@ -156,7 +186,11 @@ class BitFitLayerNorm(nn.LayerNorm):
         weight, bias = _weight_and_bias(self)
         if _fused_enabled(weight, bias):
             if _op_is_plain(x, weight, bias):  # the op's `layer_norm` backend: F.layer_norm itself
-                return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+                try:
+                    return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+                except RuntimeError:
+                    _bias_norm.validate(x, weight, bias, False)
+                    raise
             return bias_only_norm(_norm_input(x), weight, bias, self.eps, rms=False)
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
@@ -167,11 +201,30 @@ class BitFitRMSNorm(nn.Module):
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, eps: float | None) -> None:
         super().__init__()
+        owner = "BitFitRMSNorm"
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is None and name == "bias":
+                continue
+            if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_floating_point():
+                got = f"shape {tuple(t.shape)}, {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(f"{owner}: {name} must be a 1-D float tensor, got {got}")
+        if bias is not None and bias.shape != weight.shape:
+            raise ValueError(f"{owner}: bias has shape {tuple(bias.shape)}, weight {tuple(weight.shape)}")
+        if eps is not None:
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+                raise TypeError(f"{owner}: eps must be a float or None, got {type(eps).__name__}")
+            if not 0.0 < eps < math.inf:
+                raise ValueError(f"{owner}: eps must be finite and > 0, got {eps!r}")
+            eps = float(eps)
         self.weight, self.bias, self.eps = weight, bias, eps
 
     @classmethod
     def wrap(cls, base: nn.Module, bias: nn.Parameter | None = None) -> BitFitRMSNorm:
-        new = cls(base.weight, bias if bias is not None else base.bias, _rms_eps(base))
+        eps = _rms_eps(base)
+        if isinstance(base, _LORA_TYPES) or eps == "missing" or not _param_1d(base, "weight"):
+            raise TypeError(f"BitFitRMSNorm.wrap: base must be an RMSNorm module (a 1-D weight and an eps), got "
+                            f"{type(base).__name__}")
+        new = cls(base.weight, bias if bias is not None else getattr(base, "bias", None), eps)
         new.train(base.training)
         return new
 

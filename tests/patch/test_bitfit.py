@@ -443,3 +443,44 @@ def test_example_script_runs():
     out = ex.main(["--steps", "30", "--device", "cpu"])
     assert out["losses"][-1] < 0.5 * out["losses"][0]
     assert out["reloaded_equal"] and out["llama_unchanged"]
+
+
+def test_layer_constructors_and_forwards_name_what_is_wrong():
+    """The BitFit layers' wrap/constructor refuse what they cannot stand in for; a forward's wrong input names the
+    argument (the layers' plain fast path on CPU falls back to the op's validation when PyTorch raises)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.pytorch_utils import Conv1D
+
+    from peft_kernels.nn import LoRALinear
+
+    for call, exc, match in [
+        (lambda: BitFitLinear.wrap(nn.LayerNorm(4)), TypeError, r"BitFitLinear.wrap: base must be an nn.Linear"),
+        (lambda: BitFitLinear.wrap(LoRALinear(4, 4, r=2)), TypeError, r"BitFitLinear.wrap: base is a LoRALinear"),
+        (lambda: BitFitConv1D.wrap(nn.Linear(4, 4)), TypeError, r"BitFitConv1D.wrap: base must be a transformers"),
+        (lambda: BitFitLayerNorm.wrap(nn.Linear(4, 4)), TypeError, r"BitFitLayerNorm.wrap: base must be an nn.Lay"),
+        (lambda: BitFitLayerNorm.wrap(nn.LayerNorm((2, 4))), ValueError, r"BitFitLayerNorm.wrap: .*last dim"),
+        (lambda: BitFitRMSNorm.wrap(nn.Linear(4, 4)), TypeError, r"BitFitRMSNorm.wrap: base must be an RMSNorm"),
+        (lambda: BitFitRMSNorm("w", None, 1e-6), TypeError, r"BitFitRMSNorm: weight must be a 1-D float tensor"),
+        (lambda: BitFitRMSNorm(nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(5)), 1e-6), ValueError,
+         r"BitFitRMSNorm: bias has shape \(5,\)"),
+        (lambda: BitFitRMSNorm(nn.Parameter(torch.ones(4)), None, -1.0), ValueError, r"BitFitRMSNorm: eps must be"),
+        (lambda: BitFitRMSNorm(nn.Parameter(torch.ones(4)), None, "1e-6"), TypeError, r"BitFitRMSNorm: eps must be"),
+    ]:
+        with pytest.raises(exc, match=match):
+            call()
+    assert BitFitRMSNorm.wrap(LlamaRMSNorm(4)).bias is None  # a bias-free RMSNorm wraps as one
+
+    def frozen(m):
+        m.weight.requires_grad_(False)
+        return m
+
+    linear = BitFitLinear.wrap(frozen(nn.Linear(4, 3)))
+    conv = BitFitConv1D.wrap(frozen(Conv1D(3, 4)))
+    norm = BitFitLayerNorm.wrap(frozen(nn.LayerNorm(4)))
+    rms = BitFitRMSNorm(nn.Parameter(torch.ones(4), requires_grad=False), nn.Parameter(torch.zeros(4)), 1e-6)
+    for layer, op in ((linear, "bias_only_linear"), (conv, "bias_only_linear"), (norm, "bias_only_norm"),
+                      (rms, "bias_only_norm")):
+        with pytest.raises(ValueError, match=rf"{op}: weight .*expected 5"):
+            layer(torch.randn(2, 5))
+        with pytest.raises(TypeError, match=rf"{op}: x must be a torch.Tensor"):
+            layer("x")
