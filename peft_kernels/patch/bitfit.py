@@ -229,7 +229,7 @@ class BitFitRMSNorm(nn.Module):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        eps = self.eps if self.eps is not None else default_rms_eps(x.dtype)
         weight, bias = _weight_and_bias(self)
         if _fused_enabled(weight, bias):
             return bias_only_norm(_norm_input(x), weight, bias, eps, rms=True)
@@ -246,6 +246,13 @@ _BITFIT_TYPES = (BitFitLinear, BitFitConv1D, BitFitLayerNorm, BitFitRMSNorm)
 # --------------------------------------------------------------------------------------------------
 # Which modules carry a bias BitFit can train, and what they become
 # --------------------------------------------------------------------------------------------------
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """The eps of an RMSNorm built with ``eps=None`` (``torch.nn.RMSNorm``'s default): ATen's rms_norm takes the
+    machine epsilon of the dtype it computes in, fp32 for fp16/bf16 inputs (not the half type's own, which is
+    65000x larger for bf16 and changes the outputs of small activations)."""
+    return torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).eps
+
+
 def _rms_eps(m: nn.Module):
     for attr in ("variance_epsilon", "eps", "epsilon"):
         value = getattr(m, attr, None)
@@ -278,7 +285,7 @@ def _rms_math_matches(m: nn.Module) -> bool:
     except Exception:  # a forward that needs more than a tensor
         return False
     bias = m.bias if _param_1d(m, "bias") else torch.zeros_like(w)
-    want = bias_only_norm_reference(x, w, bias, eps if eps is not None else torch.finfo(x.dtype).eps, rms=True)
+    want = bias_only_norm_reference(x, w, bias, eps if eps is not None else default_rms_eps(x.dtype), rms=True)
     tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
     return isinstance(got, Tensor) and got.shape == want.shape and torch.allclose(got.float(), want.float(),
                                                                                   rtol=tol, atol=tol)

@@ -484,3 +484,20 @@ def test_layer_constructors_and_forwards_name_what_is_wrong():
             layer(torch.randn(2, 5))
         with pytest.raises(TypeError, match=rf"{op}: x must be a torch.Tensor"):
             layer("x")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rmsnorm_with_default_eps_keeps_its_outputs_in_half_precision(dtype):
+    """torch.nn.RMSNorm(eps=None) computes half inputs in fp32 with fp32's machine epsilon; the BitFit layer must
+    use the same (bf16's own epsilon, 65000x larger, moved small activations' outputs by up to 1.4)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.RMSNorm(16)).to(dtype)
+    x = (0.05 * torch.randn(4, 16)).to(dtype)
+    with torch.no_grad():
+        before = model[1](x)
+    apply_bitfit(model, add_missing_biases=True)
+    assert isinstance(model[1], BitFitRMSNorm)
+    with torch.no_grad():
+        assert torch.equal(model[1](x), before)
+    y = model[1](x.requires_grad_(True))  # the fused op's path (a trainable bias) gives the same
+    assert torch.equal(y.detach(), before)
