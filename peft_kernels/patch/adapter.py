@@ -209,7 +209,17 @@ def _check_name(owner: str, name) -> str:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
         raise ValueError(f"{owner}: adapter name must be a non-empty identifier-like str (letters, digits, _ or -), "
                          f"got {name!r}")
+    if name == _TRAIN_KEY:
+        raise ValueError(f"{owner}: adapter name {name!r} is reserved (it holds the model's modules_to_train)")
     return name
+
+
+def _check_dtype(owner: str, dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{owner}: dtype must be a floating torch.dtype or None (the model's), got {dtype!r}")
+
+
+_TRAIN_KEY = "__train__"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,8 +257,18 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, name: 
             if not any(n == t or n.endswith("." + t) for n in names):
                 raise ValueError(f"{owner}: modules_to_train entry {t!r} matches no module of {type(model).__name__}")
 
+    _check_dtype(owner, dtype)
     ctl = _Control()
     ctl.original_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        _insert_sites(model, ctl, layers, train, name, config, dtype)
+    except BaseException:
+        _undo(model, ctl)  # a failed apply leaves the model as it was
+        raise
+    return model
+
+
+def _insert_sites(model: nn.Module, ctl: _Control, layers, train, name: str, config: AdapterConfig, dtype) -> None:
     for idx, (_, layer, arch) in enumerate(layers):
         for loc, (path, tap) in arch.sites.items():
             target = _get(layer, path)
@@ -267,12 +287,11 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, name: 
             ctl.restore.append((target, None))  # the forward override
             ctl.sites.append(site)
     model.__dict__["peft_kernels_adapter_control"] = ctl
-    ctl.configs["__train__"] = train
+    ctl.configs[_TRAIN_KEY] = train
     _methods.register_method(model, METHOD, {"adapters": ctl.configs})
     add_bottleneck_adapter(model, name, config, dtype=dtype)
     set_active_adapters(model, name)
     _set_trainable(model, ctl)
-    return model
 
 
 def _check_config_for(owner: str, config: AdapterConfig, layers) -> None:
@@ -290,8 +309,8 @@ def _check_config_for(owner: str, config: AdapterConfig, layers) -> None:
 def _set_trainable(model: nn.Module, ctl: _Control) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
-    train = ctl.configs.get("__train__", ())
-    any_ln = any(c.train_layer_norms for k, c in ctl.configs.items() if k != "__train__")
+    train = ctl.configs.get(_TRAIN_KEY, ())
+    any_ln = any(c.train_layer_norms for k, c in ctl.configs.items() if k != _TRAIN_KEY)
     for n, m in model.named_modules():
         if isinstance(m, BottleneckAdapter) or (train and any(n == t or n.endswith("." + t) for t in train)):
             for p in m.parameters():
@@ -307,6 +326,7 @@ def add_bottleneck_adapter(model: nn.Module, name: str, config: AdapterConfig | 
     owner = "add_bottleneck_adapter"
     ctl = _control(model, owner)
     _check_name(owner, name)
+    _check_dtype(owner, dtype)
     if name in ctl.configs:
         raise ValueError(f"{owner}: an adapter named {name!r} exists already; call "
                          f"delete_bottleneck_adapter(model, {name!r}) first")
@@ -336,7 +356,7 @@ def _site_param(site: AdapterSite, model: nn.Module) -> Tensor:
 
 def list_adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     """name -> config of the adapters of ``model``."""
-    return {k: v for k, v in _control(model, "list_adapters").configs.items() if k != "__train__"}
+    return {k: v for k, v in _control(model, "list_adapters").configs.items() if k != _TRAIN_KEY}
 
 
 def set_active_adapters(model: nn.Module, setup: str | Sequence[str] | None) -> None:
@@ -345,7 +365,7 @@ def set_active_adapters(model: nn.Module, setup: str | Sequence[str] | None) -> 
     ctl = _control(model, owner)
     names = () if setup is None else (setup,) if isinstance(setup, str) else tuple(setup)
     for n in names:
-        if n not in ctl.configs or n == "__train__":
+        if n not in ctl.configs or n == _TRAIN_KEY:
             raise ValueError(f"{owner}: unknown adapter {n!r}; the model has {sorted(list_adapters(model))}")
     ctl.active = names
 
@@ -365,7 +385,7 @@ def adapter_routing(model: nn.Module, names: Sequence[str], ids: Tensor) -> Iter
     if not names:
         raise ValueError(f"{owner}: names is empty")
     for n in names:
-        if n not in ctl.configs or n == "__train__":
+        if n not in ctl.configs or n == _TRAIN_KEY:
             raise ValueError(f"{owner}: unknown adapter {n!r}; the model has {sorted(list_adapters(model))}")
     if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
         raise TypeError(f"{owner}: ids must be an integer tensor")
@@ -386,7 +406,7 @@ def adapter_routing(model: nn.Module, names: Sequence[str], ids: Tensor) -> Iter
 
 def delete_bottleneck_adapter(model: nn.Module, name: str) -> None:
     ctl = _control(model, "delete_bottleneck_adapter")
-    if name not in ctl.configs or name == "__train__":
+    if name not in ctl.configs or name == _TRAIN_KEY:
         raise ValueError(f"delete_bottleneck_adapter: unknown adapter {name!r}")
     for site in ctl.sites:
         if name in site:
@@ -398,22 +418,27 @@ def delete_bottleneck_adapter(model: nn.Module, name: str) -> None:
 def remove_adapters(model: nn.Module) -> nn.Module:
     """Take every adapter site out of ``model``: forwards, hooks and requires_grad flags as before."""
     model = _unwrap(model)
-    ctl = _control(model, "remove_adapters")
+    _undo(model, _control(model, "remove_adapters"))
+    return model
+
+
+def _undo(model: nn.Module, ctl: _Control) -> None:
+    """Everything ``apply_adapters`` did, undone in reverse (also after it failed part-way)."""
     for item in reversed(ctl.restore):
         if isinstance(item, tuple):
             mod, attr = item
             if attr is None:
                 mod.__dict__.pop("forward", None)
-            else:
+            elif attr in mod._modules:
                 delattr(mod, attr)
         else:
             item.remove()
     for n, p in model.named_parameters():
         if n in ctl.original_requires_grad:
             p.requires_grad_(ctl.original_requires_grad[n])
-    del model.__dict__["peft_kernels_adapter_control"]
-    _methods.unregister_method(model, METHOD)
-    return model
+    if model.__dict__.get("peft_kernels_adapter_control") is ctl:
+        del model.__dict__["peft_kernels_adapter_control"]
+        _methods.unregister_method(model, METHOD)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,7 +459,7 @@ def save_adapters(model: nn.Module, save_directory: str | os.PathLike, names: Se
     ctl = _control(model, owner)
     names = list(list_adapters(model)) if names is None else [names] if isinstance(names, str) else list(names)
     for n in names:
-        if n not in ctl.configs or n == "__train__":
+        if n not in ctl.configs or n == _TRAIN_KEY:
             raise ValueError(f"{owner}: unknown adapter {n!r}")
     for n in names:
         with _io.atomic_files(os.path.join(os.fspath(save_directory), n)) as out:
@@ -479,9 +504,11 @@ def _read_dir(path: str, owner: str):
     cfg_path = os.path.join(path, CONFIG_NAME)
     meta = _io.read_json(cfg_path, owner=owner)
     if meta.get("format") == FORMAT:
+        if not isinstance(meta.get("config"), dict):
+            raise ValueError(f"{owner}: {cfg_path!r} has no adapter \"config\" object")
         cfg = AdapterConfig.from_dict(meta["config"])
         state = _io.load_safetensors(os.path.join(path, WEIGHTS_NAME), owner=owner)
-        return meta.get("name"), cfg, state
+        return meta.get("name"), cfg, state, meta.get("model_type")
     if "config" in meta and isinstance(meta["config"], dict) and "name" in meta:  # AdapterHub
         bn = meta["config"]
         if bn.get("architecture", "bottleneck") not in (None, "bottleneck"):
@@ -504,7 +531,7 @@ def _read_dir(path: str, owner: str):
                 state[f"{layer}.{loc}.{param}"] = t
         if not state:
             raise ValueError(f"{owner}: {path!r}: no bottleneck-adapter weights named {name!r} found")
-        return name, cfg, state
+        return name, cfg, state, meta.get("model_type")
     raise ValueError(f"{owner}: {cfg_path!r} is neither a peft_kernels nor an AdapterHub adapter config")
 
 
@@ -515,9 +542,14 @@ def load_adapters(model: nn.Module, load_directory: str | os.PathLike, name: str
     none). Everything is read and checked before the model changes. Returns the adapter's name."""
     owner = "load_adapters"
     path = os.fspath(load_directory)
-    saved_name, cfg, state = _read_dir(path, owner)
+    saved_name, cfg, state, saved_type = _read_dir(path, owner)
     name = _check_name(owner, name or saved_name or "adapter")
+    _check_dtype(owner, dtype)
     m = _unwrap(model)
+    model_type = getattr(getattr(m, "config", None), "model_type", None)
+    if saved_type is not None and model_type is not None and saved_type != model_type:
+        # Same widths and depth are not the same model: the adapter was trained on another one's hidden states.
+        raise ValueError(f"{owner}: {path!r} was saved from a {saved_type!r} model; this one is {model_type!r}")
     fresh = "peft_kernels_adapter_control" not in m.__dict__
     if fresh:
         apply_adapters(m, cfg, name, dtype=dtype)

@@ -424,3 +424,51 @@ def test_bf16_model_with_fp32_adapter_masters(preset):
         else:
             assert p.dtype == torch.float32
             assert ((p.grad - p_ref[n].grad).norm() / p_ref[n].grad.norm().clamp_min(1e-12)) < 0.15, n
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"dtype": "float32"}, TypeError, r"apply_adapters: dtype must be a floating torch.dtype"),
+    ({"dtype": torch.int32}, TypeError, r"apply_adapters: dtype must be a floating torch.dtype"),
+    ({"name": "__train__"}, ValueError, r"apply_adapters: adapter name '__train__' is reserved"),
+])
+def test_failed_apply_leaves_the_model_as_it_was(kw, exc, match):
+    model = tiny("bert")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(exc, match=match):
+        pa.apply_adapters(model, AdapterConfig(), **kw)
+    assert "peft_kernels_adapter_control" not in model.__dict__ and not applied_methods(model)
+    assert not any(isinstance(m, pa.AdapterSite) for m in model.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert model.state_dict().keys() == state.keys()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    pa.apply_adapters(model, AdapterConfig(), "task")  # a retry with good arguments works
+
+
+def test_failure_part_way_through_apply_is_undone(monkeypatch):
+    model = tiny("llama")
+    x = ids()
+    with torch.no_grad():
+        ref = model(x).logits
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(pa, "set_active_adapters", boom)  # after every site and hook is in place
+    with pytest.raises(RuntimeError, match="injected"):
+        pa.apply_adapters(model, AdapterConfig(), "task")
+    monkeypatch.undo()
+    assert not any(isinstance(m, pa.AdapterSite) for m in model.modules()) and not applied_methods(model)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+
+
+def test_load_refuses_an_adapter_from_another_model_type(tmp_path):
+    bert = tiny("bert")
+    pa.apply_adapters(bert, AdapterConfig(), "task")
+    pa.save_adapters(bert, tmp_path)
+    roberta = tiny("roberta")  # the same widths and depth
+    with pytest.raises(ValueError, match=r"load_adapters: .* saved from a 'bert' model; this one is 'roberta'"):
+        pa.load_adapters(roberta, tmp_path / "task")
+    assert "peft_kernels_adapter_control" not in roberta.__dict__
