@@ -125,6 +125,9 @@ class _Control:
     configs: dict = field(default_factory=dict)
     restore: list = field(default_factory=list)  # undo actions for remove_adapters
     original_requires_grad: dict = field(default_factory=dict)
+    # The model's own parameters that train beside the adapters (train_layer_norms, modules_to_train), as they
+    # were before: saved with the adapters, put back by remove_adapters.
+    originals: dict = field(default_factory=dict)
 
 
 class AdapterSite(nn.ModuleDict):
@@ -318,6 +321,20 @@ def _set_trainable(model: nn.Module, ctl: _Control) -> None:
         elif any_ln and (isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("RMSNorm", "LayerNorm"))):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(True)
+    adapter_params = {id(p) for m in model.modules() if isinstance(m, BottleneckAdapter) for p in m.parameters()}
+    for n, p in model.named_parameters():
+        if p.requires_grad and id(p) not in adapter_params and n not in ctl.originals:
+            ctl.originals[n] = p.detach().clone()
+
+
+def _trained_model_parameters(model: nn.Module, ctl: _Control) -> dict[str, Tensor]:
+    """The model's own parameters that train beside the adapters, under the checkpoint's ``model.`` prefix."""
+    params = dict(model.named_parameters())
+    return {_MODEL_PREFIX + n: params[n].detach().contiguous().cpu() for n in ctl.originals
+            if n in params and params[n].requires_grad}
+
+
+_MODEL_PREFIX = "model."  # adapter keys start with a layer index: no clash
 
 
 def add_bottleneck_adapter(model: nn.Module, name: str, config: AdapterConfig | None = None, *,
@@ -416,7 +433,9 @@ def delete_bottleneck_adapter(model: nn.Module, name: str) -> None:
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
-    """Take every adapter site out of ``model``: forwards, hooks and requires_grad flags as before."""
+    """Take every adapter site out of ``model``: forwards, hooks and requires_grad flags as before, and the values
+    of the model's own parameters that trained beside the adapters (train_layer_norms, modules_to_train). Save the
+    adapters first (:func:`save_adapters` keeps those parameters too)."""
     model = _unwrap(model)
     _undo(model, _control(model, "remove_adapters"))
     return model
@@ -424,6 +443,11 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 
 def _undo(model: nn.Module, ctl: _Control) -> None:
     """Everything ``apply_adapters`` did, undone in reverse (also after it failed part-way)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, value in ctl.originals.items():  # the norms / modules that trained beside the adapters
+            if n in params:
+                params[n].copy_(value)
     for item in reversed(ctl.restore):
         if isinstance(item, tuple):
             mod, attr = item
@@ -454,7 +478,9 @@ def _adapter_state(ctl: _Control, name: str) -> dict[str, Tensor]:
 
 
 def save_adapters(model: nn.Module, save_directory: str | os.PathLike, names: Sequence[str] | None = None) -> None:
-    """Write ``<dir>/<name>/adapters.safetensors`` + ``adapter_config.json`` per adapter (atomically)."""
+    """Write ``<dir>/<name>/adapters.safetensors`` + ``adapter_config.json`` per adapter (atomically). The model's
+    own parameters that train beside the adapters (the norms of ``train_layer_norms``, ``modules_to_train``) are
+    written with each adapter, under ``model.<name>``; :func:`load_adapters` puts them back."""
     owner = "save_adapters"
     ctl = _control(model, owner)
     names = list(list_adapters(model)) if names is None else [names] if isinstance(names, str) else list(names)
@@ -462,11 +488,16 @@ def save_adapters(model: nn.Module, save_directory: str | os.PathLike, names: Se
         if n not in ctl.configs or n == _TRAIN_KEY:
             raise ValueError(f"{owner}: unknown adapter {n!r}")
     for n in names:
+        # The model's parameters that trained beside the adapters (norms, modules_to_train) go with each adapter:
+        # without them a reloaded model would not give the trained model's outputs.
+        extra = _trained_model_parameters(_unwrap(model), ctl)
         with _io.atomic_files(os.path.join(os.fspath(save_directory), n)) as out:
-            out.save_safetensors(WEIGHTS_NAME, _adapter_state(ctl, n))
+            out.save_safetensors(WEIGHTS_NAME, {**_adapter_state(ctl, n), **extra})
             out.write_json(CONFIG_NAME, {"format": FORMAT, "name": n, "config": ctl.configs[n].to_dict(),
                                          "model_type": getattr(getattr(_unwrap(model), "config", None), "model_type",
-                                                               None)})
+                                                               None),
+                                         "modules_to_train": list(ctl.configs.get(_TRAIN_KEY, ())),
+                                         "model_parameters": sorted(k[len(_MODEL_PREFIX):] for k in extra)})
 
 
 _HUB_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
@@ -508,7 +539,7 @@ def _read_dir(path: str, owner: str):
             raise ValueError(f"{owner}: {cfg_path!r} has no adapter \"config\" object")
         cfg = AdapterConfig.from_dict(meta["config"])
         state = _io.load_safetensors(os.path.join(path, WEIGHTS_NAME), owner=owner)
-        return meta.get("name"), cfg, state, meta.get("model_type")
+        return meta.get("name"), cfg, state, meta
     if "config" in meta and isinstance(meta["config"], dict) and "name" in meta:  # AdapterHub
         bn = meta["config"]
         if bn.get("architecture", "bottleneck") not in (None, "bottleneck"):
@@ -531,7 +562,7 @@ def _read_dir(path: str, owner: str):
                 state[f"{layer}.{loc}.{param}"] = t
         if not state:
             raise ValueError(f"{owner}: {path!r}: no bottleneck-adapter weights named {name!r} found")
-        return name, cfg, state, meta.get("model_type")
+        return name, cfg, state, meta
     raise ValueError(f"{owner}: {cfg_path!r} is neither a peft_kernels nor an AdapterHub adapter config")
 
 
@@ -542,17 +573,24 @@ def load_adapters(model: nn.Module, load_directory: str | os.PathLike, name: str
     none). Everything is read and checked before the model changes. Returns the adapter's name."""
     owner = "load_adapters"
     path = os.fspath(load_directory)
-    saved_name, cfg, state, saved_type = _read_dir(path, owner)
+    saved_name, cfg, state, meta = _read_dir(path, owner)
     name = _check_name(owner, name or saved_name or "adapter")
     _check_dtype(owner, dtype)
     m = _unwrap(model)
-    model_type = getattr(getattr(m, "config", None), "model_type", None)
+    saved_type, model_type = meta.get("model_type"), getattr(getattr(m, "config", None), "model_type", None)
     if saved_type is not None and model_type is not None and saved_type != model_type:
         # Same widths and depth are not the same model: the adapter was trained on another one's hidden states.
         raise ValueError(f"{owner}: {path!r} was saved from a {saved_type!r} model; this one is {model_type!r}")
+    own = {k[len(_MODEL_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_MODEL_PREFIX)]}
+    params = dict(m.named_parameters())
+    bad = [k for k, t in own.items() if k not in params or tuple(params[k].shape) != tuple(t.shape)]
+    if bad:
+        raise ValueError(f"{owner}: {path!r} holds model parameters this model lacks or has in other shapes: "
+                         f"{bad[:4]}")
     fresh = "peft_kernels_adapter_control" not in m.__dict__
     if fresh:
-        apply_adapters(m, cfg, name, dtype=dtype)
+        train = meta.get("modules_to_train") or None
+        apply_adapters(m, cfg, name, dtype=dtype, modules_to_train=train)
     else:
         add_bottleneck_adapter(m, name, cfg, dtype=dtype)
     ctl = _control(m, owner)
@@ -570,6 +608,8 @@ def load_adapters(model: nn.Module, load_directory: str | os.PathLike, name: str
                 prefix = f"{site.layer_idx}.{site.location}."
                 sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                 site[name].load_state_dict(sub)
+        for k, t in own.items():  # the norms / modules that trained beside the adapter
+            params[k].copy_(t)
     if set_active:
         set_active_adapters(m, name)
     return name

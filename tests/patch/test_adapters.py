@@ -472,3 +472,37 @@ def test_load_refuses_an_adapter_from_another_model_type(tmp_path):
     with pytest.raises(ValueError, match=r"load_adapters: .* saved from a 'bert' model; this one is 'roberta'"):
         pa.load_adapters(roberta, tmp_path / "task")
     assert "peft_kernels_adapter_control" not in roberta.__dict__
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_trained_norms_and_modules_are_saved_loaded_and_restored(tmp_path, kind):
+    """What trains beside the adapters (the model's norms with train_layer_norms, a head in modules_to_train) is
+    saved with them, loaded back (a fresh model gives the trained model's logits), and put back by remove."""
+    model = tiny(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head = ["classifier"] if kind == "bert" else ["lm_head"]
+    pa.apply_adapters(model, AdapterConfig(train_layer_norms=True), "task", modules_to_train=head)
+    x = ids()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        out = model(x).logits
+        out.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    changed = [k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert any("norm" in k.lower() for k in changed) and any(k.startswith(head[0]) for k in changed)
+    with torch.no_grad():
+        ref = model(x).logits
+    pa.save_adapters(model, tmp_path)
+    meta = json.loads((tmp_path / "task" / pa.CONFIG_NAME).read_text())
+    assert meta["modules_to_train"] == head and any(n.startswith(head[0]) for n in meta["model_parameters"])
+
+    fresh = tiny(kind)
+    pa.load_adapters(fresh, tmp_path / "task")
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, ref)
+    assert all(p.requires_grad for n, p in fresh.named_parameters() if n.startswith(head[0]))
+
+    pa.remove_adapters(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
