@@ -113,6 +113,16 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 signature: Callable[..., object] = _backends.native_function("tensor_signature") or python_signature
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on this device type, or None where it is off (or the device type has no
+    autocast at all: meta tensors, whose ``is_autocast_enabled`` raises)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
 def steady() -> bool:
     """A public function may take its cached steady-state path: eager, no autocast to apply."""
     return not torch._C._is_any_autocast_enabled() and not torch.compiler.is_compiling()
@@ -424,10 +434,9 @@ class OpFamily:
         return False
 
     def _autocast(self, inputs):
-        device_type = self.device_type(inputs)
-        if not torch.is_autocast_enabled(device_type):
+        dtype = autocast_dtype(self.device_type(inputs))
+        if dtype is None:
             return inputs
-        dtype = torch.get_autocast_dtype(device_type)
         cast = {}
         for name in self.autocast:
             t = getattr(inputs, name)

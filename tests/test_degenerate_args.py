@@ -47,3 +47,19 @@ CASES = [
 def test_degenerate_argument_is_a_clear_error(name, call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_meta_tensors_and_numpy_scalars_are_taken():
+    """Meta tensors have no autocast state (torch.is_autocast_enabled("meta") raises): the ops' autocast step
+    skips them; a numpy float is a number like a Python float."""
+    import numpy as np
+
+    meta = {"device": "meta"}
+    y = pk.bias_only_linear(torch.randn(2, 8, **meta), torch.randn(5, 8, **meta), torch.randn(5, **meta))
+    assert y.shape == (2, 5) and y.is_meta
+    y = pk.lora_linear(torch.randn(2, 8, **meta), torch.randn(5, 8, **meta), None, torch.randn(2, 8, **meta),
+                       torch.randn(5, 2, **meta), scaling=np.float32(2.0))
+    assert y.shape == (2, 5)
+    x, w, b = torch.randn(2, 8), torch.ones(8), torch.zeros(8)
+    eps = np.float32(1e-5)
+    assert torch.equal(pk.bias_only_norm(x, w, b, eps), pk.bias_only_norm(x, w, b, float(eps)))

@@ -89,9 +89,24 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         owner = "AdapterConfig"
+        if not isinstance(self.locations, (str, list, tuple)):
+            raise TypeError(f"{owner}: locations must be a str or a list of them from {LOCATIONS}, got "
+                            f"{self.locations!r}")
         locs = (self.locations,) if isinstance(self.locations, str) else tuple(self.locations)
         object.__setattr__(self, "locations", locs)
-        object.__setattr__(self, "leave_out", tuple(int(i) for i in self.leave_out))
+        leave_out = (self.leave_out,) if isinstance(self.leave_out, int) else self.leave_out
+        if not isinstance(leave_out, (list, tuple, set, range)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in leave_out):
+            raise TypeError(f"{owner}: leave_out must be a list of layer indices (ints), got {self.leave_out!r}")
+        object.__setattr__(self, "leave_out", tuple(sorted(set(leave_out))))
+        for flag in ("bias", "original_ln_before", "original_ln_after", "adapter_residual_before_ln", "ln_before",
+                     "ln_after", "parallel", "train_layer_norms"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{owner}: {flag} must be a bool, got {getattr(self, flag)!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise TypeError(f"{owner}: dropout must be a float in [0, 1), got {self.dropout!r}")
+        if isinstance(self.reduction_factor, bool):
+            raise TypeError(f"{owner}: reduction_factor must be a number >= 1, got {self.reduction_factor!r}")
         if not locs:
             raise ValueError(f"{owner}: locations is empty; choose from {LOCATIONS}")
         for loc in locs:

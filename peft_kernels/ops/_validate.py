@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -89,8 +90,8 @@ def _number(op: str, name: str, value, what: str = "a number") -> bool:
     float argument that changes between calls is symbolic (its value is known only when the graph runs), and
     value checks on it would break the graph: they are skipped there (the first, eager-or-specialized call
     checked the kind of value it is)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
-        raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{op}: {name} must be {what}, got {type(value).__name__}")  # numpy scalars are Real
     return not (torch.compiler.is_compiling() or isinstance(value, (torch.SymInt, torch.SymFloat)))
 
 

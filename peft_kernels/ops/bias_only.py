@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily, signature
+from peft_kernels._op import OpFamily, autocast_dtype, signature
 from peft_kernels.ops import _validate as v
 
 OP = "bias_only_linear"
@@ -195,9 +195,9 @@ def bias_only_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         return FAMILY.run_eager(BiasOnlyInputs(x2d, weight, bias), hit[0], hit[1]).reshape(
             *x.shape[:-1], weight.shape[0])
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    dt = autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
+    if dt is not None:
         # What autocast does for F.linear, before the dtype check (x and W may arrive in different dtypes).
-        dt = torch.get_autocast_dtype(x.device.type)
         if x.is_floating_point() and x.dtype != torch.float64:
             x, weight = x.to(dt), weight.to(dt) if isinstance(weight, Tensor) else weight
     return _checked(x, weight, bias)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily, signature
+from peft_kernels._op import OpFamily, autocast_dtype, signature
 from peft_kernels.ops import _validate as v
 from peft_kernels.ops._seed import as_seed_tensor, seed_value
 from peft_kernels.ops.dropout_mask import dropout_keep_mask
@@ -277,10 +277,10 @@ _INF = float("inf")
 
 def _lora_linear_checked(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> Tensor:
     """Every other call: autocast, scalar conversion and checks, tensor validation, dispatch (then cached)."""
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    dt = autocast_dtype(x.device.type) if isinstance(x, Tensor) else None
+    if dt is not None:
         # What autocast does for F.linear: activation, W and b in the autocast dtype; the adapters stay fp32
         # masters (cast inside the backends; their gradients come back fp32).
-        dt = torch.get_autocast_dtype(x.device.type)
         if isinstance(weight, Tensor) and x.is_floating_point() and x.dtype != torch.float64:
             x, weight = x.to(dt), weight.to(dt)
             bias = bias.to(dt) if isinstance(bias, Tensor) else bias

@@ -112,8 +112,18 @@ class StagedFiles:
             _remove_quietly(tmp)
 
 
+def check_save_directory(owner: str, directory) -> str:
+    """A directory to save into: a str or os.PathLike that is not an existing file."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"{owner}: the save directory must be a str or os.PathLike, got {type(directory).__name__}")
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{owner}: {directory!r} is an existing file, not a directory to save into")
+    return directory
+
+
 @contextlib.contextmanager
-def atomic_files(directory: str | os.PathLike) -> Iterator[StagedFiles]:
+def atomic_files(directory: str | os.PathLike, *, owner: str = "peft_kernels") -> Iterator[StagedFiles]:
     """Stage several files of ``directory`` and put them in place together when the block ends without error::
 
         with atomic_files(path) as out:
@@ -123,7 +133,7 @@ def atomic_files(directory: str | os.PathLike) -> Iterator[StagedFiles]:
     On an exception (or a kill) no file of ``directory`` has changed; temporary files are removed (or, after
     a kill, left as hidden ``.NAME.pk-tmp-*`` files that the next save of that name removes).
     """
-    directory = os.fspath(directory)
+    directory = check_save_directory(owner, directory)
     os.makedirs(directory, exist_ok=True)
     staged = StagedFiles(directory)
     try:

@@ -241,6 +241,10 @@ def apply_adapters(model: nn.Module, config: AdapterConfig | None = None, name: 
     :func:`adapter_routing`.
     """
     owner = "apply_adapters"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(modules_to_train, str):
+        modules_to_train = [modules_to_train]  # one module's name, not its characters
     config = config if config is not None else AdapterConfig.houlsby()
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"{owner}: config must be an AdapterConfig, got {type(config).__name__}")
@@ -380,6 +384,8 @@ def set_active_adapters(model: nn.Module, setup: str | Sequence[str] | None) -> 
     """Which adapters run: a name, a ``Stack`` (or list) of names applied in order at every site, or None."""
     owner = "set_active_adapters"
     ctl = _control(model, owner)
+    if setup is not None and not isinstance(setup, (str, list, tuple)):
+        raise TypeError(f"{owner}: setup must be an adapter name, a Stack / list of names, or None, got {setup!r}")
     names = () if setup is None else (setup,) if isinstance(setup, str) else tuple(setup)
     for n in names:
         if n not in ctl.configs or n == _TRAIN_KEY:
@@ -487,11 +493,12 @@ def save_adapters(model: nn.Module, save_directory: str | os.PathLike, names: Se
     for n in names:
         if n not in ctl.configs or n == _TRAIN_KEY:
             raise ValueError(f"{owner}: unknown adapter {n!r}")
+    root = _io.check_save_directory(owner, save_directory)
     for n in names:
         # The model's parameters that trained beside the adapters (norms, modules_to_train) go with each adapter:
         # without them a reloaded model would not give the trained model's outputs.
         extra = _trained_model_parameters(_unwrap(model), ctl)
-        with _io.atomic_files(os.path.join(os.fspath(save_directory), n)) as out:
+        with _io.atomic_files(os.path.join(root, n), owner=owner) as out:
             out.save_safetensors(WEIGHTS_NAME, {**_adapter_state(ctl, n), **extra})
             out.write_json(CONFIG_NAME, {"format": FORMAT, "name": n, "config": ctl.configs[n].to_dict(),
                                          "model_type": getattr(getattr(_unwrap(model), "config", None), "model_type",

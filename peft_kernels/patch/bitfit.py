@@ -329,8 +329,9 @@ def _normalize_include(owner: str, include):
             return include.lower()
         raise ValueError(f"{owner}: include must be one of {INCLUDE_KEYWORDS} or a list of module names, "
                          f"got {include!r}")
-    if include is None:
-        raise ValueError(f"{owner}: include must be one of {INCLUDE_KEYWORDS} or a list of module names, got None")
+    if include is None or not isinstance(include, (list, tuple, set, frozenset)):
+        raise TypeError(f"{owner}: include must be one of {INCLUDE_KEYWORDS} or a list of module names, "
+                        f"got {include!r}")
     return normalize_targets(owner, "include", include)
 
 
@@ -537,9 +538,28 @@ def save_bitfit(model: nn.Module, path: str) -> None:
     config = {"peft_kernels_method": METHOD, "format_version": FORMAT_VERSION, "include": state.include,
               "add_missing_biases": state.add_missing_biases, "added": sorted(state.added),
               "trained": sorted(state.trained)}
-    with _io.atomic_files(path) as out:
+    with _io.atomic_files(path, owner=owner) as out:
         out.save_safetensors(WEIGHTS_NAME, tensors)
         out.write_json(CONFIG_NAME, config)  # staged last: renamed last
+
+
+def _check_config_fields(owner: str, path, config: dict) -> None:
+    """The fields load_bitfit reads, of the types save_bitfit writes (a hand-edited or foreign file says which)."""
+    def bad(key: str, want: str):
+        return ValueError(f"{owner}: {path!r}: {CONFIG_NAME} field {key!r} must be {want}, got "
+                          f"{config.get(key, '<missing>')!r}")
+
+    include = config.get("include")
+    if not (isinstance(include, str) or (isinstance(include, list) and all(isinstance(n, str) for n in include))):
+        raise bad("include", "a str or a list of module names")
+    if not isinstance(config.get("add_missing_biases"), bool):
+        raise bad("add_missing_biases", "a bool")
+    version = config.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise bad("format_version", "an int")
+    for key in ("trained", "added"):
+        if key in config and not (isinstance(config[key], list) and all(isinstance(n, str) for n in config[key])):
+            raise bad(key, "a list of parameter names")
 
 
 def load_bitfit(model: nn.Module, path: str) -> nn.Module:
@@ -555,6 +575,7 @@ def load_bitfit(model: nn.Module, path: str) -> nn.Module:
     if config.get("peft_kernels_method") != METHOD:
         raise ValueError(f"{owner}: {path!r} holds no BitFit checkpoint ({CONFIG_NAME} has "
                          f"peft_kernels_method={config.get('peft_kernels_method')!r})")
+    _check_config_fields(owner, path, config)
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{owner}: {path!r} has format_version {config['format_version']}, newer than this "
                          f"peft_kernels reads ({FORMAT_VERSION}); upgrade peft_kernels")

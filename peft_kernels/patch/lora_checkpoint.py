@@ -107,7 +107,7 @@ def save_lora(model: nn.Module, save_directory: str | os.PathLike, *, adapter_na
         raise ValueError(f"{owner}: {type(model).__name__} has no LoRA layers left (were they replaced?)")
     cfg = state.adapters[name]
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, cfg).items()}
-    with _io.atomic_files(path) as out:
+    with _io.atomic_files(path, owner=owner) as out:
         out.save_safetensors(WEIGHTS_NAME, tensors)
         out.write_json(CONFIG_NAME, adapter_config_dict(model, cfg))  # last: renamed after the weights
 

@@ -773,7 +773,7 @@ def save_prefix(model, path: str | os.PathLike, *, format: str = "peft_kernels")
             "modules_to_save": [n.split(".")[-1] for n in state.train_modules] or None,
             "init_weights": None,
         }
-        with _io.atomic_files(path) as out:
+        with _io.atomic_files(path, owner="save_prefix") as out:
             out.save_safetensors(PEFT_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
             out.write_json(PEFT_CONFIG_NAME, config)
         return
@@ -783,7 +783,7 @@ def save_prefix(model, path: str | os.PathLike, *, format: str = "peft_kernels")
     for name in state.train_modules:
         for k, v in model.get_submodule(name).state_dict().items():
             tensors[f"modules.{name}.{k}"] = v.detach().contiguous().cpu()
-    with _io.atomic_files(path) as out:
+    with _io.atomic_files(path, owner="save_prefix") as out:
         out.save_safetensors(WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         out.write_json(CONFIG_NAME, _encoder_config(state, model))
 

@@ -469,7 +469,7 @@ def save_prompt(model, path: str | os.PathLike) -> None:
     for name in state.train_modules:
         for k, v in model.get_submodule(name).state_dict().items():
             tensors[f"base_model.{name}.{k}"] = v.detach().contiguous().cpu()
-    with _io.atomic_files(path) as out:
+    with _io.atomic_files(path, owner="save_prompt") as out:
         out.save_safetensors(WEIGHTS_NAME, tensors, {"format": "pt"})
         if not isinstance(state.encoder, SoftPrompt):
             enc = {k: v.detach().contiguous().cpu() for k, v in state.encoder.state_dict().items()}

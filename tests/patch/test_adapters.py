@@ -506,3 +506,33 @@ def test_trained_norms_and_modules_are_saved_loaded_and_restored(tmp_path, kind)
     pa.remove_adapters(model)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    ({"locations": None}, TypeError, r"AdapterConfig: locations must be a str or a list"),
+    ({"leave_out": "0"}, TypeError, r"AdapterConfig: leave_out must be a list of layer indices"),
+    ({"dropout": "x"}, TypeError, r"AdapterConfig: dropout must be a float"),
+    ({"bias": "no"}, TypeError, r"AdapterConfig: bias must be a bool"),
+    ({"parallel": "yes"}, TypeError, r"AdapterConfig: parallel must be a bool"),
+    ({"train_layer_norms": 1}, TypeError, r"AdapterConfig: train_layer_norms must be a bool"),
+    ({"reduction_factor": True}, TypeError, r"AdapterConfig: reduction_factor must be a number"),
+])
+def test_config_fields_of_the_wrong_kind_raise(over, exc, match):
+    with pytest.raises(exc, match=match):
+        AdapterConfig(**over)
+
+
+def test_wrong_arguments_name_the_function(tmp_path):
+    with pytest.raises(TypeError, match=r"apply_adapters: model must be an nn.Module"):
+        pa.apply_adapters("bert")
+    model = tiny("bert")
+    pa.apply_adapters(model, AdapterConfig(), "task", modules_to_train="classifier")  # one name, not characters
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    with pytest.raises(TypeError, match=r"set_active_adapters: setup must be an adapter name"):
+        pa.set_active_adapters(model, 3)
+    with pytest.raises(TypeError, match=r"save_adapters: the save directory must be a str or os.PathLike"):
+        pa.save_adapters(model, None)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"save_adapters: .* is an existing file"):
+        pa.save_adapters(model, tmp_path / "file")
+    assert AdapterConfig(leave_out=1).leave_out == (1,)

@@ -389,7 +389,8 @@ def test_patched_peft_model_with_trainable_biases_equals_peft(bias):
     (dict(include=[]), ValueError, r"apply_bitfit: include must be a non-empty list"),
     (dict(include=["no_such_layer"]), ValueError, r"apply_bitfit: include=\['no_such_layer'\] selects no"),
     (dict(include=["embeddings"]), ValueError, r"apply_bitfit: include=.* matched 'bert.embeddings'"),
-    (dict(include=3), TypeError, r"apply_bitfit: include must be a str"),
+    (dict(include=3), TypeError, r"apply_bitfit: include must be one of \('all', 'attention', 'mlp'\) or a list"),
+    (dict(include=None), TypeError, r"apply_bitfit: include must be one of"),
     (dict(add_missing_biases="yes"), TypeError, r"apply_bitfit: add_missing_biases must be a bool"),
 ])
 def test_bad_arguments_raise(kwargs, exc, match):
@@ -501,3 +502,27 @@ def test_rmsnorm_with_default_eps_keeps_its_outputs_in_half_precision(dtype):
         assert torch.equal(model[1](x), before)
     y = model[1](x.requires_grad_(True))  # the fused op's path (a trainable bias) gives the same
     assert torch.equal(y.detach(), before)
+
+
+def test_checkpoint_paths_and_configs_of_the_wrong_kind_raise(tmp_path):
+    model = apply_bitfit(tiny_bert())
+    with pytest.raises(TypeError, match=r"save_bitfit: the save directory must be a str or os.PathLike"):
+        save_bitfit(model, None)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"save_bitfit: .* is an existing file"):
+        save_bitfit(model, tmp_path / "file")
+    save_bitfit(model, tmp_path / "ck")
+    good = json.loads((tmp_path / "ck" / "bitfit_config.json").read_text())
+    for key, value in (("include", None), ("format_version", "1"), ("trained", None), ("add_missing_biases", 1)):
+        bad = dict(good)
+        if value is None:
+            bad.pop(key)
+        else:
+            bad[key] = value
+        if key == "trained":
+            bad[key] = None
+        (tmp_path / "ck" / "bitfit_config.json").write_text(json.dumps(bad))
+        fresh = tiny_bert()
+        with pytest.raises(ValueError, match=rf"load_bitfit: .*field '{key}' must be"):
+            load_bitfit(fresh, tmp_path / "ck")
+        assert not _methods.applied_methods(fresh)
