@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -375,8 +376,9 @@ class BitFitState:
     added: list[str]  # of those, the biases it created (zeros at apply time)
     swapped: dict[str, nn.Module] = field(default_factory=dict, repr=False)  # name -> the original module
     original_requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
-    original_biases: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    original_biases: dict[str, Tensor] = field(default_factory=dict, repr=False)  # and the heads' parameters
     froze_everything: bool = True
+    modules_to_save: list[str] | None = None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -405,7 +407,8 @@ for _other in _COMPOSES_WITH:
     _methods.COMPOSES.add(frozenset((_other, METHOD)))
 
 
-def apply_bitfit(model: nn.Module, include="all", add_missing_biases: bool = False) -> nn.Module:
+def apply_bitfit(model: nn.Module, include="all", add_missing_biases: bool = False,
+                 modules_to_save: list[str] | None = None) -> nn.Module:
     """Train only the biases of ``model`` (BitFit), on the fused bias-only kernels. In place; returns ``model``.
 
     Args:
@@ -416,6 +419,10 @@ def apply_bitfit(model: nn.Module, include="all", add_missing_biases: bool = Fal
         add_missing_biases: add zero-initialised biases to the selected bias-less linears (except the output
             head) and RMSNorm / LayerNorm layers, so that a model without biases (Llama) has some to train; its
             outputs are unchanged until they train.
+        modules_to_save: modules trained whole beside the biases (peft's name rule), e.g. ``["classifier"]``: a
+            task head on top of a pretrained model starts random, and the BitFit paper trains it. Saved and
+            loaded with the biases, put back by ``remove_bitfit``. A classification / QA model given none gets
+            a warning naming its head.
 
     Every other parameter is frozen, unless the model already carries ``apply_lora``'s layers, whose LoRA
     weights keep training (their fused op computes the bias gradient too). Use
@@ -429,7 +436,8 @@ def apply_bitfit(model: nn.Module, include="all", add_missing_biases: bool = Fal
     include = _normalize_include(owner, include)
     model = _unwrap(model)
     _methods.check_compatible(model, METHOD, owner=owner)
-    found = _select(model, include, owner)
+    saved = _resolve_modules_to_save(owner, model, modules_to_save)
+    found = [f for f in _select(model, include, owner) if not any(_under(f[0], h) for h in saved)]
     head = output_embedding_name(model)
 
     # Everything is decided before the model is touched.
@@ -451,7 +459,8 @@ def apply_bitfit(model: nn.Module, include="all", add_missing_biases: bool = Fal
             for n, p in m.named_parameters() if n not in ("weight", "bias") and p.requires_grad}
     state = BitFitState(include=include if isinstance(include, str) else list(include),
                         add_missing_biases=add_missing_biases, trained=[], added=[],
-                        original_requires_grad=original, froze_everything=not keep)
+                        original_requires_grad=original, froze_everything=not keep,
+                        modules_to_save=None if modules_to_save is None else list(modules_to_save))
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
@@ -485,9 +494,43 @@ def apply_bitfit(model: nn.Module, include="all", add_missing_biases: bool = Fal
             if (n == "bias" or n.endswith(".bias")) and id(p) not in known:
                 p.requires_grad_(True)
                 state.trained.append(n)
+    for h in saved:  # the heads train whole; their values before are kept for remove_bitfit
+        for n, p in model.get_submodule(h).named_parameters():
+            qualified = f"{h}.{n}"
+            state.original_biases.setdefault(qualified, p.detach().clone())
+            p.requires_grad_(True)
+            state.trained.append(qualified)
     state.trained = _canonical_names(model, state.trained)
     _methods.register_method(model, METHOD, state)
     return model
+
+
+def _under(name: str, module: str) -> bool:
+    return name == module or name.startswith(module + ".")
+
+
+def _resolve_modules_to_save(owner: str, model: nn.Module, modules_to_save) -> list[str]:
+    """The qualified names of the modules to train whole (outermost matches), checked before anything changes."""
+    from peft_kernels.patch.lora_model import TASK_HEADS, infer_task_type
+
+    if modules_to_save is None:
+        heads = [n for n, _ in model.named_modules()
+                 if n and name_matches(n, TASK_HEADS.get(infer_task_type(model), ()))]
+        if heads:
+            warnings.warn(f"{owner}: {type(model).__name__}'s task head {heads[0]!r} stays frozen at its current "
+                          f"(for a new head: random) values; pass modules_to_save=[{heads[0].rsplit('.', 1)[-1]!r}] "
+                          "to train it, as the BitFit paper does", UserWarning, stacklevel=3)
+        return []
+    if isinstance(modules_to_save, str) or not isinstance(modules_to_save, (list, tuple)) or not all(
+            isinstance(n, str) and n for n in modules_to_save):
+        raise TypeError(f"{owner}: modules_to_save must be a list of module names, got {modules_to_save!r}")
+    names = tuple(modules_to_save)
+    matched = [n for n, _ in model.named_modules() if n and name_matches(n, names)]
+    matched = [n for n in matched if not any(_under(n, o) and n != o for o in matched)]
+    missing = [g for g in names if not any(name_matches(n, (g,)) for n in matched)]
+    if missing:
+        raise ValueError(f"{owner}: modules_to_save entries {missing} match no module of {type(model).__name__}")
+    return matched
 
 
 def _canonical_names(model: nn.Module, names: list[str]) -> list[str]:
@@ -537,7 +580,7 @@ def save_bitfit(model: nn.Module, path: str) -> None:
     tensors = {n: params[n].detach() for n in state.trained}
     config = {"peft_kernels_method": METHOD, "format_version": FORMAT_VERSION, "include": state.include,
               "add_missing_biases": state.add_missing_biases, "added": sorted(state.added),
-              "trained": sorted(state.trained)}
+              "trained": sorted(state.trained), "modules_to_save": state.modules_to_save}
     with _io.atomic_files(path, owner=owner) as out:
         out.save_safetensors(WEIGHTS_NAME, tensors)
         out.write_json(CONFIG_NAME, config)  # staged last: renamed last
@@ -557,6 +600,9 @@ def _check_config_fields(owner: str, path, config: dict) -> None:
     version = config.get("format_version", 0)
     if isinstance(version, bool) or not isinstance(version, int):
         raise bad("format_version", "an int")
+    if config.get("modules_to_save") is not None and not (isinstance(config["modules_to_save"], list) and all(
+            isinstance(n, str) for n in config["modules_to_save"])):
+        raise bad("modules_to_save", "a list of module names or null")
     for key in ("trained", "added"):
         if key in config and not (isinstance(config[key], list) and all(isinstance(n, str) for n in config[key])):
             raise bad(key, "a list of parameter names")
@@ -585,7 +631,10 @@ def load_bitfit(model: nn.Module, path: str) -> nn.Module:
     state = _methods.applied_methods(model).get(METHOD)
     applied_here = False
     if state is None:
-        apply_bitfit(model, include=config["include"], add_missing_biases=bool(config["add_missing_biases"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the checkpoint says what trained: no advice about the head
+            apply_bitfit(model, include=config["include"], add_missing_biases=bool(config["add_missing_biases"]),
+                         modules_to_save=config.get("modules_to_save"))
         applied_here = True
         state = _state(model, owner)
     try:

@@ -526,3 +526,31 @@ def test_checkpoint_paths_and_configs_of_the_wrong_kind_raise(tmp_path):
         with pytest.raises(ValueError, match=rf"load_bitfit: .*field '{key}' must be"):
             load_bitfit(fresh, tmp_path / "ck")
         assert not _methods.applied_methods(fresh)
+
+
+def test_modules_to_save_trains_the_head_whole_saves_and_restores_it(tmp_path):
+    """A classification head starts random: modules_to_save trains it whole beside the biases (the BitFit paper's
+    setup); it is saved, loaded into a fresh model and put back by remove_bitfit. Without it, a warning names it."""
+    with pytest.warns(UserWarning, match=r"apply_bitfit: BertForSequenceClassification's task head 'classifier'"):
+        apply_bitfit(tiny_bert())
+    base = tiny_bert()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = apply_bitfit(copy.deepcopy(base), modules_to_save=["classifier"])
+    biases = sorted(n for n, _ in base.named_parameters() if n.endswith(".bias"))
+    assert trainable(model) == sorted({*biases, "classifier.weight"})
+    assert type(model.classifier) is nn.Linear  # trained whole: not a BitFit layer
+    x, y = ids(), torch.tensor([0, 1, 1])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(x, labels=y).loss.backward()
+    opt.step()
+    assert not torch.equal(model.classifier.weight, before["classifier.weight"])
+    save_bitfit(model, tmp_path)
+    assert json.loads((tmp_path / "bitfit_config.json").read_text())["modules_to_save"] == ["classifier"]
+    fresh = load_bitfit(copy.deepcopy(base), tmp_path)
+    assert torch.equal(fresh(x).logits, model(x).logits) and fresh.classifier.weight.requires_grad
+    remove_bitfit(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"apply_bitfit: modules_to_save entries \['nope'\] match no module"):
+        apply_bitfit(tiny_bert(), modules_to_save=["nope"])
+    with pytest.raises(TypeError, match=r"apply_bitfit: modules_to_save must be a list of module names"):
+        apply_bitfit(tiny_bert(), modules_to_save="classifier")
