@@ -494,10 +494,10 @@ def save_adapters(model: nn.Module, save_directory: str | os.PathLike, names: Se
         if n not in ctl.configs or n == _TRAIN_KEY:
             raise ValueError(f"{owner}: unknown adapter {n!r}")
     root = _io.check_save_directory(owner, save_directory)
+    # The model's parameters that trained beside the adapters (norms, modules_to_train) go with each adapter:
+    # without them a reloaded model would not give the trained model's outputs.
+    extra = _trained_model_parameters(_unwrap(model), ctl)
     for n in names:
-        # The model's parameters that trained beside the adapters (norms, modules_to_train) go with each adapter:
-        # without them a reloaded model would not give the trained model's outputs.
-        extra = _trained_model_parameters(_unwrap(model), ctl)
         with _io.atomic_files(os.path.join(root, n), owner=owner) as out:
             out.save_safetensors(WEIGHTS_NAME, {**_adapter_state(ctl, n), **extra})
             out.write_json(CONFIG_NAME, {"format": FORMAT, "name": n, "config": ctl.configs[n].to_dict(),
