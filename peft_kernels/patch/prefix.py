@@ -747,9 +747,19 @@ def save_prefix(model, path: str | os.PathLike, *, format: str = "peft_kernels")
     ``train_modules`` only, ``modules.<name>.<param>``) + ``prefix_config.json`` (the method, encoder and position
     convention). ``format="peft"``: HF peft's ``adapter_model.safetensors`` (``prompt_embeddings``: the prefix with
     any projection MLP folded in, as peft saves it) + ``adapter_config.json`` (PREFIX_TUNING), loadable by
-    ``PeftModel.from_pretrained``; trained modules are written as peft's ``modules_to_save``."""
+    ``PeftModel.from_pretrained``; trained modules are written as peft's ``modules_to_save``. Only a decoder
+    model with ``positions="peft"`` saves in peft's format (peft would run any other with other outputs)."""
     state = _state(model, "save_prefix")
     if format == "peft":
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type in _ENCODER_TYPES:
+            raise ValueError(f"save_prefix: format='peft' cannot hold a {model_type!r} prefix: HF peft cannot "
+                             "prefix-tune encoder models (they take no KV cache); save with format='peft_kernels'")
+        if state.positions != "peft":
+            raise ValueError("save_prefix: format='peft' is run by peft with its own positions (real tokens at "
+                             f"P..P+L-1), but this model uses positions={state.positions!r}: peft would give other "
+                             "outputs. Save with format='peft_kernels' (it records the convention), or train with "
+                             "positions='peft' to share the prefix with peft")
         num_heads = state.num_kv_heads
         tensors = {"prompt_embeddings": _stacked_prefix(state)}
         for name in state.train_modules:

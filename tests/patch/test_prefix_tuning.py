@@ -862,3 +862,16 @@ def test_gemma2_softcap_runs_the_explicit_path_exactly():
     with pytest.warns(UserWarning, match="soft-caps its attention logits"):
         ours = _peft_step(model, ids, mask, labels)
     assert_close(ours[0][mask.bool()], theirs[0][mask.bool()], name="logits", **TOL)
+
+
+def test_peft_format_refuses_what_peft_would_run_differently(tmp_path):
+    """positions='model' (the default) is not what peft runs, and peft cannot prefix-tune an encoder: saving either
+    in peft's format would give other outputs (or none) when peft loads it, so it is refused by name."""
+    model = apply_prefix_tuning(make("llama"), num_virtual_tokens=P)
+    with pytest.raises(ValueError, match=r"save_prefix: format='peft' .* positions='model'"):
+        save_prefix(model, tmp_path / "a", format="peft")
+    assert not (tmp_path / "a").exists()
+    save_prefix(model, tmp_path / "b")  # the own format keeps the convention
+    bert = apply_p_tuning_v2(make("bert"), num_virtual_tokens=P)
+    with pytest.raises(ValueError, match=r"save_prefix: format='peft' cannot hold a 'bert' prefix"):
+        save_prefix(bert, tmp_path / "c", format="peft")
