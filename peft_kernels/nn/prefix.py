@@ -47,12 +47,15 @@ class PrefixEncoder(nn.Module):
         self.num_kv_heads = _check_positive_int("PrefixEncoder", "num_kv_heads", num_kv_heads)
         self.head_dim = _check_positive_int("PrefixEncoder", "head_dim", head_dim)
         self.num_virtual_tokens = _check_positive_int("PrefixEncoder", "num_virtual_tokens", num_virtual_tokens)
-        self.projection = bool(projection)
+        if not isinstance(projection, bool):
+            raise TypeError(f"PrefixEncoder: projection must be a bool, got {projection!r}")
+        self.projection = projection
         token_dim = num_kv_heads * head_dim
         out_dim = num_layers * 2 * token_dim
         kw = {"dtype": dtype, "device": device}
         if self.projection:
-            self.hidden_size = _check_positive_int("PrefixEncoder", "hidden_size", hidden_size or token_dim)
+            self.hidden_size = _check_positive_int("PrefixEncoder", "hidden_size",
+                                                   token_dim if hidden_size is None else hidden_size)
             self.projection_hidden = _check_positive_int("PrefixEncoder", "projection_hidden", projection_hidden)
             self.embedding = nn.Embedding(num_virtual_tokens, self.hidden_size, **kw)
             self.transform = nn.Sequential(

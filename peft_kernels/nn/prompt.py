@@ -171,7 +171,8 @@ class PromptEncoder(nn.Module):
             raise ValueError(f"PromptEncoder: encoder must be one of {ENCODERS}, got {encoder!r}")
         self.encoder = encoder
         h = self.encoder_hidden_size = _check_positive_int("PromptEncoder", "encoder_hidden_size",
-                                                           encoder_hidden_size or hidden_size)
+                                                           hidden_size if encoder_hidden_size is None
+                                                           else encoder_hidden_size)
         self.num_layers = _check_positive_int("PromptEncoder", "num_layers", num_layers)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"PromptEncoder: dropout must be in [0, 1), got {dropout!r}")

@@ -501,7 +501,8 @@ def _apply(model, method, num_virtual_tokens, projection, projection_hidden, hid
         if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
             raise ValueError(f"{who}: num_virtual_tokens must be a positive int, got {num_virtual_tokens!r}")
         encoder = PrefixEncoder(num_layers, num_kv_heads, head_dim, num_virtual_tokens, projection=projection,
-                                hidden_size=hidden_size, projection_hidden=projection_hidden or 512,
+                                hidden_size=hidden_size,
+                                projection_hidden=512 if projection_hidden is None else projection_hidden,
                                 device=param.device)
     elif isinstance(prefix, nn.Module):
         encoder = prefix if isinstance(prefix, _PeftPromptSource) else prefix.to(param.device)

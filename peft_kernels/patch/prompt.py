@@ -287,14 +287,15 @@ def _text_token_ids(init_text: str, tokenizer, who: str) -> list[int]:
     return [int(i) for i in ids]
 
 
-def apply_prompt_tuning(model, num_virtual_tokens: int = 20, init: str | None = None, init_text: str | None = None,
-                        tokenizer=None, train_modules=None, *, prompt=None):
+def apply_prompt_tuning(model, num_virtual_tokens: int | None = None, init: str | None = None,
+                        init_text: str | None = None, tokenizer=None, train_modules=None, *, prompt=None):
     """Prompt Tuning (Lester et al. 2021): P trainable virtual tokens in front of the input embeddings, everything
     else frozen. Returns ``model``, patched in place.
 
     ``init``: ``"random"`` (default), ``"sample_vocab"`` (rows of the model's embedding at random token ids) or
     ``"text"`` (the embedding rows of ``init_text``'s tokens from ``tokenizer``, trimmed or repeated to P; the
-    default when ``init_text`` is given). ``prompt``: a [P, H] tensor to start from instead.
+    default when ``init_text`` is given). ``num_virtual_tokens``: P (default 20). ``prompt``: a [P, H] tensor to
+    start from instead (then P is its row count; init / init_text do not apply).
     ``train_modules``: submodules that train too (None: the head of a ``*ForSequenceClassification`` model).
     """
     who = "apply_prompt_tuning"
@@ -306,14 +307,21 @@ def apply_prompt_tuning(model, num_virtual_tokens: int = 20, init: str | None = 
         if prompt.shape[1] != H:
             raise ValueError(f"{who}: prompt of shape {tuple(prompt.shape)} has hidden size {prompt.shape[1]}, the "
                              f"model's embeddings have {H}")
+        if num_virtual_tokens is not None and num_virtual_tokens != prompt.shape[0]:
+            raise ValueError(f"{who}: num_virtual_tokens={num_virtual_tokens!r}, but prompt has {prompt.shape[0]} "
+                             "rows (pass one of them, or both equal)")
+        if init is not None or init_text is not None:
+            raise ValueError(f"{who}: init / init_text do not apply when prompt= gives the starting values")
         encoder = SoftPrompt.from_table(prompt.detach().to(emb.weight.device), dtype=torch.float32)
     else:
         init = init or ("text" if init_text is not None else "random")
-        ids = _text_token_ids(init_text, tokenizer, who) if init == "text" else None
         if init == "text" and init_text is None:
-            raise ValueError(f"{who}: init='text' needs init_text")
-        encoder = SoftPrompt(_positive(num_virtual_tokens, who), H, init, embedding_weight=emb.weight,
-                             init_token_ids=ids, device=emb.weight.device)
+            raise ValueError(f"{who}: init='text' needs init_text (and a tokenizer for it)")
+        if init != "text" and init_text is not None:
+            raise ValueError(f"{who}: init_text applies only with init='text', got init={init!r}")
+        ids = _text_token_ids(init_text, tokenizer, who) if init == "text" else None
+        encoder = SoftPrompt(_positive(20 if num_virtual_tokens is None else num_virtual_tokens, who), H, init,
+                             embedding_weight=emb.weight, init_token_ids=ids, device=emb.weight.device)
     cfg = {"prompt_tuning_init": (init or "random").upper(), "prompt_tuning_init_text": init_text}
     return _apply(model, "prompt", encoder, None, train_modules, cfg, who)
 

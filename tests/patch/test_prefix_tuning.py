@@ -875,3 +875,13 @@ def test_peft_format_refuses_what_peft_would_run_differently(tmp_path):
     bert = apply_p_tuning_v2(make("bert"), num_virtual_tokens=P)
     with pytest.raises(ValueError, match=r"save_prefix: format='peft' cannot hold a 'bert' prefix"):
         save_prefix(bert, tmp_path / "c", format="peft")
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"projection_hidden": 0}, ValueError, r"PrefixEncoder: projection_hidden must be a positive int, got 0"),
+    ({"hidden_size": 0}, ValueError, r"PrefixEncoder: hidden_size must be a positive int, got 0"),
+    ({"projection": "yes"}, TypeError, r"PrefixEncoder: projection must be a bool"),
+])
+def test_explicit_encoder_sizes_are_never_replaced_by_defaults(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        apply_prefix_tuning(make("llama"), num_virtual_tokens=P, **{"projection": True, **kw})

@@ -487,3 +487,17 @@ def test_template_positions_survive_save_and_load(tmp_path):
     assert get_prompt_state(again).positions == (0, 2, 2)
     ids = batch()
     assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_explicit_arguments_are_never_silently_replaced():
+    """An explicit value that cannot apply is an error naming it, not a default in its place (0 was taken as
+    'unset'; a prompt's row count overrode num_virtual_tokens; init_text was ignored under init='random')."""
+    with pytest.raises(ValueError, match=r"apply_prompt_tuning: num_virtual_tokens=4, but prompt has 6 rows"):
+        apply_prompt_tuning(llama(), 4, prompt=torch.randn(6, 32))
+    assert get_prompt_state(apply_prompt_tuning(llama(), prompt=torch.randn(6, 32))).num_virtual_tokens == 6
+    with pytest.raises(ValueError, match=r"apply_prompt_tuning: init_text applies only with init='text'"):
+        apply_prompt_tuning(llama(), 4, init="random", init_text="hello")
+    with pytest.raises(ValueError, match=r"apply_prompt_tuning: init='text' needs init_text"):
+        apply_prompt_tuning(llama(), 4, init="text")
+    with pytest.raises(ValueError, match=r"PromptEncoder: encoder_hidden_size must be"):
+        apply_p_tuning(llama(), 4, encoder_hidden_size=0)
