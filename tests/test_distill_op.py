@@ -775,3 +775,11 @@ def test_grad_in_logits_is_ignored_under_compile():
     (g,) = torch.autograd.grad(loss, logits)
     assert torch.equal(logits.detach(), kept), "a compiled graph must not overwrite its input"
     assert_close(g, torch.autograd.grad(users_formula(s, t, labels, 2.0, 0.5), s)[0])
+
+
+def test_fused_linear_label_range_error_names_itself_and_the_head():
+    h, W = torch.randn(4, 8), torch.randn(13, 8, requires_grad=True)
+    labels = torch.tensor([0, 1, 13, -100])
+    with pytest.raises(ValueError, match=r"fused_linear_distillation_loss: labels must be in \[0, 13\) \(the head's "
+                                         r"out_features\).*got 13"):
+        fused_linear_distillation_loss(h, W, labels=labels, teacher_logits=torch.randn(4, 13))

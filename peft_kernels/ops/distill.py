@@ -106,7 +106,8 @@ def distillation_loss_reference(student_logits, teacher_logits, labels, temperat
     return (kd_sum + ce_sum).to(out_dtype)
 
 
-def check_labels_in_range(labels: Tensor | None, num_classes: int, ignore_index: int) -> None:
+def check_labels_in_range(labels: Tensor | None, num_classes: int, ignore_index: int, op: str = OP,
+                          classes: str = "student_logits.shape[-1]") -> None:
     """Labels other than ignore_index must lie in [0, V): ValueError, not an IndexError or a device assert.
 
     Data-dependent (one host sync), so it runs inside the op's forward, which also runs eagerly inside
@@ -118,7 +119,7 @@ def check_labels_in_range(labels: Tensor | None, num_classes: int, ignore_index:
     if bool(bad.any()):
         first = int(labels[bad][0])
         raise ValueError(
-            f"{OP}: labels must be in [0, {num_classes}) (student_logits.shape[-1]) or equal "
+            f"{op}: labels must be in [0, {num_classes}) ({classes}) or equal "
             f"ignore_index={ignore_index}; got {first} ({int(bad.sum())} such labels)"
         )
 

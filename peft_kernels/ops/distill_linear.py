@@ -114,7 +114,7 @@ def auto_chunk_size(N: int, H: int, V: int, device_type: str = "cuda") -> int:
 def _chunked_forward(rows_fn, h, W, b, A, B, th, tW, tb, t_logits, labels, kd_mask, scaling, temperature, alpha,
                      ignore_index, reduction, divergence, beta, chunk_size, grad_bits):
     """The algorithm shared by every backend: chunked GEMMs (cuBLAS/MKL) around one distillation row function."""
-    d.check_labels_in_range(labels, W.shape[0], ignore_index)
+    d.check_labels_in_range(labels, W.shape[0], ignore_index, OP, "the head's out_features")
     need_dh, need_dW, need_db, need_dA, need_dB = needs = _needs(grad_bits)
     N, V = h.shape[0], W.shape[0]
     cdt = d._compute_dtype(h.dtype)
