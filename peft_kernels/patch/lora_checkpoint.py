@@ -15,10 +15,12 @@ from torch import Tensor, nn
 from peft_kernels.nn.lora import DEFAULT_ADAPTER, LoRALinear, check_adapter_name, check_float_dtype
 from peft_kernels.nn.lora_conv1d import LoRAConv1D
 from peft_kernels.patch import _io, lora_params
+from peft_kernels.patch._targets import normalize_targets
 from peft_kernels.patch.lora_model import (
     LoraApplyConfig,
     add_lora_adapter,
     apply_lora,
+    check_same_layers,
     delete_lora_adapter,
     lora_modules,
     lora_state,
@@ -279,6 +281,7 @@ def load_lora(
             raise ValueError(f"{owner}: {cfg_path!r} has modules_to_save, trained biases or target_parameters; "
                              "the adapters of one model share its heads, biases and adapted parameters, so a second "
                              "adapter cannot bring its own (load it into a fresh model)")
+        check_same_layers(owner, model, normalize_targets(owner, "target_modules", targets), lora_modules(model))
         add_lora_adapter(model, adapter_name, **hp, bias=d.get("bias", "none"), target_modules=targets)
     else:
         apply_lora(model, target_modules=targets, bias=d.get("bias", "none"),

@@ -465,11 +465,7 @@ def add_lora_adapter(
     model = unwrap(model)
     layers = lora_modules(model)
     if target_modules is not None:
-        targets = normalize_targets(owner, "target_modules", target_modules)
-        chosen = {n for n, _ in resolve_targets(model, targets, owner=owner, types=(LoRALinear,))}
-        if chosen != {n for n, _ in layers}:
-            raise ValueError(f"{owner}: target_modules={target_modules!r} selects {sorted(chosen)[:4]}..., not the "
-                             f"model's {len(layers)} LoRA layers; every adapter adapts the same layers")
+        check_same_layers(owner, model, normalize_targets(owner, "target_modules", target_modules), layers)
     added = []
     try:
         for _, m in layers:
@@ -484,6 +480,20 @@ def add_lora_adapter(
         adapter_dtype=None if hp[4] is None else str(hp[4]).removeprefix("torch."), adapter_name=adapter_name)
     _train_active_adapter(model, state)
     return model
+
+
+def check_same_layers(owner: str, model: nn.Module, targets, layers) -> None:
+    """A further adapter adapts exactly the model's LoRA layers (they hold every adapter of the model)."""
+    have = {n for n, _ in layers}
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return  # resolved against the LoRA layers themselves by the caller
+    want = {n for n, m in model.named_modules() if n and name_matches(n, targets) and (
+        isinstance(m, LoRALinear) or linear_kind(m) is not None)}
+    if want != have:
+        extra, missing = sorted(want - have), sorted(have - want)
+        raise ValueError(f"{owner}: every adapter of one model adapts the same layers (its LoRA layers hold them "
+                         f"all); target_modules={targets!r} also selects {extra[:4]} and leaves out {missing[:4]}. "
+                         "Load it into a fresh model, or make the first adapter target these layers too")
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:

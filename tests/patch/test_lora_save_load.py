@@ -191,3 +191,17 @@ def test_missing_files_and_no_lora(tmp_path):
         load_lora(build("llama"), tmp_path / "nowhere")
     with pytest.raises(ValueError, match="no LoRA applied"):
         save_lora(build("llama"), tmp_path)
+
+
+def test_second_adapter_on_other_layers_is_refused_by_load_lora_with_the_layers_named(tmp_path):
+    """The LoRA layers hold every adapter of a model: a second adapter must adapt the same layers. load_lora says
+    so under its own name, with the layers it would add and leave out, and changes nothing."""
+    base = build("llama")
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "k_proj"]))
+    peft_model.save_pretrained(tmp_path / "qk")
+    model = apply_lora(copy.deepcopy(base), target_modules=["q_proj", "v_proj"], r=4)
+    with pytest.raises(ValueError, match=r"load_lora: every adapter of one model adapts the same layers.*also selects "
+                                         r"\['model.layers.0.self_attn.k_proj'.*leaves out \['model.layers.0.self_attn"
+                                         r".v_proj'"):
+        load_lora(model, tmp_path / "qk", adapter_name="other")
+    assert all(m.adapter_names == ["default"] for m in model.modules() if isinstance(m, LoRALinear))
