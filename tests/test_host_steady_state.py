@@ -172,16 +172,23 @@ def test_bias_only_steady_state_on_cpu(lead, contiguous):
     for _ in range(2):  # the first call validates and dispatches, the second is the cached path
         xg = x.detach().requires_grad_(True)
         b = torch.randn(6, dtype=torch.float64, requires_grad=True)
-        y = bias_only_linear(xg, W, b)
-        xr, br = xg.detach().requires_grad_(True), b.detach().requires_grad_(True)
-        yr = bias_only_linear_reference(xr, W, br)
-        dy = torch.randn_like(y)
-        y.backward(dy)
-        yr.backward(dy)
-        assert_close(y, yr)
-        assert_close(xg.grad, xr.grad, name="dx")
-        assert_close(b.grad, br.grad, name="db")
+        _assert_matches_reference(lambda x, b: bias_only_linear(x, W, b),
+                                  lambda x, b: bias_only_linear_reference(x, W, b), xg, b)
     assert bo.FAMILY.cached(bo._key(xg, W, b))[2] is torch.nn.functional.linear
+
+
+def _assert_matches_reference(op, reference, x, b):
+    """op(x, b) against reference(x, b) on detached copies: the output, dx and db for one random dy. Returns y."""
+    y = op(x, b)
+    xr, br = x.detach().requires_grad_(True), b.detach().requires_grad_(True)
+    yr = reference(xr, br)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yr.backward(dy)
+    assert_close(y, yr)
+    assert_close(x.grad, xr.grad, name="dx")
+    assert_close(b.grad, br.grad, name="db")
+    return y
 
 
 def test_bias_only_master_bias_is_not_served_by_f_linear():
@@ -366,15 +373,9 @@ def test_bias_only_norm_steady_state_on_cpu(lead, contiguous):
             x = torch.randn(*lead, 12 if contiguous else 24, dtype=torch.float64)
             x = (x if contiguous else x[..., ::2]).requires_grad_(True)
             b = torch.randn(12, dtype=torch.float64, requires_grad=True)
-            y = bn.bias_only_norm(x, weight, b, 1e-5, rms=rms)
-            xr, br = x.detach().requires_grad_(True), b.detach().requires_grad_(True)
-            yr = bn.bias_only_norm_reference(xr, weight, br, 1e-5, rms=rms)
-            dy = torch.randn_like(y)
-            y.backward(dy)
-            yr.backward(dy)
-            assert_close(y, yr)
-            assert_close(x.grad, xr.grad, name="dx")
-            assert_close(b.grad, br.grad, name="db")
+            y = _assert_matches_reference(lambda x, b, rms=rms: bn.bias_only_norm(x, weight, b, 1e-5, rms=rms),
+                                          lambda x, b, rms=rms: bn.bias_only_norm_reference(x, weight, b, 1e-5,
+                                                                                            rms=rms), x, b)
         node = bn.FAMILY.cached(bn._key(x, weight, b, rms))[2]
         assert node is (bn._reference_eager if rms else bn._layer_norm_eager)
         assert ("BiasRmsNormFunction" if rms else "NativeLayerNormBackward") in y.grad_fn.name()
