@@ -510,12 +510,12 @@ def _under(name: str, module: str) -> bool:
 
 
 def _resolve_modules_to_save(owner: str, model: nn.Module, modules_to_save) -> list[str]:
-    """The qualified names of the modules to train whole (outermost matches), checked before anything changes."""
-    from peft_kernels.patch.lora_model import TASK_HEADS, infer_task_type
+    """The qualified names of the modules to train whole (outermost matches, LoRA's rule for modules_to_save),
+    checked before anything changes."""
+    from peft_kernels.patch.lora_model import _resolve_heads, infer_task_type
 
     if modules_to_save is None:
-        heads = [n for n, _ in model.named_modules()
-                 if n and name_matches(n, TASK_HEADS.get(infer_task_type(model), ()))]
+        _, heads = _resolve_heads(owner, model, None, infer_task_type(model))
         if heads:
             warnings.warn(f"{owner}: {type(model).__name__}'s task head {heads[0]!r} stays frozen at its current "
                           f"(for a new head: random) values; pass modules_to_save=[{heads[0].rsplit('.', 1)[-1]!r}] "
@@ -524,13 +524,7 @@ def _resolve_modules_to_save(owner: str, model: nn.Module, modules_to_save) -> l
     if isinstance(modules_to_save, str) or not isinstance(modules_to_save, (list, tuple)) or not all(
             isinstance(n, str) and n for n in modules_to_save):
         raise TypeError(f"{owner}: modules_to_save must be a list of module names, got {modules_to_save!r}")
-    names = tuple(modules_to_save)
-    matched = [n for n, _ in model.named_modules() if n and name_matches(n, names)]
-    matched = [n for n in matched if not any(_under(n, o) and n != o for o in matched)]
-    missing = [g for g in names if not any(name_matches(n, (g,)) for n in matched)]
-    if missing:
-        raise ValueError(f"{owner}: modules_to_save entries {missing} match no module of {type(model).__name__}")
-    return matched
+    return _resolve_heads(owner, model, tuple(modules_to_save), None)[1]
 
 
 def _canonical_names(model: nn.Module, names: list[str]) -> list[str]:

@@ -282,7 +282,8 @@ def load_lora(
                              "the adapters of one model share its heads, biases and adapted parameters, so a second "
                              "adapter cannot bring its own (load it into a fresh model)")
         check_same_layers(owner, model, normalize_targets(owner, "target_modules", targets), lora_modules(model))
-        add_lora_adapter(model, adapter_name, **hp, bias=d.get("bias", "none"), target_modules=targets)
+        # Checked above under this function's name: the adapter goes into the model's LoRA layers.
+        add_lora_adapter(model, adapter_name, **hp, bias=d.get("bias", "none"))
     else:
         apply_lora(model, target_modules=targets, bias=d.get("bias", "none"),
                    exclude_modules=d.get("exclude_modules"), modules_to_save=d.get("modules_to_save"),
