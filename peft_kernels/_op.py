@@ -26,6 +26,7 @@ public function validates once.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -527,6 +528,15 @@ class OpFamily:
         return self._fwd_op, self._bwd_op
 
 
+_EAGER_BACKWARD = threading.local()
+
+
+def grads_may_be_views() -> bool:
+    """Whether the backward backend running now was called by the eager autograd.Function: its gradients may then
+    be views of a larger buffer (autograd takes any strides); a custom op's must be laid out as its fake says."""
+    return getattr(_EAGER_BACKWARD, "active", False)
+
+
 class _EagerFunction(torch.autograd.Function):
     """The eager path: the same backend functions as the custom ops, without the custom-op dispatcher. It
     returns only the public outputs (auxiliary ones are saved, not returned: fewer autograd outputs to wrap)."""
@@ -546,7 +556,11 @@ class _EagerFunction(torch.autograd.Function):
         needs = family._needs(ctx, 3)
         if not any(needs):
             return (None,) * (3 + len(family.fields))
-        grads = family.backward_backends[ctx.pk_bwd].run(*grad_outs, *family._saved_args(ctx), needs)
+        _EAGER_BACKWARD.active = True
+        try:
+            grads = family.backward_backends[ctx.pk_bwd].run(*grad_outs, *family._saved_args(ctx), needs)
+        finally:
+            _EAGER_BACKWARD.active = False
         return family._grads_to_inputs(grads, needs, 3, 0)
 
 

@@ -122,3 +122,12 @@ def check_positive(op: str, name: str, value) -> float:
     if value <= 0:
         raise ValueError(f"{op}: {name} must be > 0, got {value}")
     return value
+
+
+def check_int(op: str, name: str, value, minimum: int = 0) -> int:
+    """An integer argument (a Python or numpy int, not a bool or a float) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return int(value)

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily, signature
+from peft_kernels._op import OpFamily, grads_may_be_views, signature
 from peft_kernels.ops import _validate as val
+from peft_kernels.ops.prefix_kv_buffer import reserved_rows, write_prefix
 
 OP = "prefix_attention"
 
@@ -136,8 +137,10 @@ def _bucket(n: int) -> int:
 def _tune_key(inp: PrefixInputs):
     q, k, pk = inp.q, inp.k, inp.prefix_k
     grads = tuple(t.requires_grad for t in (q, k, pk))
-    return (q.shape[0], q.shape[1], k.shape[1], _bucket(q.shape[2]), _bucket(k.shape[2]), pk.shape[-2], q.shape[3],
-            q.dtype, pk.dtype, pk.dim(), inp.causal, inp.key_padding_mask is not None, grads)
+    P = pk.shape[-2]
+    reserved = reserved_rows(k, P) is not None and reserved_rows(inp.v, P) is not None  # concat copies nothing
+    return (q.shape[0], q.shape[1], k.shape[1], _bucket(q.shape[2]), _bucket(k.shape[2]), P, q.shape[3],
+            q.dtype, pk.dtype, pk.dim(), inp.causal, inp.key_padding_mask is not None, grads, reserved)
 
 
 def _cpu_preference(inp) -> tuple[str, ...]:
@@ -522,13 +525,27 @@ def _concat_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padd
         dpk, dpv = dK[:, :, :P].sum(0, dtype=acc), dV[:, :, :P].sum(0, dtype=acc)
     else:  # copied out of dK/dV (outputs may not alias), in the prefix's layout and dtype
         dpk, dpv = torch.empty_like(prefix_k).copy_(dK[:, :, :P]), torch.empty_like(prefix_v).copy_(dV[:, :, :P])
-    return _like(dq, q), _like(dK[:, :, P:], k), _like(dV[:, :, P:], v), dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+    return (_like(dq, q), _rows_grad(dK, P, k), _rows_grad(dV, P, v), dpk.to(prefix_k.dtype),
+            dpv.to(prefix_v.dtype))
+
+
+def _rows_grad(dK: Tensor, P: int, k: Tensor) -> Tensor:
+    """k's gradient out of dK' over [prefix; k]: its last rows, as that view where they are laid out as k is (k in a
+    prefix_kv_buffer: no copy of dK) and autograd takes a view (the eager path; a custom op's outputs must be laid
+    out as its fake), else copied into k's layout."""
+    rows = dK.narrow(2, P, dK.shape[2] - P)
+    return rows if rows.stride() == k.stride() and grads_may_be_views() else _like(rows, k)
 
 
 def _concat_kv_heads(t, prefix):
-    """[prefix; t] along the sequence in t's physical layout (so dK/dV come back in it), prefix cast to t's dtype."""
+    """[prefix; t] along the sequence in t's physical layout (so dK/dV come back in it), prefix cast to t's dtype:
+    t's own buffer where t is a ``prefix_kv_buffer`` view (rewritten in the backward too: a few rows), else a copy."""
     B, H, Lk, D = t.shape
     P = prefix.shape[-2]
+    full = reserved_rows(t, P)
+    if full is not None:  # t was computed into a prefix_kv_buffer: the prefix goes in front of it, no copy of t
+        write_prefix(full, prefix)
+        return full
     pre = prefix if prefix.dtype == t.dtype else prefix.to(t.dtype)
     pre = pre.expand(B, H, P, D) if pre.dim() == 3 else pre
     if t.is_contiguous():  # [B, H, L, D] order: torch.cat makes the same buffer in one call
@@ -559,9 +576,11 @@ _CONCAT_NODE = _backends.native_function("prefix_concat_attention_autograd")
 
 
 def _concat_eager_serves(inp: PrefixInputs) -> bool:
-    # No mask at all: not causal (or one query row, which sees every key), no padding; the CPU flash op.
+    # No mask at all: not causal (or one query row, which sees every key), no padding; the CPU flash op; k/v not in
+    # a prefix_kv_buffer (the node concatenates; the Python composition attends over the buffer itself).
+    P = inp.prefix_k.shape[-2]
     return (inp.key_padding_mask is None and (not inp.causal or inp.q.shape[2] == 1)
-            and inp.q.device.type == "cpu")
+            and inp.q.device.type == "cpu" and reserved_rows(inp.k, P) is None and reserved_rows(inp.v, P) is None)
 
 
 @FAMILY.forward("concat", eager=_CONCAT_NODE,

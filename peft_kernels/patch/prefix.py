@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from peft_kernels.nn.prefix import PrefixEncoder, PrefixParameters
 from peft_kernels.ops.prefix_attention import prefix_attention, prefix_attention_mask
-from peft_kernels.patch import _io, _methods
+from peft_kernels.patch import _io, _methods, prefix_rows
 
 ATTN_IMPLEMENTATION = "peft_kernels_prefix"
 ENCODER_ATTR = "peft_kernels_prefix"
@@ -527,6 +527,7 @@ def _apply(model, method, num_virtual_tokens, projection, projection_hidden, hid
     for module in attention:
         setattr(module, _LAYER_ATTR, (state, module.layer_idx))
     setattr(model, _STATE_ATTR, state)
+    prefix_rows.install(attention, P)
     try:
         _set_attn_implementation(model, ATTN_IMPLEMENTATION)
     except Exception:
@@ -590,6 +591,7 @@ def remove_prefix(model):
         for key in [k for k, h in hooks.items() if h is fn]:  # found by identity: survives copy.deepcopy(model)
             del hooks[key]
             base._forward_pre_hooks_with_kwargs.pop(key, None)
+    prefix_rows.remove(model)
     for module in model.modules():
         for attr in (_LAYER_ATTR, _STATE_ATTR):
             if attr in module.__dict__:
