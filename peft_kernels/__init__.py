@@ -13,6 +13,7 @@ from peft_kernels.ops import (
     distillation_loss,
     lora_linear,
     prefix_attention,
+    prefix_kv_buffer,
     soft_prompt_embed,
 )
 from peft_kernels.ops.distill_linear import fused_linear_distillation_loss
@@ -105,6 +106,7 @@ __all__ = [
     "nn",
     "patch_peft_model",
     "prefix_attention",
+    "prefix_kv_buffer",
     "print_trainable_parameters",
     "remove_lora",
     "remove_p_tuning",

@@ -25,7 +25,8 @@ class _BigCopies(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name in ("cat", "copy_", "clone", "_to_copy") and isinstance(out, torch.Tensor) and out.numel() >= self.numel:
+        big = isinstance(out, torch.Tensor) and out.numel() >= self.numel
+        if big and name in ("cat", "copy_", "clone", "_to_copy"):
             self.calls.append(name)
         return out
 

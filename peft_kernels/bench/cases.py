@@ -8,6 +8,7 @@ accumulates across repetitions.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable, Sequence
 
@@ -415,6 +416,29 @@ def prefix_attention_cases(device: str, quick: bool = False) -> list[Case]:
         q, k, v, pk, pv, dy = make()
         return _step(lambda: fn(q, k, v, pk, pv, causal=True), [q, k, v, pk, pv], dy)
 
+    def reserved(backend):
+        """k/v as prefix tuning computes them on CUDA: into prefix_kv_buffer rows (no concatenation copy), and not
+        leaves: their gradient goes to the producer's backward (discarded here), as in a model (a leaf with gaps
+        between its sequences would have AccumulateGrad copy it into a contiguous .grad)."""
+        def setup():
+            from peft_kernels import prefix_attention, prefix_kv_buffer, use_backend
+
+            q, k, v, pk, pv, dy = make()
+            kb, vb = (prefix_kv_buffer(B, L, H, D, P, dtype=dtype, device=device) for _ in range(2))
+            with torch.no_grad():
+                kb.copy_(k)
+                vb.copy_(v)
+            kb.requires_grad_(True)
+            vb.requires_grad_(True)
+
+            def fwd():
+                with use_backend(backend, strict=True) if backend else contextlib.nullcontext():
+                    return prefix_attention(q, _Sink.apply(kb), _Sink.apply(vb), pk, pv, causal=True)
+
+            return _step(fwd, [q, pk, pv], dy)
+
+        return setup
+
     def support_args():
         from peft_kernels.ops.prefix_attention import FAMILY
 
@@ -429,7 +453,22 @@ def prefix_attention_cases(device: str, quick: bool = False) -> list[Case]:
         Case("prefix_attention", shape, "flex_compiled", flex, compiled=True),
     ]
     return cases + _ours_cases("prefix_attention", shape, device, "peft_kernels.ops.prefix_attention",
-                               "prefix_attention", build, support_args)
+                               "prefix_attention", build, support_args) + [
+        Case("prefix_attention", shape, "ours_concat_reserved_rows", reserved("concat")),
+        Case("prefix_attention", shape, "ours_auto_reserved_rows", reserved(None)),
+    ]
+
+
+class _Sink(torch.autograd.Function):
+    """x itself (a view), its gradient consumed here: a non-leaf input whose producer's backward takes the gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
 
 
 # --------------------------------------------------------------------------------------------------

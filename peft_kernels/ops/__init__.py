@@ -7,6 +7,7 @@ from peft_kernels.ops.bias_only import bias_only_linear, bias_only_linear_refere
 from peft_kernels.ops.distill import distillation_loss, distillation_loss_reference
 from peft_kernels.ops.lora import lora_linear, lora_linear_reference
 from peft_kernels.ops.prefix_attention import prefix_attention, prefix_attention_reference
+from peft_kernels.ops.prefix_kv_buffer import prefix_kv_buffer
 from peft_kernels.ops.prompt import soft_prompt_embed, soft_prompt_embed_reference
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "lora_linear_reference",
     "prefix_attention",
     "prefix_attention_reference",
+    "prefix_kv_buffer",
     "soft_prompt_embed",
     "soft_prompt_embed_reference",
 ]
