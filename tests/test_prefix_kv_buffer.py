@@ -141,3 +141,41 @@ def test_reserved_rows_under_torch_compile():
     assert_close(out, ref)
     for a, b in zip(grads, ref_grads):
         assert_close(a, b)
+
+
+def test_one_buffer_passed_as_k_and_v():
+    """Its reserved rows hold one prefix: v is concatenated instead, and the answer is right (it took prefix_v for
+    both halves before)."""
+    kv = prefix_kv_buffer(B, L, 2, D, P)
+    with torch.no_grad():
+        kv.copy_(torch.randn(B, 2, L, D))
+    q = torch.randn(B, HQ, L, D)
+    pk, pv = (t.detach() for t in _prefix(2, True))
+    ref = prefix_attention_reference(q.double(), kv.double(), kv.double(), pk.double(), pv.double(), causal=True)
+    for v in (kv, kv.detach()):
+        with use_backend("concat", strict=True):
+            out = prefix_attention(q, kv, v, pk, pv, causal=True)
+        assert_close(out, ref.float())
+
+
+def test_mixed_qkv_dtypes_under_autocast():
+    """As SDPA: under autocast q/k/v are cast to its dtype before they are compared (a model's rotary part leaves
+    q/k in fp32 beside a bf16 v_proj output)."""
+    q, k = torch.randn(B, HQ, L, D), torch.randn(B, 2, L, D)
+    v = torch.randn(B, 2, L, D).bfloat16()
+    pk, pv = (t.detach() for t in _prefix(2, True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prefix_attention(q, k, v, pk, pv, causal=True)
+    assert out.dtype == torch.bfloat16
+    ref = prefix_attention_reference(q.bfloat16().double(), k.bfloat16().double(), v.double(), pk.double(),
+                                     pv.double(), causal=True)
+    assert_close(out.float(), ref.float(), dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="prefix_attention: v has dtype"):
+        prefix_attention(q, k, v, pk, pv, causal=True)  # without autocast the mismatch is still an error
+
+
+def test_prefix_kv_buffer_dtype_argument():
+    with pytest.raises(TypeError, match="prefix_kv_buffer: dtype must be a floating torch.dtype"):
+        prefix_kv_buffer(B, L, 2, D, P, dtype="float32")
+    with pytest.raises(TypeError, match="prefix_kv_buffer: dtype must be a floating torch.dtype"):
+        prefix_kv_buffer(B, L, 2, D, P, dtype=torch.int64)

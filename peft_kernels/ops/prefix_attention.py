@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily, grads_may_be_views, signature
+from peft_kernels._op import OpFamily, autocast_dtype, grads_may_be_views, signature
 from peft_kernels.ops import _validate as val
 from peft_kernels.ops.prefix_kv_buffer import reserved_rows, write_prefix
 
@@ -510,15 +510,22 @@ def _sdpa_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_paddin
     return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
 
 
+def _concat_pair(k, v, prefix_k, prefix_v):
+    """(K', V') over [prefix; k] and [prefix; v]; v uses its reserved rows only when it does not share k's storage
+    (the same buffer passed twice: its rows can hold one prefix, so v is concatenated)."""
+    K = _concat_kv_heads(k, prefix_k)
+    return K, _concat_kv_heads(v, prefix_v, reserved=v.untyped_storage() is not k.untyped_storage())
+
+
 def _concat_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
-    K, V = _concat_kv_heads(k, prefix_k), _concat_kv_heads(v, prefix_v)
+    K, V = _concat_pair(k, v, prefix_k, prefix_v)
     out, lse = _aten_attention(q, K, V, prefix_k.shape[-2], causal, key_padding_mask, scale)
     return _like(out, q), lse.contiguous()
 
 
 def _concat_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_padding_mask, scale):
     P = prefix_k.shape[-2]
-    K, V = _concat_kv_heads(k, prefix_k), _concat_kv_heads(v, prefix_v)
+    K, V = _concat_pair(k, v, prefix_k, prefix_v)
     dq, dK, dV = _aten_attention_backward(do, q, K, V, out, lse, P, causal, key_padding_mask, scale)
     acc = _acc_dtype(q.dtype)
     if prefix_k.dim() == 3:
@@ -537,12 +544,12 @@ def _rows_grad(dK: Tensor, P: int, k: Tensor) -> Tensor:
     return rows if rows.stride() == k.stride() and grads_may_be_views() else _like(rows, k)
 
 
-def _concat_kv_heads(t, prefix):
+def _concat_kv_heads(t, prefix, reserved: bool = True):
     """[prefix; t] along the sequence in t's physical layout (so dK/dV come back in it), prefix cast to t's dtype:
     t's own buffer where t is a ``prefix_kv_buffer`` view (rewritten in the backward too: a few rows), else a copy."""
     B, H, Lk, D = t.shape
     P = prefix.shape[-2]
-    full = reserved_rows(t, P)
+    full = reserved_rows(t, P) if reserved else None
     if full is not None:  # t was computed into a prefix_kv_buffer: the prefix goes in front of it, no copy of t
         write_prefix(full, prefix)
         return full
@@ -751,9 +758,21 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
                 return hit[2](q, k, v, prefix_k, prefix_v, causal, key_padding_mask, s)
             return FAMILY.run_eager(PrefixInputs(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, s),
                                     hit[0], hit[1])
+    if isinstance(q, Tensor) and torch._C._is_any_autocast_enabled():
+        # As SDPA under autocast: q/k/v in the autocast dtype before they are compared (a model's rotary part may
+        # leave q/k in fp32 beside a bf16 v); the family's own autocast then has nothing left to cast.
+        q, k, v = _autocast_qkv(q, k, v)
     scale = validate(q, k, v, prefix_k, prefix_v, key_padding_mask, scale)
     key = None if torch.compiler.is_compiling() else _key(q, k, v, prefix_k, prefix_v, causal, key_padding_mask)
     return FAMILY.call_checked(PrefixInputs(q, k, v, prefix_k, prefix_v, bool(causal), key_padding_mask, scale), key)
+
+
+def _autocast_qkv(q, k, v):
+    dtype = autocast_dtype(q.device.type)
+    if dtype is None:
+        return q, k, v
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (q, k, v))
 
 
 def _key(q, k, v, prefix_k, prefix_v, causal, key_padding_mask):

@@ -38,6 +38,8 @@ def prefix_kv_buffer(batch: int, seq_len: int, kv_heads: int, head_dim: int, num
     """
     sizes = {"batch": batch, "seq_len": seq_len, "kv_heads": kv_heads, "head_dim": head_dim, "num_prefix": num_prefix}
     batch, seq_len, kv_heads, head_dim, num_prefix = (val.check_int(OP, k, n, minimum=1) for k, n in sizes.items())
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"{OP}: dtype must be a floating torch.dtype (K/V's), got {dtype!r}")
     full = torch.empty(batch, num_prefix + seq_len, kv_heads, head_dim, dtype=dtype, device=device)
     _RESERVED[full.untyped_storage()] = (num_prefix, tuple(full.shape), full.storage_offset())
     return full[:, num_prefix:].transpose(1, 2)

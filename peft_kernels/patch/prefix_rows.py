@@ -188,12 +188,20 @@ def _wanted(x) -> bool:
     return x.is_cuda or (forced is not None and forced[0] == "concat")
 
 
+_LAST_ATTR = "_peft_kernels_prefix_rows_last"
+
+
 def _begin(module, args, kwargs):
+    if torch._C._current_graph_task_id() != -1:
+        # A forward run inside a backward: activation checkpointing recomputing this layer. It must build the graph
+        # the original forward built (checkpointing compares what each saved), whatever use_backend says now.
+        _ACTIVE.rows = module.__dict__.get(_LAST_ATTR)
+        return
     # With a KV cache (transformers makes one unless use_cache=False) the attention gets the cache's concatenation,
     # not the tensors computed here: nothing to reserve.
     no_cache = all(kwargs.get(name) is None for name in ("cache", "past_key_values", "past_key_value"))
     wanted = no_cache and _wanted(kwargs.get("hidden_states", args[0] if args else None))
-    _ACTIVE.rows = module.__dict__[_ROWS_ATTR] if wanted else None
+    _ACTIVE.rows = module.__dict__[_LAST_ATTR] = module.__dict__[_ROWS_ATTR] if wanted else None
 
 
 def _end(module, args, kwargs, output):
@@ -240,6 +248,7 @@ def remove(model) -> None:
                 module._forward_hooks_with_kwargs.pop(key, None)
                 module._forward_hooks_always_called.pop(key, None)
         del module.__dict__[_ROWS_ATTR]
+        module.__dict__.pop(_LAST_ATTR, None)
         v = module._modules.get("v_proj")
         if type(v) is _RowsLinear:
             v.__class__ = nn.Linear

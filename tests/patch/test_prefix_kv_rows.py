@@ -49,9 +49,9 @@ def spy(monkeypatch):
     seen = []
     original = PA._concat_kv_heads
 
-    def concat_kv_heads(t, prefix):
-        seen.append(PA.reserved_rows(t, prefix.shape[-2]) is not None)
-        return original(t, prefix)
+    def concat_kv_heads(t, prefix, reserved=True):
+        seen.append(reserved and PA.reserved_rows(t, prefix.shape[-2]) is not None)
+        return original(t, prefix, reserved)
 
     monkeypatch.setattr(PA, "_concat_kv_heads", concat_kv_heads)
     return seen
@@ -121,6 +121,34 @@ def test_gradient_checkpointing(spy):
     assert_close(logits, ref_logits, rtol=1e-4, atol=2e-5)
     for n in grads:
         assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=2e-5, name=n)
+
+
+def test_gradient_checkpointing_backward_outside_the_forced_backend(spy):
+    """Checkpointing recomputes each layer inside the backward: with k/v redirected as in the original forward,
+    even where that forward's use_backend block has ended (it raised CheckpointError: 32 vs 31 tensors saved)."""
+    model = make_arch("llama").train()
+    model.gradient_checkpointing_enable()
+    apply_prefix_tuning(model, num_virtual_tokens=P, projection=False)
+    ids, mask, labels = _inputs()
+    with use_backend("concat", strict=True):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert spy and all(spy[:4])  # the forward attended over reserved rows
+    _, ref_grads = _step(model, "reference")
+    for n in grads:
+        assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=2e-5, name=n)
+
+
+def test_patched_model_under_cpu_autocast():
+    """Rotary leaves q/k in fp32 beside v_proj's bf16 output under autocast; the patched model runs as SDPA's does."""
+    model = make_arch("llama")
+    apply_prefix_tuning(model, num_virtual_tokens=P, projection=False)
+    ids, mask, labels = _inputs()
+    fp32 = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.isfinite(loss) and abs(loss.item() - fp32.item()) < 0.05 * abs(fp32.item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
