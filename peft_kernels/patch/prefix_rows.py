@@ -31,7 +31,8 @@ from peft_kernels import _config
 from peft_kernels.ops.prefix_kv_buffer import prefix_kv_buffer
 
 _ACTIVE = threading.local()  # .rows: P while a patched attention layer computes its k/v, else None
-_ROWS_ATTR = "_peft_kernels_prefix_rows"
+_ROWS_ATTR = "_peft_kernels_prefix_rows"  # on a patched attention module: P
+_HEADS_ATTR = "_peft_kernels_prefix_rows_heads"  # on its v_proj: the KV heads of its output
 # modeling module name -> (its original apply_rotary_pos_emb, the attention modules relying on the replacement:
 # held weakly, so a model dropped without remove_prefix, or a copy.deepcopy of one, never pins or miscounts it)
 _ROTARY: dict[str, tuple] = {}
@@ -89,7 +90,7 @@ class _RowsLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         P = _rows()
-        heads = self.__dict__.get(_ROWS_ATTR)
+        heads = self.__dict__.get(_HEADS_ATTR)
         if (P is None or heads is None or x.dim() != 3 or 0 in x.shape or not _plain(x) or x.dtype != self.weight.dtype
                 or not _may_redirect(x)):
             return F.linear(x, self.weight, self.bias)
@@ -222,7 +223,7 @@ def install(attention: list[nn.Module], P: int) -> list[str]:
         if heads is not None:
             v = module._modules["v_proj"]
             v.__class__ = _RowsLinear
-            v.__dict__[_ROWS_ATTR] = heads
+            v.__dict__[_HEADS_ATTR] = heads
         if rotary:
             if mod.__name__ not in _ROTARY:
                 _ROTARY[mod.__name__] = (mod.apply_rotary_pos_emb, weakref.WeakSet())
@@ -252,7 +253,7 @@ def remove(model) -> None:
         v = module._modules.get("v_proj")
         if type(v) is _RowsLinear:
             v.__class__ = nn.Linear
-            v.__dict__.pop(_ROWS_ATTR, None)
+            v.__dict__.pop(_HEADS_ATTR, None)
         name = type(module).__module__
         entry = _ROTARY.get(name)
         if entry is not None:
