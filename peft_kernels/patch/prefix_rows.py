@@ -18,6 +18,7 @@ autocast, torch.compile tracing, gradients for cos/sin, another signature) runs 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import threading
@@ -84,6 +85,27 @@ class _LinearIntoRows(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+_TILE = 128  # the output tile edge of a cuBLAS-class GEMM, for the rule below
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def gemm_fills(rows: int, n: int, sms: int) -> bool:
+    """Whether a [rows, K] x [K, n] GEMM fills ~a wave of `sms` SMs with 128 x 128 output tiles (then B of them,
+    one per sequence, take about as long as one GEMM over all B sequences)."""
+    return -(-rows // _TILE) * -(-n // _TILE) >= 0.9 * sms
+
+
+def _per_sequence_gemm_fills(x: Tensor, n: int) -> bool:
+    """v_proj computed as one GEMM per sequence only where each fills the GPU: with few KV heads (n = Hkv * D
+    small) the B GEMMs would leave most SMs idle and cost more than the copy of v they save (the concat backend
+    then copies v alone, a few MB). On the CPU (tests) always."""
+    return not x.is_cuda or gemm_fills(x.shape[1], n, _sm_count(x.device.index or 0))
+
+
 class _RowsLinear(nn.Linear):
     """The attention's v_proj while prefix tuning patches its layer: while the layer runs (``_ACTIVE.rows``), its
     output is computed into a prefix_kv_buffer; otherwise it is nn.Linear."""
@@ -92,7 +114,7 @@ class _RowsLinear(nn.Linear):
         P = _rows()
         heads = self.__dict__.get(_HEADS_ATTR)
         if (P is None or heads is None or x.dim() != 3 or 0 in x.shape or not _plain(x) or x.dtype != self.weight.dtype
-                or not _may_redirect(x)):
+                or not _may_redirect(x) or not _per_sequence_gemm_fills(x, self.out_features)):
             return F.linear(x, self.weight, self.bias)
         return _LinearIntoRows.apply(x, self.weight, self.bias, P, heads)
 

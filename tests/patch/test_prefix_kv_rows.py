@@ -185,3 +185,11 @@ def test_linear_into_rows_matches_linear(bias):
     want = torch.autograd.grad(ref, [x, lin.weight] + ([lin.bias] if bias else []), gy)
     for a, b in zip(got, want):
         assert_close(a, b)
+
+
+def test_v_proj_per_sequence_rule():
+    """On CUDA v_proj computes into the buffer (one GEMM per sequence) only where each GEMM fills ~a wave of SMs."""
+    assert prefix_rows.gemm_fills(2048, 4096, 132)  # Llama-2-7B: 16 x 32 tiles per sequence
+    assert prefix_rows.gemm_fills(2048, 1024, 132)  # Llama-3-8B (8 KV heads): 128 tiles, ~one wave
+    assert not prefix_rows.gemm_fills(2048, 256, 132)  # TinyLlama (4 x 64): 32 tiles; v is copied instead
+    assert not prefix_rows.gemm_fills(128, 4096, 132)
