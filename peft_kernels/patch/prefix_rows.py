@@ -215,6 +215,8 @@ _LAST_ATTR = "_peft_kernels_prefix_rows_last"
 
 
 def _begin(module, args, kwargs):
+    if torch.compiler.is_compiling():  # the producers run the model's own code there (_may_redirect)
+        return
     if torch._C._current_graph_task_id() != -1:
         # A forward run inside a backward: activation checkpointing recomputing this layer. It must build the graph
         # the original forward built (checkpointing compares what each saved), whatever use_backend says now.
@@ -228,7 +230,8 @@ def _begin(module, args, kwargs):
 
 
 def _end(module, args, kwargs, output):
-    _ACTIVE.rows = None
+    if not torch.compiler.is_compiling():
+        _ACTIVE.rows = None
 
 
 def install(attention: list[nn.Module], P: int) -> list[str]:
