@@ -33,9 +33,13 @@ _SPLIT_ROWS = 512  # query rows per backward program: B*Hkv*ceil(Lq/512) program
 # (BLOCK_M, num_warps) of the GPU launches; the tiles are small (P x D), so no autotuning.
 _FWD_BLOCK_M = 64
 _BWD_BLOCK_M = 64
-# sm_90a, Triton 3.8, D = 128, P = 32: 8 warps spill 276 B (4 warps: 1400 B); BLOCK_M = 32 loses wgmma. The fp32
-# dPK/dPV accumulators and the dQ read-modify-write tile are live together; see NOTES.md (prefix attention).
+# sm_90a, Triton 3.8, D = 128, P = 32, 8 warps (4 spill more; BLOCK_M = 32 loses wgmma): the fp32 dPK/dPV
+# accumulators and the dQ read-modify-write tile are live together. Software pipelining (prefetching the next row
+# tile's q/dO/O) costs the registers: spills 560 B at num_stages = 3 as first written, 368 B with dQ updated first
+# (and dO/O before q), 256 B at 2; at 1: 202 registers, no spill (GQA 4: 32 B). The next tile's loads are then not
+# prefetched; which is faster is for a GPU to measure (NOTES.md, prefix attention).
 _BWD_WARPS = 8
+_BWD_STAGES = 1
 
 
 def _block_p(P: int) -> int:
@@ -148,13 +152,13 @@ def _prefix_bwd_kernel(
                 offs_m = start_m + offs_m0
                 row_ok = offs_m < hi
                 rmask = row_ok[:, None] & d_ok[None, :]
-                q = tl.load(_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, offs_d),
-                            mask=rmask, other=0.0)
                 do = tl.load(_tile(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dom, offs_d),
-                             mask=rmask, other=0.0).to(q.dtype)
+                             mask=rmask, other=0.0).to(Q.dtype.element_ty)
                 o = tl.load(_tile(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_om, offs_d),
                             mask=rmask, other=0.0)
                 delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+                q = tl.load(_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, offs_d),
+                            mask=rmask, other=0.0)
                 lse2 = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + offs_m, mask=row_ok, other=0.0) * LOG2E
                 s = tl.dot(q, tl.trans(pk), input_precision=PREC) * qk_scale
                 p = tl.exp2(s - lse2[:, None])
@@ -162,11 +166,11 @@ def _prefix_bwd_kernel(
                 dpv = tl.dot(tl.trans(p.to(q.dtype)), do, dpv, input_precision=PREC)
                 dp = tl.dot(do, tl.trans(pv), input_precision=PREC)
                 ds = p * (dp - delta[:, None])
-                dpk = tl.dot(tl.trans(ds.to(q.dtype)), q, dpk, input_precision=PREC)
                 dq_ptrs = _tile(DQ + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqm, offs_d)
                 dq = tl.load(dq_ptrs, mask=rmask, other=0.0).to(tl.float32)
-                dq += tl.dot(ds.to(q.dtype), pk, input_precision=PREC) * scale
+                dq = tl.dot((ds * scale).to(q.dtype), pk, dq, input_precision=PREC)
                 tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=rmask)
+                dpk = tl.dot(tl.trans(ds.to(q.dtype)), q, dpk, input_precision=PREC)
         p_ptrs = _tile(part, cols, HEAD_DIM, offs_d)
         tl.store(DPK + p_ptrs, dpk * scale, mask=tile_mask)
         tl.store(DPV + p_ptrs, dpv, mask=tile_mask)
@@ -250,7 +254,7 @@ def prefix_merge_backward(do, q, prefix_k, prefix_v, out, lse, dq, scale: float)
             dq.stride(0), dq.stride(1), dq.stride(2),
             dpk.stride(0), dpk.stride(1), dpk.stride(2),
             Lq, P, float(scale), float(scale) * 1.4426950408889634, split,
-            BLOCK_M=block_m, num_warps=_BWD_WARPS, **_meta(q, Hkv, P),
+            BLOCK_M=block_m, num_warps=_BWD_WARPS, num_stages=_BWD_STAGES, **_meta(q, Hkv, P),
         )  # fmt: skip
     dims = (0, 1) if prefix_k.dim() == 3 else (0,)
     return dpk.sum(dims), dpv.sum(dims)
@@ -288,5 +292,5 @@ def compile_variants(quick: bool = False) -> list:
                    "stride_ph": P * D, "Lq": L, "P": P, "scale": 0.08, "qk_scale": 0.1, "SPLIT_ROWS": _SPLIT_ROWS}
             out.append(jit_variant(f"prefix_merge.bwd.g{group}.{dt}.{_BWD_BLOCK_M}x{_block_p(P)}",
                                    _prefix_bwd_kernel, bwd, {**cx, "BLOCK_M": _BWD_BLOCK_M}, num_warps=_BWD_WARPS,
-                                   kind="attention", main=True))
+                                   num_stages=_BWD_STAGES, kind="attention", main=True))
     return out
