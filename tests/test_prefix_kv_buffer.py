@@ -179,3 +179,20 @@ def test_prefix_kv_buffer_dtype_argument():
         prefix_kv_buffer(B, L, 2, D, P, dtype="float32")
     with pytest.raises(TypeError, match="prefix_kv_buffer: dtype must be a floating torch.dtype"):
         prefix_kv_buffer(B, L, 2, D, P, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_other_backends_take_reserved_buffers(backend):
+    """Dispatch may pick another backend for k/v in a buffer (it measures them all on CUDA): each reads the gapped
+    views as any strided tensor, and the answer is the reference's."""
+    q = torch.randn(B, HQ, L, D, requires_grad=True)
+    k, v = _kv(2, reserved=True)
+    pk, pv = _prefix(2, True)
+    with use_backend(backend, strict=True):
+        out = prefix_attention(q, k, v, pk, pv, causal=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, pk, pv))
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
+    ref = prefix_attention_reference(*ref_in, causal=True)
+    assert_close(out, ref.float())
+    for a, b in zip(grads, torch.autograd.grad(ref.square().sum(), ref_in)):
+        assert_close(a, b.float())

@@ -20,7 +20,7 @@ from torch import Tensor
 from peft_kernels import _backends
 from peft_kernels._op import OpFamily, autocast_dtype, grads_may_be_views, signature
 from peft_kernels.ops import _validate as val
-from peft_kernels.ops.prefix_kv_buffer import reserved_rows, write_prefix
+from peft_kernels.ops.prefix_kv_buffer import is_dense, reserved_rows, write_prefix
 
 OP = "prefix_attention"
 
@@ -216,8 +216,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _like(t: Tensor, ref: Tensor) -> Tensor:
     """``t`` in ``ref``'s layout (the op's contract: outputs and grads are laid out like the inputs); a copy only
     where the aten op chose another layout (the CPU flash op for [B, H, L, D]-contiguous inputs)."""
-    if _same_layout(t, ref):
-        return t
+    if _same_layout(t, ref) or (grads_may_be_views() and not is_dense(ref)):
+        return t  # (a ref with gaps, e.g. a prefix_kv_buffer view another backend read: no layout to match in eager)
     return torch.empty_like(ref, dtype=t.dtype).copy_(t)
 
 

@@ -62,6 +62,17 @@ def reserved_rows(t: Tensor, P: int) -> Tensor | None:
     return t.as_strided((B, H, rows, D), t.stride(), offset)
 
 
+def is_dense(t: Tensor) -> bool:
+    """Whether t's elements fill its memory with no gaps, in some order of its dims (a prefix_kv_buffer view does
+    not: P rows between its sequences)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def write_prefix(full: Tensor, prefix: Tensor) -> None:
     """Write ``prefix`` ([H, P, D] shared by the batch, or [B, H, P, D]) into the reserved rows of ``full``
     ([B, H, P + L, D], from ``reserved_rows``), cast to the buffer's dtype.

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peft_kernels import _config
-from peft_kernels.ops.prefix_kv_buffer import prefix_kv_buffer
+from peft_kernels.ops.prefix_kv_buffer import is_dense, prefix_kv_buffer
 
 _ACTIVE = threading.local()  # .rows: P while a patched attention layer computes its k/v, else None
 _ROWS_ATTR = "_peft_kernels_prefix_rows"  # on a patched attention module: P
@@ -129,14 +129,23 @@ class _RotaryIntoRows(torch.autograd.Function):
         out = prefix_kv_buffer(B, L, H, D, P, dtype=k.dtype, device=k.device)
         torch.add(k * cos, rotate_half(k) * sin, out=out)
         ctx.save_for_backward(cos, sin)
+        # dk in k's own layout (transformers' [B, L, H, D]): the k_proj backward then views it, as it views the
+        # gradient the model's own rotary part gives (g arrives with the buffer's gaps between sequences).
+        ctx.k_layout = (k.shape, k.stride()) if is_dense(k) else None
         return out
 
     @staticmethod
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
         t = g * sin
-        h = t.shape[-1] // 2  # rotate_half's adjoint: (t1, t2) -> (t2, -t1)
-        return g * cos + torch.cat((t[..., h:], -t[..., :h]), dim=-1), None, None, None, None
+        h = t.shape[-1] // 2  # rotate_half's adjoint: (t1, t2) -> (t2, -t1); dk = g cos + (t2, -t1), exactly
+        if ctx.k_layout is None:
+            dk = torch.mul(g, cos)
+        else:
+            dk = torch.mul(g, cos, out=torch.empty_strided(*ctx.k_layout, dtype=g.dtype, device=g.device))
+        dk[..., :h] += t[..., h:]
+        dk[..., h:] -= t[..., :h]
+        return dk, None, None, None, None
 
 
 def _rotary_wrapper(original, rotate_half):

@@ -158,6 +158,7 @@ def test_rotary_into_rows_is_the_models_rotary_bit_for_bit(dtype):
     q, k = (torch.randn(2, h, 5, 8, generator=g).to(dtype).requires_grad_() for h in (4, 2))
     cos, sin = (torch.randn(2, 5, 8, generator=g).to(dtype) for _ in range(2))
     gq, gk = torch.randn_like(q), torch.randn_like(k)
+    q, k = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k))  # HF layout
     q0, k0 = mod.apply_rotary_pos_emb(q, k, cos, sin)
     ref = torch.autograd.grad((q0, k0), (q, k), (gq, gk))
     wrapped = prefix_rows._rotary_wrapper(mod.apply_rotary_pos_emb, mod.rotate_half)
@@ -168,8 +169,11 @@ def test_rotary_into_rows_is_the_models_rotary_bit_for_bit(dtype):
         prefix_rows._ACTIVE.rows = None
     assert PA.reserved_rows(k1, 3) is not None
     assert torch.equal(q1, q0) and torch.equal(k1, k0)
-    for a, b in zip(torch.autograd.grad((q1, k1), (q, k), (gq, gk)), ref):
+    gk_rows = torch.empty_like(k1).copy_(gk)  # the upstream gradient as the concat backend returns it: in the buffer
+    got = torch.autograd.grad((q1, k1), (q, k), (gq, gk_rows))
+    for a, b in zip(got, ref):
         assert torch.equal(a, b)
+    assert got[1].stride() == k.stride()  # dk in k's layout: the k_proj backward views it without a copy
 
 
 @pytest.mark.parametrize("bias", [True, False])
