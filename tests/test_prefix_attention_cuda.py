@@ -175,3 +175,40 @@ def test_sdpa_compositions_on_gpu(backend, dtype, shape):
                              (ref, *grads64)):
         err, err_e = (a.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
         assert err <= 2 * err_e + 1e-3, f"{backend} {name}: err {err:.3g} vs eager {err_e:.3g}"
+
+
+# --- k/v computed into prefix_kv_buffers: concat over the buffer itself (no copy of k/v/dk/dv) --------------------
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 300, 32, 128), (1, 4, 4, 77, 7, 64)])
+def test_concat_over_reserved_rows_on_gpu(dtype, shape):
+    """The flash op over [prefix; k] in the buffer: within 2x eager's error of the float64 oracle, dk/dv views of
+    dK'/dV' (the buffer's strides), k's version unchanged."""
+    from peft_kernels import prefix_kv_buffer
+
+    B, Hq, Hkv, L, P, D = shape
+    q, k, v, pk, pv, _, do = make_inputs(DEV, dtype, B, Hq, Hkv, L, L, P, D, True, False, bshd=True,
+                                         prefix_dtype=F32, with_grad_out=True)
+    kb, vb = (prefix_kv_buffer(B, L, Hkv, D, P, dtype=dtype, device=DEV) for _ in range(2))
+    with torch.no_grad():
+        kb.copy_(k)
+        vb.copy_(v)
+    kb.requires_grad_(True)
+    vb.requires_grad_(True)
+    qq, ppk, ppv = (t.clone().requires_grad_(True) for t in (q, pk, pv))
+    version = kb._version
+    with peft_kernels.use_backend("concat", strict=True):
+        out = prefix_attention(qq, kb, vb, ppk, ppv, causal=True)
+    seen = {}
+    kb.register_hook(lambda g: seen.setdefault("dk", g))
+    grads = torch.autograd.grad(out, (qq, kb, vb, ppk, ppv), do)
+    assert kb._version == version and seen["dk"].stride() == kb.stride()
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v, pk, pv)]
+    ref = prefix_attention_reference(*leaves64, True, None, None, upcast=True)
+    grads64 = torch.autograd.grad(ref, leaves64, do.double())
+    e_leaves = [t.clone().requires_grad_(True) for t in (q, k, v, pk.to(dtype), pv.to(dtype))]
+    e_out, _ = eager_attention(*e_leaves, True, None, D**-0.5)
+    e_grads = torch.autograd.grad(e_out, e_leaves, do)
+    for name, a, e, r in zip(("out", "dq", "dk", "dv", "dpk", "dpv"), (out, *grads), (e_out, *e_grads),
+                             (ref, *grads64)):
+        err, err_e = (a.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
+        assert err <= 2 * err_e + 1e-3, f"reserved {name}: err {err:.3g} vs eager {err_e:.3g}"

@@ -197,3 +197,27 @@ def test_v_proj_per_sequence_rule():
     assert prefix_rows.gemm_fills(2048, 1024, 132)  # Llama-3-8B (8 KV heads): 128 tiles, ~one wave
     assert not prefix_rows.gemm_fills(2048, 256, 132)  # TinyLlama (4 x 64): 32 tiles; v is copied instead
     assert not prefix_rows.gemm_fills(128, 4096, 132)
+
+
+@pytest.mark.gpu
+def test_gpu_model_attends_over_reserved_rows(spy, monkeypatch):
+    """On CUDA the rows are reserved under automatic dispatch too (concat forced here to see them used); v_proj's
+    per-sequence rule forced on for the tiny model."""
+    monkeypatch.setattr(prefix_rows, "gemm_fills", lambda rows, n, sms: True)
+    model = make_arch("llama").cuda()
+    apply_prefix_tuning(model, num_virtual_tokens=P, projection=False)
+    ids, mask, labels = (t.cuda() for t in _inputs())
+
+    def step(backend):
+        model.zero_grad(set_to_none=True)
+        with use_backend(backend, strict=True):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+            out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    logits, grads = step("concat")
+    assert spy and all(spy)
+    ref_logits, ref_grads = step("reference")
+    assert_close(logits, ref_logits, rtol=1e-3, atol=1e-3, name="logits")
+    for n in grads:
+        assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-3, name=n)
