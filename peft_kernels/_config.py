@@ -25,6 +25,8 @@ ENVIRONMENT = {
     "PEFT_KERNELS_TRITON_AUTOTUNE": "0: one fixed config (plus a small fallback) per Triton kernel, no autotuning",
     "PEFT_KERNELS_TRITON_FLATTEN": "0: do not flatten the persistent tile loops of the Triton GEMMs",
     "PEFT_KERNELS_POISON": "1: kernel launchers fill their outputs with NaN before writing them (tests)",
+    "PEFT_KERNELS_PREFIX_ROWS": "prefix tuning computes k/v into prefix_kv_buffers: auto (CUDA tensors), 1 (also CPU "
+    "tensors: tests), 0 (never)",
     "TRITON_INTERPRET": "1: Triton kernels run on CPU tensors (Triton's own switch; read before triton is imported)",
 }
 BUILD_ENVIRONMENT = {
@@ -62,6 +64,7 @@ class Settings:
     triton_flatten: bool
     poison: bool
     triton_interpret: bool
+    prefix_rows: bool | None = None  # None: on CUDA tensors only
 
 
 def _read_settings() -> Settings:
@@ -75,6 +78,8 @@ def _read_settings() -> Settings:
         triton_flatten=_env_flag("PEFT_KERNELS_TRITON_FLATTEN", True),
         poison=_env_flag("PEFT_KERNELS_POISON", False),
         triton_interpret=os.environ.get("TRITON_INTERPRET", "0").strip() == "1",
+        prefix_rows=None if _env("PEFT_KERNELS_PREFIX_ROWS").lower() in ("", "auto")
+        else _env_flag("PEFT_KERNELS_PREFIX_ROWS", False),
     )
 
 

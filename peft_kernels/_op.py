@@ -26,6 +26,7 @@ public function validates once.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import warnings
@@ -349,7 +350,9 @@ class OpFamily:
             outs = _as_tuple(self.forward_backends[name].run(*inputs))
             if any(needs):
                 saved = self._save_fn(inputs, outs)
-                self.backward_backends[self.backward_for(name, inputs)].run(*outs[: self.public_outputs], *saved, needs)
+                with _eager_backward():  # timed as the eager training step runs it
+                    self.backward_backends[self.backward_for(name, inputs)].run(*outs[: self.public_outputs], *saved,
+                                                                                needs)
 
     # ----------------------------------------------------------------------------------------------
     # Calling
@@ -532,9 +535,20 @@ _EAGER_BACKWARD = threading.local()
 
 
 def grads_may_be_views() -> bool:
-    """Whether the backward backend running now was called by the eager autograd.Function: its gradients may then
-    be views of a larger buffer (autograd takes any strides); a custom op's must be laid out as its fake says."""
+    """Whether the backward backend running now was called by the eager path (the autograd.Function, or dispatch
+    timing it): its gradients may then be views of a larger buffer (autograd takes any strides); a custom op's must
+    be laid out as its fake says."""
     return getattr(_EAGER_BACKWARD, "active", False)
+
+
+@contextlib.contextmanager
+def _eager_backward():
+    previous = grads_may_be_views()
+    _EAGER_BACKWARD.active = True
+    try:
+        yield
+    finally:
+        _EAGER_BACKWARD.active = previous
 
 
 class _EagerFunction(torch.autograd.Function):
@@ -556,11 +570,9 @@ class _EagerFunction(torch.autograd.Function):
         needs = family._needs(ctx, 3)
         if not any(needs):
             return (None,) * (3 + len(family.fields))
-        _EAGER_BACKWARD.active = True
-        try:
-            grads = family.backward_backends[ctx.pk_bwd].run(*grad_outs, *family._saved_args(ctx), needs)
-        finally:
-            _EAGER_BACKWARD.active = False
+        args = family._saved_args(ctx)  # (may recompute a checkpointed forward: outside the flag)
+        with _eager_backward():
+            grads = family.backward_backends[ctx.pk_bwd].run(*grad_outs, *args, needs)
         return family._grads_to_inputs(grads, needs, 3, 0)
 
 

@@ -196,3 +196,35 @@ def test_other_backends_take_reserved_buffers(backend):
     assert_close(out, ref.float())
     for a, b in zip(grads, torch.autograd.grad(ref.square().sum(), ref_in)):
         assert_close(a, b.float())
+
+
+def test_compiled_with_dispatch_timing_on(monkeypatch):
+    """Dispatch timing (CUDA's default) keys on whether k/v are reserved: under torch.compile that key is computed
+    without the registry, which dynamo cannot trace (fullgraph failed)."""
+    from peft_kernels import _config
+
+    monkeypatch.setattr(_config, "tune_dispatch", lambda device_type: True)
+    q = torch.randn(B, HQ, L, D)
+    k, v = (t.detach() for t in _kv(2, reserved=False))
+    pk, pv = (t.detach() for t in _prefix(2, True))
+    f = torch.compile(lambda *a: prefix_attention(*a, causal=True), fullgraph=True, backend="aot_eager")
+    assert_close(f(q, k, v, pk, pv), prefix_attention_reference(q, k, v, pk, pv, causal=True))
+
+
+def test_dispatch_timing_runs_the_backward_as_the_eager_step(monkeypatch):
+    """run_once (what dispatch times) runs a backend's backward as the eager step does: gradients may be views (it
+    copied dk/dv, charging concat for copies the training step does not make)."""
+    import sys
+
+    from peft_kernels import _op
+
+    pa = sys.modules["peft_kernels.ops.prefix_attention"]
+    seen = []
+    backend = pa.FAMILY.backward_backends["concat"]
+    original = backend.run
+    monkeypatch.setattr(backend, "run", lambda *a: (seen.append(_op.grads_may_be_views()), original(*a))[1])
+    q = torch.randn(B, HQ, L, D, requires_grad=True)
+    k, v = _kv(2, reserved=True)
+    pk, pv = _prefix(2, True)
+    pa.FAMILY.run_once("concat", pa.FAMILY.Inputs(q, k, v, pk, pv, True, None, D**-0.5))
+    assert seen == [True]

@@ -20,7 +20,7 @@ from torch import Tensor
 from peft_kernels import _backends
 from peft_kernels._op import OpFamily, autocast_dtype, grads_may_be_views, signature
 from peft_kernels.ops import _validate as val
-from peft_kernels.ops.prefix_kv_buffer import is_dense, reserved_rows, write_prefix
+from peft_kernels.ops.prefix_kv_buffer import is_dense, reserved_rows, same_strides, write_prefix
 
 OP = "prefix_attention"
 
@@ -541,7 +541,7 @@ def _rows_grad(dK: Tensor, P: int, k: Tensor) -> Tensor:
     prefix_kv_buffer: no copy of dK) and autograd takes a view (the eager path; a custom op's outputs must be laid
     out as its fake), else copied into k's layout."""
     rows = dK.narrow(2, P, dK.shape[2] - P)
-    return rows if rows.stride() == k.stride() and grads_may_be_views() else _like(rows, k)
+    return rows if same_strides(rows, k.stride()) and grads_may_be_views() else _like(rows, k)
 
 
 def _concat_kv_heads(t, prefix, reserved: bool = True):

@@ -48,6 +48,8 @@ def prefix_kv_buffer(batch: int, seq_len: int, kv_heads: int, head_dim: int, num
 def reserved_rows(t: Tensor, P: int) -> Tensor | None:
     """The ``[B, H, P + L, D]`` view of the buffer ``t`` [B, H, L, D] was made in by ``prefix_kv_buffer`` with P
     reserved rows (t is its last L rows), or None when t is not such a view."""
+    if torch.compiler.is_compiling():  # traced code sees no buffer (and dynamo cannot trace the registry)
+        return None
     try:
         entry = _RESERVED.get(t.untyped_storage())
     except (RuntimeError, NotImplementedError):  # no storage to read (a tensor subclass or wrapper)
@@ -55,11 +57,16 @@ def reserved_rows(t: Tensor, P: int) -> Tensor | None:
     if entry is None or entry[0] != P:
         return None
     _, (B, rows, H, D), offset = entry
-    L = rows - P
-    if (tuple(t.shape) != (B, H, L, D) or t.stride() != (rows * H * D, D, H * D, 1)
+    strides = (rows * H * D, D, H * D, 1)
+    if (tuple(t.shape) != (B, H, rows - P, D) or not same_strides(t, strides)
             or t.storage_offset() != offset + P * H * D):
         return None
-    return t.as_strided((B, H, rows, D), t.stride(), offset)
+    return t.as_strided((B, H, rows, D), strides, offset)
+
+
+def same_strides(t: Tensor, strides) -> bool:
+    """t has these strides in every dim of size > 1 (a size-1 dim's stride is arbitrary: views give it any)."""
+    return all(n == 1 or a == b for n, a, b in zip(t.shape, t.stride(), strides))
 
 
 def is_dense(t: Tensor) -> bool:

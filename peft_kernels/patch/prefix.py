@@ -88,6 +88,7 @@ class _PrefixState:
     current_attn: str | None = None
     mode: str = "fused"  # "explicit": always SDPA over the concatenated K/V (the tests' reference path)
     prefix: list | None = None
+    grad_prefix: list | None = None  # the last prefix computed with grad: what a reentrant checkpoint recomputes with
     prefix_key: tuple | None = None
     mask_cache: tuple | None = None
     seen: set = field(default_factory=set)
@@ -95,7 +96,8 @@ class _PrefixState:
 
     def __getstate__(self):
         # copy.deepcopy / pickle of the model: leave out the last forward's prefix (graph tensors) and mask cache.
-        return {**self.__dict__, "prefix": None, "prefix_key": None, "mask_cache": None, "seen": set()}
+        return {**self.__dict__, "prefix": None, "grad_prefix": None, "prefix_key": None, "mask_cache": None,
+                "seen": set()}
 
     def begin_forward(self) -> None:
         """Compute every layer's prefix once for this model forward (reused when nothing changed and no grad)."""
@@ -110,6 +112,16 @@ class _PrefixState:
             self.prefix = prefix
             # Cached only when computed without grad: a graph-carrying prefix must be rebuilt every forward.
             self.prefix_key = None if torch.is_grad_enabled() else key
+            if torch.is_grad_enabled():
+                self.grad_prefix = prefix
+
+    def layer_prefix(self, layer: int):
+        """The prefix a layer attends over now. With grad enabled that is the last prefix computed with grad: a
+        reentrant activation checkpoint recomputes its layers inside the backward, possibly after a no-grad forward
+        (an evaluation) replaced ``prefix``; its gradient must still reach the encoder (it was lost, silently)."""
+        if torch.is_grad_enabled() and self.grad_prefix is not None:
+            return self.grad_prefix[layer]
+        return self.prefix[layer]
 
     def end_forward(self, model_name: str) -> None:
         missing = sorted(set(range(self.num_layers)) - self.seen)
@@ -253,7 +265,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         state.begin_forward()
     state.seen.add(layer)
     where = f"layer {layer}, {type(module).__name__}"
-    prefix_k, prefix_v = state.prefix[layer]
+    prefix_k, prefix_v = state.layer_prefix(layer)
     # A model split over devices (device_map) runs layers away from the encoder; the prefix is tiny to move.
     prefix_k, prefix_v = prefix_k.to(query.device), prefix_v.to(query.device)
     is_causal = kwargs.get("is_causal")

@@ -12,8 +12,9 @@ KV cache (``use_cache=False``, as training runs), the two producers of the atten
   exists) writes the rotated keys ``k cos + rotate_half(k) sin`` into the buffer.
 
 Both are the model's own math in the same order (the rotary part bit for bit; v_proj as one GEMM per sequence, so
-within that GEMM's rounding); their backward is the model's own gradient. Anything else (a cache being decoded,
-autocast, torch.compile tracing, gradients for cos/sin, another signature) runs the model's code untouched.
+within that GEMM's rounding); their backward is the model's own gradient, and they keep for it what the model's
+ops keep. Anything else (a cache being decoded, autocast, torch.compile tracing, gradients for cos/sin, another
+signature) runs the model's code untouched. On CPU tensors only with PEFT_KERNELS_PREFIX_ROWS=1.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from peft_kernels.ops.prefix_kv_buffer import is_dense, prefix_kv_buffer
 _ACTIVE = threading.local()  # .rows: P while a patched attention layer computes its k/v, else None
 _ROWS_ATTR = "_peft_kernels_prefix_rows"  # on a patched attention module: P
 _HEADS_ATTR = "_peft_kernels_prefix_rows_heads"  # on its v_proj: the KV heads of its output
-# modeling module name -> (its original apply_rotary_pos_emb, the attention modules relying on the replacement:
-# held weakly, so a model dropped without remove_prefix, or a copy.deepcopy of one, never pins or miscounts it)
+# modeling module name -> (its original apply_rotary_pos_emb, our replacement, the attention modules relying on it:
+# held weakly, so a model dropped without remove_prefix never pins it)
 _ROTARY: dict[str, tuple] = {}
 
 
@@ -66,8 +67,10 @@ class _LinearIntoRows(torch.autograd.Function):
                 torch.mm(x[b], wt, out=out[b])
             else:
                 torch.addmm(bias, x[b], wt, out=out[b])
-        ctx.save_for_backward(x, weight)
+        # What F.linear keeps: x only for the weight's gradient (a frozen v_proj keeps none of its input alive).
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
+        ctx.x_layout = (x.shape, x.stride(), x.dtype)
         return out
 
     @staticmethod
@@ -75,8 +78,9 @@ class _LinearIntoRows(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)
-            for b in range(x.shape[0]):
+            shape, stride, dtype = ctx.x_layout
+            dx = torch.empty_strided(shape, stride, dtype=dtype, device=g.device)
+            for b in range(shape[0]):
                 torch.mm(g[b], weight, out=dx[b])
         if ctx.needs_input_grad[1]:
             dw = sum(g[b].t() @ x[b] for b in range(x.shape[0]))
@@ -154,12 +158,12 @@ def _rotary_wrapper(original, rotate_half):
         if (P is None or args or kwargs or not _plain(q, k, cos, sin) or k.dim() != 4 or q.dim() != 4
                 or cos.requires_grad or sin.requires_grad or not _may_redirect(k)):
             return original(q, k, cos, sin, *args, **kwargs)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        if (torch.broadcast_shapes(k.shape, cos.shape, sin.shape) != k.shape
+        cos1, sin1 = cos.unsqueeze(1), sin.unsqueeze(1)
+        if (torch.broadcast_shapes(k.shape, cos1.shape, sin1.shape) != k.shape
                 or torch.promote_types(torch.promote_types(k.dtype, cos.dtype), sin.dtype) != k.dtype):
             return original(q, k, cos, sin)
-        q_embed = (q * cos) + (rotate_half(q) * sin)  # the original's q line
-        return q_embed, _RotaryIntoRows.apply(k, cos, sin, P, rotate_half)
+        q_embed = (q * cos1) + (rotate_half(q) * sin1)  # the original's q line
+        return q_embed, _RotaryIntoRows.apply(k, cos1, sin1, P, rotate_half)
 
     apply_rotary_pos_emb.__wrapped__ = original
     return apply_rotary_pos_emb
@@ -203,7 +207,10 @@ def _value_heads(module) -> int | None:
     head_dim = getattr(module, "head_dim", None)
     if type(v) is not nn.Linear or not isinstance(head_dim, int) or head_dim <= 0 or v.out_features % head_dim:
         return None
-    src = inspect.getsource(type(module).forward)
+    try:
+        src = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):  # no source to check (built at run time, a frozen install): leave it alone
+        return None
     if "self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)" not in src:
         return None
     return v.out_features // head_dim
@@ -211,31 +218,24 @@ def _value_heads(module) -> int | None:
 
 # --- install / remove ---------------------------------------------------------------------------------------------
 def _wanted(x) -> bool:
-    """Whether reserving the rows pays: on CUDA, where dispatch measures the concat backend among the others; on
-    the CPU only when concat is forced (``use_backend("concat")``: CPU dispatch takes the LSE merge for causal
-    attention, which reads k/v wherever they are)."""
+    """Whether to reserve the rows: on CUDA tensors, where dispatch measures the concat backend among the others;
+    on CPU tensors only with PEFT_KERNELS_PREFIX_ROWS=1 (tests: CPU dispatch takes the LSE merge for causal
+    attention, which gains nothing from them). Process-wide, never per call: a checkpointed layer recomputed in the
+    backward must build the graph its forward built."""
     if not isinstance(x, Tensor):
         return False
-    forced = _config.forced_backend()
-    return x.is_cuda or (forced is not None and forced[0] == "concat")
-
-
-_LAST_ATTR = "_peft_kernels_prefix_rows_last"
+    setting = _config.SETTINGS.prefix_rows
+    return x.is_cuda if setting is None else setting
 
 
 def _begin(module, args, kwargs):
     if torch.compiler.is_compiling():  # the producers run the model's own code there (_may_redirect)
         return
-    if torch._C._current_graph_task_id() != -1:
-        # A forward run inside a backward: activation checkpointing recomputing this layer. It must build the graph
-        # the original forward built (checkpointing compares what each saved), whatever use_backend says now.
-        _ACTIVE.rows = module.__dict__.get(_LAST_ATTR)
-        return
     # With a KV cache (transformers makes one unless use_cache=False) the attention gets the cache's concatenation,
-    # not the tensors computed here: nothing to reserve.
+    # not the tensors computed here: nothing to reserve. (A checkpoint recomputes with the same arguments.)
     no_cache = all(kwargs.get(name) is None for name in ("cache", "past_key_values", "past_key_value"))
     wanted = no_cache and _wanted(kwargs.get("hidden_states", args[0] if args else None))
-    _ACTIVE.rows = module.__dict__[_LAST_ATTR] = module.__dict__[_ROWS_ATTR] if wanted else None
+    _ACTIVE.rows = module.__dict__[_ROWS_ATTR] if wanted else None
 
 
 def _end(module, args, kwargs, output):
@@ -260,9 +260,10 @@ def install(attention: list[nn.Module], P: int) -> list[str]:
             v.__dict__[_HEADS_ATTR] = heads
         if rotary:
             if mod.__name__ not in _ROTARY:
-                _ROTARY[mod.__name__] = (mod.apply_rotary_pos_emb, weakref.WeakSet())
-                mod.apply_rotary_pos_emb = _rotary_wrapper(mod.apply_rotary_pos_emb, mod.rotate_half)
-            _ROTARY[mod.__name__][1].add(module)
+                wrapper = _rotary_wrapper(mod.apply_rotary_pos_emb, mod.rotate_half)
+                _ROTARY[mod.__name__] = (mod.apply_rotary_pos_emb, wrapper, weakref.WeakSet())
+                mod.apply_rotary_pos_emb = wrapper
+            _ROTARY[mod.__name__][2].add(module)
         module.register_forward_pre_hook(_begin, with_kwargs=True)
         module.register_forward_hook(_end, with_kwargs=True, always_call=True)
         done.add(f"{type(module).__name__}: " + " + ".join(
@@ -283,7 +284,6 @@ def remove(model) -> None:
                 module._forward_hooks_with_kwargs.pop(key, None)
                 module._forward_hooks_always_called.pop(key, None)
         del module.__dict__[_ROWS_ATTR]
-        module.__dict__.pop(_LAST_ATTR, None)
         v = module._modules.get("v_proj")
         if type(v) is _RowsLinear:
             v.__class__ = nn.Linear
@@ -291,7 +291,9 @@ def remove(model) -> None:
         name = type(module).__module__
         entry = _ROTARY.get(name)
         if entry is not None:
-            entry[1].discard(module)
-            if not entry[1]:
-                importlib.import_module(name).apply_rotary_pos_emb = entry[0]
+            entry[2].discard(module)
+            if not entry[2]:
+                mod = importlib.import_module(name)
+                if mod.apply_rotary_pos_emb is entry[1]:  # (replaced again since, by someone else: theirs stays)
+                    mod.apply_rotary_pos_emb = entry[0]
                 del _ROTARY[name]

@@ -2,7 +2,9 @@
 so the concat backend attends over [prefix; k] without a copy: the same logits and gradients as the model's own code,
 the rows really used, everything restored by remove_prefix (also after copy.deepcopy)."""
 
+import contextlib
 import copy
+import dataclasses
 import gc
 import importlib
 import sys
@@ -14,7 +16,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from peft_kernels import use_backend  # noqa: E402
+from peft_kernels import _config, use_backend  # noqa: E402
 from peft_kernels.patch import prefix_rows  # noqa: E402
 from peft_kernels.patch.prefix import apply_prefix_tuning, remove_prefix  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
@@ -34,10 +36,22 @@ def _inputs():
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
-def _step(model, backend):
+@contextlib.contextmanager
+def _rows(enabled):
+    """PEFT_KERNELS_PREFIX_ROWS as the process would read it (1: also on CPU tensors, 0: never)."""
+    saved = _config.SETTINGS
+    _config.SETTINGS = dataclasses.replace(saved, prefix_rows=enabled)
+    try:
+        yield
+    finally:
+        _config.SETTINGS = saved
+
+
+def _step(model, backend, rows=True):
+    """A training step with k/v in reserved rows (rows=True) or as the model computes them (False)."""
     ids, mask, labels = _inputs()
     model.zero_grad(set_to_none=True)
-    with use_backend(backend, strict=True):
+    with use_backend(backend, strict=True), _rows(rows):
         out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
         out.loss.backward()
     return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -68,23 +82,24 @@ def test_rows_reserved_and_same_numbers(kind, spy):
     logits, grads = _step(model, "concat")
     layers = model.config.num_hidden_layers
     assert spy.count(True) == 4 * layers and all(spy), spy  # k and v, forward and backward, every layer
-    ref_logits, ref_grads = _step(model, "reference")  # the model's own k/v, no buffer (CPU: only concat reserves)
+    ref_logits, ref_grads = _step(model, "reference", rows=False)  # the model's own k/v, no buffer
     assert_close(logits, ref_logits, rtol=1e-4, atol=2e-5, name="logits")
     assert grads.keys() == ref_grads.keys() and grads
     for n in grads:
         assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=2e-5, name=n)
 
 
-def test_cache_and_other_backends_leave_kv_alone(spy):
+def test_cache_and_the_cpu_default_leave_kv_alone(spy):
     model = make_arch("llama")
     apply_prefix_tuning(model, num_virtual_tokens=P, projection=False)
     ids, mask, _ = _inputs()
-    with use_backend("concat", strict=True):
+    with use_backend("concat", strict=True), _rows(True):
         model(input_ids=ids, attention_mask=mask)  # transformers makes a DynamicCache: it concatenates k itself
     assert spy and not any(spy)
     spy.clear()
-    model(input_ids=ids, attention_mask=mask, use_cache=False)  # CPU dispatch: the LSE merge reads k where it is
-    assert not any(spy)
+    with use_backend("concat", strict=True):  # the default on CPU tensors: not reserved (CPU dispatch: LSE merge)
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert spy and not any(spy)
 
 
 def test_remove_restores_and_deepcopy_keeps_its_own():
@@ -117,27 +132,57 @@ def test_gradient_checkpointing(spy):
     apply_prefix_tuning(model, num_virtual_tokens=P, projection=False)
     logits, grads = _step(model, "concat")
     assert spy and all(spy)
-    ref_logits, ref_grads = _step(model, "reference")
+    ref_logits, ref_grads = _step(model, "reference", rows=False)
     assert_close(logits, ref_logits, rtol=1e-4, atol=2e-5)
     for n in grads:
         assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=2e-5, name=n)
 
 
-def test_gradient_checkpointing_backward_outside_the_forced_backend(spy):
-    """Checkpointing recomputes each layer inside the backward: with k/v redirected as in the original forward,
-    even where that forward's use_backend block has ended (it raised CheckpointError: 32 vs 31 tensors saved)."""
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_as_its_forward_ran(reentrant, spy):
+    """The recomputation inside the backward redirects k/v exactly as the forward did, whatever ran in between
+    (here: a cached generation-style forward, and the backend switch ended) -- checkpointing compares what each
+    saved (it raised CheckpointError: 32 vs 31 tensors)."""
     model = make_arch("llama").train()
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()  # (reentrant checkpoints pass gradients only to inputs that need them)
     apply_prefix_tuning(model, num_virtual_tokens=P, projection=False)
     ids, mask, labels = _inputs()
-    with use_backend("concat", strict=True):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-    loss.backward()
+    with _rows(True):
+        with use_backend("concat", strict=True):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)  # a KV cache: nothing reserved in this one
+        model.train()
+        loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert spy and all(spy[:4])  # the forward attended over reserved rows
-    _, ref_grads = _step(model, "reference")
+    assert any(spy)
+    _, ref_grads = _step(model, "reference", rows=False)
     for n in grads:
         assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=2e-5, name=n)
+
+
+def test_frozen_v_proj_keeps_no_input_alive():
+    """What the redirected v_proj saves for backward is what F.linear saves: with a frozen weight, not its input
+    (it kept x, one [B, L, hidden] activation per layer)."""
+    lin = nn.Linear(12, 16).requires_grad_(False)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        prefix_rows._LinearIntoRows.apply(x, lin.weight, lin.bias, 2, 4)
+    assert tuple(x.shape) not in [tuple(s) for s in saved]
+
+
+def test_batch_of_one_is_recognised(spy):
+    """B = 1: the model's .view gives the batch dim another stride (any stride is valid for a size-1 dim)."""
+    model = make_arch("llama")
+    apply_prefix_tuning(model, num_virtual_tokens=P, projection=False)
+    ids = _inputs()[0][:1]
+    with use_backend("concat", strict=True), _rows(True):
+        model(input_ids=ids, use_cache=False).logits.sum().backward()
+    assert spy and all(spy)
 
 
 def test_patched_model_under_cpu_autocast():
@@ -174,6 +219,22 @@ def test_rotary_into_rows_is_the_models_rotary_bit_for_bit(dtype):
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
     assert got[1].stride() == k.stride()  # dk in k's layout: the k_proj backward views it without a copy
+
+
+def test_rotary_falls_back_to_the_models_own_with_its_arguments():
+    """Where the redirect does not apply (cos/sin of another dtype than k), the model's function gets the cos/sin it
+    was given (it got them unsqueezed twice: 5-D q/k)."""
+    mod = importlib.import_module("transformers.models.llama.modeling_llama")
+    q, k = torch.randn(2, 4, 5, 8).bfloat16(), torch.randn(2, 2, 5, 8).bfloat16()
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    wrapped = prefix_rows._rotary_wrapper(mod.apply_rotary_pos_emb, mod.rotate_half)
+    prefix_rows._ACTIVE.rows = 3
+    try:
+        got = wrapped(q, k, cos, sin)
+    finally:
+        prefix_rows._ACTIVE.rows = None
+    for a, b in zip(got, mod.apply_rotary_pos_emb(q, k, cos, sin)):
+        assert a.shape == b.shape and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -217,7 +278,8 @@ def test_gpu_model_attends_over_reserved_rows(spy, monkeypatch):
 
     logits, grads = step("concat")
     assert spy and all(spy)
-    ref_logits, ref_grads = step("reference")
+    with _rows(False):
+        ref_logits, ref_grads = step("reference")
     assert_close(logits, ref_logits, rtol=1e-3, atol=1e-3, name="logits")
     for n in grads:
         assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-3, name=n)
