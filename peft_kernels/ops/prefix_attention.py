@@ -143,11 +143,17 @@ def _tune_key(inp: PrefixInputs):
             q.dtype, pk.dtype, pk.dim(), inp.causal, inp.key_padding_mask is not None, grads, reserved)
 
 
+_CPU_CONCAT_CAUSAL_MAX_LK = 512  # real keys up to which causal concat (explicit mask) beats the merge on CPU
+
+
 def _cpu_preference(inp) -> tuple[str, ...]:
     # Not causal: one flash call over [prefix; k] (no mask) beats the merge's elementwise passes at every size
     # measured. Causal: the CPU flash op aligns is_causal top-left, so [prefix; k] needs an explicit mask, which
-    # loses at long sequences (2.7 s vs 0.8 s at L = 2048); the LSE merge keeps flash's own causal path.
-    return ("concat", "sdpa") if not inp.causal or inp.q.shape[2] == 1 else ("sdpa", "concat")
+    # loses at long sequences (2.7 s vs 0.8 s at L = 2048, 197 vs 148 ms at 1024) and wins at short ones (the
+    # merge's extra ops: 46 vs 60 ms at L = 512, 17.5 vs 18.3 at 256, 2.0 vs 2.2 ms at 64); NOTES.md.
+    if not inp.causal or inp.q.shape[2] == 1 or inp.k.shape[2] <= _CPU_CONCAT_CAUSAL_MAX_LK:
+        return ("concat", "sdpa")
+    return ("sdpa", "concat")
 
 
 FAMILY = OpFamily(
