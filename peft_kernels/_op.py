@@ -125,6 +125,11 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if enabled else None
 
 
+def autocast_applies(t, dtype: torch.dtype) -> bool:
+    """Whether autocast to `dtype` casts `t` (a floating tensor of another dtype; float64 is left as it is)."""
+    return isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype and t.dtype != torch.float64
+
+
 def steady() -> bool:
     """A public function may take its cached steady-state path: eager, no autocast to apply."""
     return not torch._C._is_any_autocast_enabled() and not torch.compiler.is_compiling()
@@ -444,7 +449,7 @@ class OpFamily:
         cast = {}
         for name in self.autocast:
             t = getattr(inputs, name)
-            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype and t.dtype != torch.float64:
+            if autocast_applies(t, dtype):
                 cast[name] = t.to(dtype)
         return inputs._replace(**cast) if cast else inputs
 

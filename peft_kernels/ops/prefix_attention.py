@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from peft_kernels import _backends
-from peft_kernels._op import OpFamily, autocast_dtype, grads_may_be_views, signature
+from peft_kernels._op import OpFamily, autocast_applies, autocast_dtype, grads_may_be_views, signature
 from peft_kernels.ops import _validate as val
 from peft_kernels.ops.prefix_kv_buffer import is_dense, reserved_rows, same_strides, write_prefix
 
@@ -777,8 +777,7 @@ def _autocast_qkv(q, k, v):
     dtype = autocast_dtype(q.device.type)
     if dtype is None:
         return q, k, v
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in (q, k, v))
+    return tuple(t.to(dtype) if autocast_applies(t, dtype) else t for t in (q, k, v))
 
 
 def _key(q, k, v, prefix_k, prefix_v, causal, key_padding_mask):
