@@ -20,7 +20,7 @@ from torch import Tensor
 from peft_kernels import _backends
 from peft_kernels._op import OpFamily, autocast_applies, autocast_dtype, grads_may_be_views, signature
 from peft_kernels.ops import _validate as val
-from peft_kernels.ops.prefix_kv_buffer import is_dense, reserved_rows, same_strides, write_prefix
+from peft_kernels.ops.prefix_kv_buffer import is_dense, reserved_rows, same_strides, share_rows, write_prefix
 
 OP = "prefix_attention"
 
@@ -138,7 +138,9 @@ def _tune_key(inp: PrefixInputs):
     q, k, pk = inp.q, inp.k, inp.prefix_k
     grads = tuple(t.requires_grad for t in (q, k, pk))
     P = pk.shape[-2]
-    reserved = reserved_rows(k, P) is not None and reserved_rows(inp.v, P) is not None  # concat copies nothing
+    # concat copies nothing
+    reserved = (reserved_rows(k, P) is not None and reserved_rows(inp.v, P) is not None
+                and not share_rows(k, inp.v))
     return (q.shape[0], q.shape[1], k.shape[1], _bucket(q.shape[2]), _bucket(k.shape[2]), P, q.shape[3],
             q.dtype, pk.dtype, pk.dim(), inp.causal, inp.key_padding_mask is not None, grads, reserved)
 
@@ -517,10 +519,11 @@ def _sdpa_backward(do, q, k, v, prefix_k, prefix_v, out, lse, causal, key_paddin
 
 
 def _concat_pair(k, v, prefix_k, prefix_v):
-    """(K', V') over [prefix; k] and [prefix; v]; v uses its reserved rows only when it does not share k's storage
-    (the same buffer passed twice: its rows can hold one prefix, so v is concatenated)."""
+    """(K', V') over [prefix; k] and [prefix; v]; v uses its reserved rows only when they are not k's (the same
+    buffer passed twice: its rows can hold one prefix, so v is concatenated; k and v as two column blocks of one
+    fused projection's buffer each have their own)."""
     K = _concat_kv_heads(k, prefix_k)
-    return K, _concat_kv_heads(v, prefix_v, reserved=v.untyped_storage() is not k.untyped_storage())
+    return K, _concat_kv_heads(v, prefix_v, reserved=not share_rows(k, v))
 
 
 def _concat_forward(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):

@@ -21,9 +21,18 @@ from peft_kernels.ops import _validate as val
 
 OP = "prefix_kv_buffer"
 
-# storage of a buffer -> (P, [B, P + L, H, D], storage offset of the buffer), held weakly. Keyed by the storage, not
-# the base tensor: a detached view (what activation checkpointing saves and hands back) has no ``_base``.
+# storage of a buffer -> (P, B, P + L, row width, storage offset of the buffer), held weakly. Keyed by the storage,
+# not the base tensor: a detached view (what activation checkpointing saves and hands back) has no ``_base``.
 _RESERVED = WeakIdKeyDictionary()
+
+
+def reserved_buffer(batch: int, seq_len: int, width: int, num_prefix: int, *, dtype=None, device=None) -> Tensor:
+    """The ``[batch, seq_len, width]`` last rows of a ``[batch, num_prefix + seq_len, width]`` buffer (a projection's
+    output with P rows reserved in front of each sequence). K/V heads viewed out of any block of its columns (a
+    fused q|k|v projection's k or v) are recognised by ``reserved_rows``; arguments unchecked (library-internal)."""
+    full = torch.empty(batch, num_prefix + seq_len, width, dtype=dtype, device=device)
+    _RESERVED[full.untyped_storage()] = (num_prefix, batch, num_prefix + seq_len, width, full.storage_offset())
+    return full[:, num_prefix:]
 
 
 def prefix_kv_buffer(batch: int, seq_len: int, kv_heads: int, head_dim: int, num_prefix: int, *,
@@ -40,28 +49,39 @@ def prefix_kv_buffer(batch: int, seq_len: int, kv_heads: int, head_dim: int, num
     batch, seq_len, kv_heads, head_dim, num_prefix = (val.check_int(OP, k, n, minimum=1) for k, n in sizes.items())
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"{OP}: dtype must be a floating torch.dtype (K/V's), got {dtype!r}")
-    full = torch.empty(batch, num_prefix + seq_len, kv_heads, head_dim, dtype=dtype, device=device)
-    _RESERVED[full.untyped_storage()] = (num_prefix, tuple(full.shape), full.storage_offset())
-    return full[:, num_prefix:].transpose(1, 2)
+    rows = reserved_buffer(batch, seq_len, kv_heads * head_dim, num_prefix, dtype=dtype, device=device)
+    return rows.unflatten(2, (kv_heads, head_dim)).transpose(1, 2)
 
 
 def reserved_rows(t: Tensor, P: int) -> Tensor | None:
-    """The ``[B, H, P + L, D]`` view of the buffer ``t`` [B, H, L, D] was made in by ``prefix_kv_buffer`` with P
-    reserved rows (t is its last L rows), or None when t is not such a view."""
+    """The ``[B, H, P + L, D]`` view of the buffer ``t`` [B, H, L, D] was made in (by ``prefix_kv_buffer`` or
+    ``reserved_buffer``) with P reserved rows (t is its last L rows, in one block of its columns), or None when t is
+    not such a view."""
     if torch.compiler.is_compiling():  # traced code sees no buffer (and dynamo cannot trace the registry)
         return None
     try:
         entry = _RESERVED.get(t.untyped_storage())
     except (RuntimeError, NotImplementedError):  # no storage to read (a tensor subclass or wrapper)
         return None
-    if entry is None or entry[0] != P:
+    if entry is None or entry[0] != P or t.dim() != 4:
         return None
-    _, (B, rows, H, D), offset = entry
-    strides = (rows * H * D, D, H * D, 1)
+    _, B, rows, width, offset = entry
+    H, D = t.shape[1], t.shape[3]
+    strides = (rows * width, D, width, 1)
+    column = t.storage_offset() - offset - P * width  # where t's heads start in a row
     if (tuple(t.shape) != (B, H, rows - P, D) or not same_strides(t, strides)
-            or t.storage_offset() != offset + P * H * D):
+            or not 0 <= column <= width - H * D):
         return None
-    return t.as_strided((B, H, rows, D), strides, offset)
+    return t.as_strided((B, H, rows, D), strides, t.storage_offset() - P * width)
+
+
+def share_rows(a: Tensor, b: Tensor) -> bool:
+    """Whether the views a and b [B, H, L, D] hold columns of the same rows (k and v passed as the same buffer, or as
+    overlapping heads of one): the P rows in front of them can hold one prefix only."""
+    if a.untyped_storage() is not b.untyped_storage():
+        return False
+    a0, b0 = a.storage_offset(), b.storage_offset()
+    return a0 < b0 + b.shape[1] * b.shape[3] and b0 < a0 + a.shape[1] * a.shape[3]
 
 
 def same_strides(t: Tensor, strides) -> bool:

@@ -11,21 +11,34 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
+
+from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from peft_kernels import _config, use_backend  # noqa: E402
 from peft_kernels.patch import prefix_rows  # noqa: E402
 from peft_kernels.patch.prefix import apply_prefix_tuning, remove_prefix  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
-from tests.patch.test_prefix_tuning import make_arch  # noqa: E402
+from tests.patch.test_prefix_tuning import inputs, make, make_arch  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 PA = sys.modules["peft_kernels.ops.prefix_attention"]
 P, B, L = 4, 3, 7
-KINDS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]  # the Llama-family attentions (qwen2: biased v_proj)
+# The Llama-family attentions (qwen2: biased v_proj; v_proj and the rotary k redirected), Phi-3 (v a column block of
+# the fused qkv_proj; rotary k, also partial), GPT-2 (k and v column blocks of the fused Conv1D c_attn), BERT/RoBERTa
+# (key and value projections, not causal).
+KINDS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi3_partial", "gpt2", "bert", "roberta"]
+ENCODERS = ("bert", "roberta")
+
+
+def _model(kind):
+    if kind in ENCODERS:
+        return make(kind)
+    if kind == "phi3_partial":
+        return make_arch("phi3", partial_rotary_factor=0.5)
+    return make_arch(kind)
 
 
 def _inputs():
@@ -47,9 +60,9 @@ def _rows(enabled):
         _config.SETTINGS = saved
 
 
-def _step(model, backend, rows=True):
+def _step(model, backend, rows=True, kind="llama"):
     """A training step with k/v in reserved rows (rows=True) or as the model computes them (False)."""
-    ids, mask, labels = _inputs()
+    ids, mask, labels = inputs(kind) if kind in ENCODERS else _inputs()
     model.zero_grad(set_to_none=True)
     with use_backend(backend, strict=True), _rows(rows):
         out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
@@ -73,16 +86,17 @@ def spy(monkeypatch):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_rows_reserved_and_same_numbers(kind, spy):
-    model = make_arch(kind)
+    model = _model(kind)
     before = set(model.state_dict())
     apply_prefix_tuning(model, num_virtual_tokens=P, projection=False)
-    attn = model.model.layers[0].self_attn
-    assert type(attn.v_proj) is prefix_rows._RowsLinear and isinstance(attn.v_proj, nn.Linear)
-    assert set(model.state_dict()) - before == {n for n in model.state_dict() if n.startswith("peft_kernels_prefix")}
-    logits, grads = _step(model, "concat")
     layers = model.config.num_hidden_layers
+    redirected = [m for m in model.modules() if isinstance(m, prefix_rows._IntoRows)]  # still the model's classes
+    assert len(redirected) == (2 if kind in ENCODERS else 1) * layers  # key + value, else v_proj/qkv_proj/c_attn
+    assert all(isinstance(m, (nn.Linear, Conv1D)) for m in redirected)
+    assert set(model.state_dict()) - before == {n for n in model.state_dict() if n.startswith("peft_kernels_prefix")}
+    logits, grads = _step(model, "concat", kind=kind)
     assert spy.count(True) == 4 * layers and all(spy), spy  # k and v, forward and backward, every layer
-    ref_logits, ref_grads = _step(model, "reference", rows=False)  # the model's own k/v, no buffer
+    ref_logits, ref_grads = _step(model, "reference", rows=False, kind=kind)  # the model's own k/v, no buffer
     assert_close(logits, ref_logits, rtol=1e-4, atol=2e-5, name="logits")
     assert grads.keys() == ref_grads.keys() and grads
     for n in grads:
@@ -171,7 +185,7 @@ def test_frozen_v_proj_keeps_no_input_alive():
     x = torch.randn(3, 5, 12, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        prefix_rows._LinearIntoRows.apply(x, lin.weight, lin.bias, 2, 4)
+        prefix_rows._LinearIntoRows.apply(x, lin.weight, lin.bias, 2, False)
     assert tuple(x.shape) not in [tuple(s) for s in saved]
 
 
@@ -196,17 +210,24 @@ def test_patched_model_under_cpu_autocast():
     assert torch.isfinite(loss) and abs(loss.item() - fp32.item()) < 0.05 * abs(fp32.item())
 
 
+@pytest.mark.parametrize("model", ["llama", "phi3", "phi3_partial"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_rotary_into_rows_is_the_models_rotary_bit_for_bit(dtype):
-    mod = importlib.import_module("transformers.models.llama.modeling_llama")
+def test_rotary_into_rows_is_the_models_rotary_bit_for_bit(dtype, model):
+    """Llama's rotary function and Phi-3's (partial rotary: the first cos.shape[-1] features rotated, the rest
+    passed through), forward and backward."""
+    name = model.split("_")[0]
+    mod = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    partial = prefix_rows._rotary_kind(mod)
+    assert partial == (model != "llama")
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, h, 5, 8, generator=g).to(dtype).requires_grad_() for h in (4, 2))
-    cos, sin = (torch.randn(2, 5, 8, generator=g).to(dtype) for _ in range(2))
+    rd = 4 if model == "phi3_partial" else 8
+    cos, sin = (torch.randn(2, 5, rd, generator=g).to(dtype) for _ in range(2))
     gq, gk = torch.randn_like(q), torch.randn_like(k)
     q, k = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k))  # HF layout
     q0, k0 = mod.apply_rotary_pos_emb(q, k, cos, sin)
     ref = torch.autograd.grad((q0, k0), (q, k), (gq, gk))
-    wrapped = prefix_rows._rotary_wrapper(mod.apply_rotary_pos_emb, mod.rotate_half)
+    wrapped = prefix_rows._rotary_wrapper(mod.apply_rotary_pos_emb, mod.rotate_half, partial)
     prefix_rows._ACTIVE.rows = 3
     try:
         q1, k1 = wrapped(q, k, cos, sin)
@@ -227,7 +248,7 @@ def test_rotary_falls_back_to_the_models_own_with_its_arguments():
     mod = importlib.import_module("transformers.models.llama.modeling_llama")
     q, k = torch.randn(2, 4, 5, 8).bfloat16(), torch.randn(2, 2, 5, 8).bfloat16()
     cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
-    wrapped = prefix_rows._rotary_wrapper(mod.apply_rotary_pos_emb, mod.rotate_half)
+    wrapped = prefix_rows._rotary_wrapper(mod.apply_rotary_pos_emb, mod.rotate_half, False)
     prefix_rows._ACTIVE.rows = 3
     try:
         got = wrapped(q, k, cos, sin)
@@ -237,19 +258,68 @@ def test_rotary_falls_back_to_the_models_own_with_its_arguments():
         assert a.shape == b.shape and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_into_rows_matches_linear(bias):
-    lin = nn.Linear(12, 16, bias=bias)
+def test_linear_into_rows_matches_the_layer(bias, conv1d):
+    """Into reserved rows: nn.Linear (weight [out, in]) or GPT-2's Conv1D (weight [in, out], always a bias), with
+    k/v heads viewed out of any block of its columns recognised (a fused q|k|v projection)."""
+    if conv1d:
+        if not bias:
+            pytest.skip("Conv1D always has a bias")
+        lin = Conv1D(48, 12)
+        nn.init.normal_(lin.bias)
+    else:
+        lin = nn.Linear(12, 48, bias=bias)
     x = torch.randn(3, 5, 12, requires_grad=True)
-    y = prefix_rows._LinearIntoRows.apply(x, lin.weight, lin.bias, 2, 4)
-    ref = F.linear(x, lin.weight, lin.bias)
-    assert PA.reserved_rows(y.view(3, 5, 4, 4).transpose(1, 2), 2) is not None
+    y = prefix_rows._LinearIntoRows.apply(x, lin.weight, lin.bias, 2, conv1d)
+    ref = lin(x)
+    for block in range(3):  # [q | k | v], 4 heads of 4 each
+        heads = y[..., 16 * block:16 * (block + 1)].view(3, 5, 4, 4).transpose(1, 2)
+        full = PA.reserved_rows(heads, 2)
+        assert full is not None and full.shape == (3, 4, 7, 4) and torch.equal(full[:, :, 2:], heads)
+    assert PA.reserved_rows(y[..., 8:24].view(3, 5, 4, 4).transpose(1, 2), 3) is None  # another P
     assert_close(y, ref)
     gy = torch.randn_like(ref)
-    got = torch.autograd.grad(y, [x, lin.weight] + ([lin.bias] if bias else []), gy)
-    want = torch.autograd.grad(ref, [x, lin.weight] + ([lin.bias] if bias else []), gy)
+    params = [x, lin.weight] + ([lin.bias] if bias else [])
+    got, want = torch.autograd.grad(y, params, gy), torch.autograd.grad(ref, params, gy)
     for a, b in zip(got, want):
+        assert a.stride() == b.stride()
         assert_close(a, b)
+
+
+def test_fused_kv_blocks_of_one_buffer_each_get_their_rows():
+    """k and v as two column blocks of one fused projection's buffer: both attended over their own reserved rows (no
+    copy), exact; the same block passed as both (or overlapping heads) has rows for one prefix: v is concatenated."""
+    from peft_kernels.ops.prefix_kv_buffer import reserved_buffer, share_rows
+
+    g = torch.Generator().manual_seed(0)
+    qkv = reserved_buffer(2, 6, 3 * 8, P)
+    qkv.copy_(torch.randn(2, 6, 24, generator=g))
+    q, k, v = (t.view(2, 6, 2, 4).transpose(1, 2) for t in qkv.split(8, dim=2))
+    pk, pv = torch.randn(2, P, 4, generator=g), torch.randn(2, P, 4, generator=g)
+    assert not share_rows(k, v) and share_rows(k, k)
+    assert share_rows(qkv[..., 4:12].view(2, 6, 2, 4).transpose(1, 2), k)
+    dense = [t.contiguous() for t in (q, k, v)]
+    with use_backend("reference", strict=True):
+        want = PA.prefix_attention(*dense, pk, pv, causal=True)
+        want_same = PA.prefix_attention(dense[0], dense[1], dense[1], pk, pv, causal=True)
+    seen = []
+    original = PA._concat_kv_heads
+
+    def concat_kv_heads(t, prefix, reserved=True):
+        seen.append(reserved and PA.reserved_rows(t, prefix.shape[-2]) is not None)
+        return original(t, prefix, reserved)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PA, "_concat_kv_heads", concat_kv_heads)
+        with use_backend("concat", strict=True):
+            got = PA.prefix_attention(q, k, v, pk, pv, causal=True)
+            assert seen == [True, True]
+            seen.clear()
+            same = PA.prefix_attention(q, k, k, pk, pv, causal=True)
+            assert seen == [True, False]
+    assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_close(same, want_same, rtol=1e-5, atol=1e-6)
 
 
 def test_v_proj_per_sequence_rule():
@@ -261,13 +331,14 @@ def test_v_proj_per_sequence_rule():
 
 
 @pytest.mark.gpu
-def test_gpu_model_attends_over_reserved_rows(spy, monkeypatch):
-    """On CUDA the rows are reserved under automatic dispatch too (concat forced here to see them used); v_proj's
-    per-sequence rule forced on for the tiny model."""
+@pytest.mark.parametrize("kind", ["llama", "phi3", "gpt2", "bert"])
+def test_gpu_model_attends_over_reserved_rows(kind, spy, monkeypatch):
+    """On CUDA the rows are reserved under automatic dispatch too (concat forced here to see them used); the
+    projections' per-sequence rule forced on for the tiny model."""
     monkeypatch.setattr(prefix_rows, "gemm_fills", lambda rows, n, sms: True)
-    model = make_arch("llama").cuda()
+    model = _model(kind).cuda()
     apply_prefix_tuning(model, num_virtual_tokens=P, projection=False)
-    ids, mask, labels = (t.cuda() for t in _inputs())
+    ids, mask, labels = (t.cuda() for t in (inputs(kind) if kind in ENCODERS else _inputs()))
 
     def step(backend):
         model.zero_grad(set_to_none=True)
@@ -283,3 +354,18 @@ def test_gpu_model_attends_over_reserved_rows(spy, monkeypatch):
     assert_close(logits, ref_logits, rtol=1e-3, atol=1e-3, name="logits")
     for n in grads:
         assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-3, name=n)
+
+
+@pytest.mark.parametrize("kind", ["phi3", "gpt2", "bert"])
+def test_remove_restores_fused_and_encoder_producers(kind):
+    """qkv_proj / c_attn / key+value get their own classes back (state_dict and pickling as before the patch)."""
+    import pickle
+
+    model = _model(kind)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    apply_prefix_tuning(model, num_virtual_tokens=P, projection=False)
+    assert any(isinstance(m, prefix_rows._IntoRows) for m in model.modules())
+    clone = pickle.loads(pickle.dumps(model))  # our classes are importable by name
+    assert any(isinstance(m, prefix_rows._IntoRows) for m in clone.modules())
+    remove_prefix(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
