@@ -4,8 +4,11 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <ATen/Dispatch.h>
+
 #include <algorithm>
 #include <array>
+#include <limits>
 
 #include "peft_kernels/check.h"
 #include "peft_kernels/prefix.h"
@@ -44,16 +47,36 @@ at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
 
 at::ScalarType acc_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The additive mask of causal attention over [prefix; k] ([1, 1, Lq, P + Lk] in q's dtype, 0 or -inf): the P prefix
+// keys always visible, the real ones bottom-right causal (the CPU flash op aligns is_causal top-left). The Python
+// backend's `_additive_mask` for these inputs, value for value; filled by one loop (its ATen calls are the cost).
+at::Tensor causal_prefix_mask(const at::Tensor& q, int64_t P, int64_t Lk) {
+  const int64_t Lq = q.size(2), T = P + Lk;
+  at::Tensor mask = at::empty({1, 1, Lq, T}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "causal_prefix_mask", [&] {
+    scalar_t* m = mask.data_ptr<scalar_t>();
+    const scalar_t zero(0), hidden(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < Lq; ++i) {
+      const int64_t last = i + T - Lq;  // the last key row i sees (bottom-right alignment)
+      for (int64_t j = 0; j < T; ++j) m[i * T + j] = (j < P || j <= last) ? zero : hidden;
+    }
+  });
+  return mask;
+}
+
 struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& prefix_k, const at::Tensor& prefix_v, double scale) {
+                            const at::Tensor& prefix_k, const at::Tensor& prefix_v, bool causal, double scale) {
     const at::Tensor K = concat_kv(k, prefix_k), V = concat_kv(v, prefix_v);
-    auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, K, V, 0.0, false, std::nullopt, scale);
+    // One query row sees every key: causal is no mask there (as in the Python backend).
+    const at::Tensor mask = causal && q.size(2) > 1 ? causal_prefix_mask(q, prefix_k.size(-2), k.size(2)) : at::Tensor();
+    const std::optional<at::Tensor> attn_mask = mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt;
+    auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, K, V, 0.0, false, attn_mask, scale);
     out = like(out, q);
     lse = lse.contiguous();
     // [prefix; k] and [prefix; v] kept for the backward (as autograd keeps SDPA's inputs over a torch.cat), not
     // rebuilt there: at these sizes ATen calls are the backward's cost. Of k and v only their layouts.
-    ctx->save_for_backward({q, prefix_k, prefix_v, out, lse, K, V});
+    ctx->save_for_backward({q, prefix_k, prefix_v, out, lse, K, V, mask});
     ctx->saved_data["k_strides"] = empty_like_strides(k);
     ctx->saved_data["v_strides"] = empty_like_strides(v);
     ctx->saved_data["scale"] = scale;
@@ -63,19 +86,20 @@ struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunct
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto &q = saved[0], &prefix_k = saved[1], &prefix_v = saved[2], &out = saved[3], &lse = saved[4],
-               &K = saved[5], &V = saved[6];
+               &K = saved[5], &V = saved[6], &mask = saved[7];
     const double scale = ctx->saved_data["scale"].toDouble();
     std::array<bool, 5> need{};
     for (size_t i = 0; i < need.size(); ++i) need[i] = ctx->needs_input_grad(i);
     at::Tensor dq, dk, dv, dpk, dpv;
     at::Tensor dout = grads[0];
     if (!dout.defined() || std::none_of(need.begin(), need.end(), [](bool b) { return b; })) {
-      return {dq, dk, dv, dpk, dpv, at::Tensor()};
+      return {dq, dk, dv, dpk, dpv, at::Tensor(), at::Tensor()};
     }
     if (dout.stride(-1) != 1) dout = dout.contiguous();  // the flash kernel reads rows of the head dim
     const int64_t P = prefix_k.size(-2), Lk = K.size(2) - P;
+    const std::optional<at::Tensor> attn_mask = mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt;
     auto [gq, gK, gV] = at::_scaled_dot_product_flash_attention_for_cpu_backward(dout, q, K, V, out, lse, 0.0,
-                                                                                  false, std::nullopt, scale);
+                                                                                  false, attn_mask, scale);
     const auto acc = acc_dtype(q.scalar_type());
     auto prefix_grad = [&](const at::Tensor& g, const at::Tensor& prefix) {
       const at::Tensor rows = g.narrow(2, 0, P);
@@ -92,7 +116,7 @@ struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunct
     if (need[2]) dv = real_rows(gV, "v_strides");
     if (need[3]) dpk = prefix_grad(gK, prefix_k);
     if (need[4]) dpv = prefix_grad(gV, prefix_v);
-    return {dq, dk, dv, dpk, dpv, at::Tensor()};
+    return {dq, dk, dv, dpk, dpv, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -101,8 +125,8 @@ struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunct
 at::Tensor prefix_concat_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             const at::Tensor& prefix_k, const at::Tensor& prefix_v, bool causal,
                                             const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  PK_CHECK(!(key_padding_mask.has_value() && key_padding_mask->defined()) && (!causal || q.size(2) == 1),
-           "prefix_concat_attention_autograd computes unmasked attention (no padding; causal only for one query)");
+  PK_CHECK(!(key_padding_mask.has_value() && key_padding_mask->defined()),
+           "prefix_concat_attention_autograd computes attention without a key padding mask");
   PK_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && prefix_k.device().is_cpu() &&
                prefix_v.device().is_cpu(),
            "prefix_concat_attention_autograd takes CPU tensors");
@@ -111,7 +135,7 @@ at::Tensor prefix_concat_attention_autograd(const at::Tensor& q, const at::Tenso
                prefix_v.sizes() == prefix_k.sizes() && prefix_k.size(-3) == k.size(1) &&
                prefix_k.size(-1) == k.size(3) && (prefix_k.dim() == 3 || prefix_k.size(0) == k.size(0)),
            "prefix_concat_attention_autograd: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], prefix [(B,) Hkv, P, D]");
-  return PrefixConcatFunction::apply(q, k, v, prefix_k, prefix_v, scale);
+  return PrefixConcatFunction::apply(q, k, v, prefix_k, prefix_v, causal, scale);
 }
 
 }  // namespace peft_kernels

@@ -72,9 +72,9 @@ def _prefix_inputs(dtype, shared, hf, pdtype, B=2, Hq=4, Hkv=2, Lq=7, Lk=9, D=16
             torch.randn(pshape, dtype=pdtype or dtype))
 
 
-def _python_concat(inputs, scale, needs, dout):
+def _python_concat(inputs, scale, needs, dout, causal=False):
     leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
-    out = _EagerFunction.apply(pa.FAMILY, "concat", "concat", *leaves, False, None, scale)
+    out = _EagerFunction.apply(pa.FAMILY, "concat", "concat", *leaves, causal, None, scale)
     out.backward(dout)
     return out, [t.grad for t in leaves]
 
@@ -84,16 +84,17 @@ def _python_concat(inputs, scale, needs, dout):
                                            (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("hf", [True, False])
-def test_concat_node_is_bit_identical_to_the_python_backend(dtype, pdtype, shared, hf):
+@pytest.mark.parametrize("causal, Lq", [(False, 7), (True, 7), (True, 9), (True, 12), (True, 1)])
+def test_concat_node_is_bit_identical_to_the_python_backend(dtype, pdtype, shared, hf, causal, Lq):
     """Outputs, every gradient, their strides and dtypes: what the Python forward + backward (the path
-    torch.compile runs) give."""
+    torch.compile runs) give; causal with fewer, as many and more queries than real keys (9), and one query."""
     torch.manual_seed(0)
-    inputs = _prefix_inputs(dtype, shared, hf, pdtype)
+    inputs = _prefix_inputs(dtype, shared, hf, pdtype, Lq=Lq)
     leaves = [t.detach().requires_grad_(True) for t in inputs]
-    out = pa._CONCAT_NODE(*leaves, False, None, 0.3)
+    out = pa._CONCAT_NODE(*leaves, causal, None, 0.3)
     dout = torch.randn_like(out)
     out.backward(dout)
-    ref, ref_grads = _python_concat(inputs, 0.3, [True] * 5, dout)
+    ref, ref_grads = _python_concat(inputs, 0.3, [True] * 5, dout, causal)
     assert torch.equal(out, ref) and out.stride() == ref.stride() == inputs[0].stride()
     for name, g, r, t in zip("q k v prefix_k prefix_v".split(), (t.grad for t in leaves), ref_grads, inputs):
         assert torch.equal(g, r), name
@@ -117,14 +118,14 @@ def test_concat_node_computes_only_the_gradients_asked_for(needs):
 
 
 @native
-def test_concat_node_serves_only_unmasked_cpu_signatures():
-    """Causal (more than one query row) and padded inputs run the Python composition with its mask; the result
-    is the float64 reference's either way."""
+def test_concat_node_serves_cpu_signatures_without_padding():
+    """Causal or not; padded inputs run the Python composition with its mask; the result is the float64
+    reference's either way."""
     torch.manual_seed(2)
     q, k, v, pk_, pv = _prefix_inputs(torch.float64, True, True, None, Lq=9, Lk=9)
     pad = torch.ones(2, 9, dtype=torch.bool)
     pad[1, -3:] = False
-    cases = [(dict(), True), (dict(causal=True), False), (dict(key_padding_mask=pad), False),
+    cases = [(dict(), True), (dict(causal=True), True), (dict(key_padding_mask=pad), False),
              (dict(causal=True), True)]
     with peft_kernels.use_backend("concat", strict=True):
         for i, (kw, serves) in enumerate(cases):
@@ -142,12 +143,10 @@ def test_concat_node_serves_only_unmasked_cpu_signatures():
 
 
 @native
-def test_concat_node_refuses_a_mask():
+def test_concat_node_refuses_a_padding_mask():
     q, k, v, pk_, pv = _prefix_inputs(torch.float32, True, True, None)
-    with pytest.raises(RuntimeError, match="unmasked"):
+    with pytest.raises(RuntimeError, match="without a key padding mask"):
         pa._CONCAT_NODE(q, k, v, pk_, pv, False, torch.ones(2, 9, dtype=torch.bool), 0.25)
-    with pytest.raises(RuntimeError, match="unmasked"):
-        pa._CONCAT_NODE(q, k, v, pk_, pv, True, None, 0.25)
 
 
 @native
