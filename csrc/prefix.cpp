@@ -47,18 +47,28 @@ at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
 
 at::ScalarType acc_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The additive mask of causal attention over [prefix; k] ([1, 1, Lq, P + Lk] in q's dtype, 0 or -inf): the P prefix
-// keys always visible, the real ones bottom-right causal (the CPU flash op aligns is_causal top-left). The Python
-// backend's `_additive_mask` for these inputs, value for value; filled by one loop (its ATen calls are the cost).
-at::Tensor causal_prefix_mask(const at::Tensor& q, int64_t P, int64_t Lk) {
-  const int64_t Lq = q.size(2), T = P + Lk;
-  at::Tensor mask = at::empty({1, 1, Lq, T}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "causal_prefix_mask", [&] {
+// The additive mask over [prefix; k] (0 or -inf, in q's dtype): the P prefix keys always visible, the real ones
+// bottom-right causal (the CPU flash op aligns is_causal top-left) and/or padded ([B, Lk] bool, true = a real
+// token). [B or 1, 1, Lq or 1, P + Lk] as the Python backend's `_additive_mask` makes it, value for value; undefined
+// where nothing is masked. Filled by one loop: at a CPU step's sizes ATen calls are the cost.
+at::Tensor prefix_mask(const at::Tensor& q, int64_t P, int64_t Lk, bool causal, const at::Tensor& padding) {
+  causal = causal && q.size(2) > 1;  // one query row sees every key: causal is no mask there
+  if (!causal && !padding.defined()) return at::Tensor();
+  const int64_t Lq = q.size(2), T = P + Lk, B = padding.defined() ? q.size(0) : 1, rows = causal ? Lq : 1;
+  const at::Tensor keep = padding.defined() ? padding.contiguous() : at::Tensor();
+  const bool* real = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  at::Tensor mask = at::empty({B, 1, rows, T}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prefix_mask", [&] {
     scalar_t* m = mask.data_ptr<scalar_t>();
     const scalar_t zero(0), hidden(-std::numeric_limits<float>::infinity());
-    for (int64_t i = 0; i < Lq; ++i) {
-      const int64_t last = i + T - Lq;  // the last key row i sees (bottom-right alignment)
-      for (int64_t j = 0; j < T; ++j) m[i * T + j] = (j < P || j <= last) ? zero : hidden;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t last = causal ? i + T - Lq : T - 1;  // the last key row i sees (bottom-right alignment)
+        scalar_t* row = m + (b * rows + i) * T;
+        for (int64_t j = 0; j < T; ++j) {
+          row[j] = j < P || (j <= last && (real == nullptr || real[b * Lk + j - P])) ? zero : hidden;
+        }
+      }
     }
   });
   return mask;
@@ -66,10 +76,11 @@ at::Tensor causal_prefix_mask(const at::Tensor& q, int64_t P, int64_t Lk) {
 
 struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& prefix_k, const at::Tensor& prefix_v, bool causal, double scale) {
+                            const at::Tensor& prefix_k, const at::Tensor& prefix_v, bool causal,
+                            const std::optional<at::Tensor>& padding, double scale) {
     const at::Tensor K = concat_kv(k, prefix_k), V = concat_kv(v, prefix_v);
-    // One query row sees every key: causal is no mask there (as in the Python backend).
-    const at::Tensor mask = causal && q.size(2) > 1 ? causal_prefix_mask(q, prefix_k.size(-2), k.size(2)) : at::Tensor();
+    // (padding as an optional: no gradient, and autograd's argument scan takes no undefined tensor)
+    const at::Tensor mask = prefix_mask(q, prefix_k.size(-2), k.size(2), causal, padding.value_or(at::Tensor()));
     const std::optional<at::Tensor> attn_mask = mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt;
     auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, K, V, 0.0, false, attn_mask, scale);
     out = like(out, q);
@@ -93,7 +104,7 @@ struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunct
     at::Tensor dq, dk, dv, dpk, dpv;
     at::Tensor dout = grads[0];
     if (!dout.defined() || std::none_of(need.begin(), need.end(), [](bool b) { return b; })) {
-      return {dq, dk, dv, dpk, dpv, at::Tensor(), at::Tensor()};
+      return {dq, dk, dv, dpk, dpv, at::Tensor(), at::Tensor(), at::Tensor()};
     }
     if (dout.stride(-1) != 1) dout = dout.contiguous();  // the flash kernel reads rows of the head dim
     const int64_t P = prefix_k.size(-2), Lk = K.size(2) - P;
@@ -116,7 +127,7 @@ struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunct
     if (need[2]) dv = real_rows(gV, "v_strides");
     if (need[3]) dpk = prefix_grad(gK, prefix_k);
     if (need[4]) dpv = prefix_grad(gV, prefix_v);
-    return {dq, dk, dv, dpk, dpv, at::Tensor(), at::Tensor()};
+    return {dq, dk, dv, dpk, dpv, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -125,8 +136,11 @@ struct PrefixConcatFunction : public torch::autograd::Function<PrefixConcatFunct
 at::Tensor prefix_concat_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             const at::Tensor& prefix_k, const at::Tensor& prefix_v, bool causal,
                                             const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  PK_CHECK(!(key_padding_mask.has_value() && key_padding_mask->defined()),
-           "prefix_concat_attention_autograd computes attention without a key padding mask");
+  const at::Tensor padding = key_padding_mask.has_value() ? *key_padding_mask : at::Tensor();
+  PK_CHECK(!padding.defined() || (padding.scalar_type() == at::kBool && padding.dim() == 2 &&
+                                  padding.size(0) == q.size(0) && padding.size(1) == k.size(2) &&
+                                  padding.device().is_cpu()),
+           "prefix_concat_attention_autograd: key_padding_mask must be a CPU bool [B, Lk] tensor");
   PK_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && prefix_k.device().is_cpu() &&
                prefix_v.device().is_cpu(),
            "prefix_concat_attention_autograd takes CPU tensors");
@@ -135,7 +149,8 @@ at::Tensor prefix_concat_attention_autograd(const at::Tensor& q, const at::Tenso
                prefix_v.sizes() == prefix_k.sizes() && prefix_k.size(-3) == k.size(1) &&
                prefix_k.size(-1) == k.size(3) && (prefix_k.dim() == 3 || prefix_k.size(0) == k.size(0)),
            "prefix_concat_attention_autograd: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], prefix [(B,) Hkv, P, D]");
-  return PrefixConcatFunction::apply(q, k, v, prefix_k, prefix_v, causal, scale);
+  return PrefixConcatFunction::apply(q, k, v, prefix_k, prefix_v, causal,
+                                     padding.defined() ? std::optional<at::Tensor>(padding) : std::nullopt, scale);
 }
 
 }  // namespace peft_kernels

@@ -72,9 +72,9 @@ def _prefix_inputs(dtype, shared, hf, pdtype, B=2, Hq=4, Hkv=2, Lq=7, Lk=9, D=16
             torch.randn(pshape, dtype=pdtype or dtype))
 
 
-def _python_concat(inputs, scale, needs, dout, causal=False):
+def _python_concat(inputs, scale, needs, dout, causal=False, padding=None):
     leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
-    out = _EagerFunction.apply(pa.FAMILY, "concat", "concat", *leaves, causal, None, scale)
+    out = _EagerFunction.apply(pa.FAMILY, "concat", "concat", *leaves, causal, padding, scale)
     out.backward(dout)
     return out, [t.grad for t in leaves]
 
@@ -85,16 +85,23 @@ def _python_concat(inputs, scale, needs, dout, causal=False):
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("hf", [True, False])
 @pytest.mark.parametrize("causal, Lq", [(False, 7), (True, 7), (True, 9), (True, 12), (True, 1)])
-def test_concat_node_is_bit_identical_to_the_python_backend(dtype, pdtype, shared, hf, causal, Lq):
+@pytest.mark.parametrize("padded", [False, True])
+def test_concat_node_is_bit_identical_to_the_python_backend(dtype, pdtype, shared, hf, causal, Lq, padded):
     """Outputs, every gradient, their strides and dtypes: what the Python forward + backward (the path
-    torch.compile runs) give; causal with fewer, as many and more queries than real keys (9), and one query."""
+    torch.compile runs) give; causal with fewer, as many and more queries than real keys (9), and one query;
+    with keys padded (left and right, one sequence with no real key: it still sees the prefix)."""
     torch.manual_seed(0)
     inputs = _prefix_inputs(dtype, shared, hf, pdtype, Lq=Lq)
+    padding = None
+    if padded:
+        padding = torch.ones(2, 9, dtype=torch.bool)
+        padding[0, :2] = padding[0, -3:] = False
+        padding[1] = False
     leaves = [t.detach().requires_grad_(True) for t in inputs]
-    out = pa._CONCAT_NODE(*leaves, causal, None, 0.3)
+    out = pa._CONCAT_NODE(*leaves, causal, padding, 0.3)
     dout = torch.randn_like(out)
     out.backward(dout)
-    ref, ref_grads = _python_concat(inputs, 0.3, [True] * 5, dout, causal)
+    ref, ref_grads = _python_concat(inputs, 0.3, [True] * 5, dout, causal, padding)
     assert torch.equal(out, ref) and out.stride() == ref.stride() == inputs[0].stride()
     for name, g, r, t in zip("q k v prefix_k prefix_v".split(), (t.grad for t in leaves), ref_grads, inputs):
         assert torch.equal(g, r), name
@@ -118,15 +125,14 @@ def test_concat_node_computes_only_the_gradients_asked_for(needs):
 
 
 @native
-def test_concat_node_serves_cpu_signatures_without_padding():
-    """Causal or not; padded inputs run the Python composition with its mask; the result is the float64
-    reference's either way."""
+def test_concat_node_serves_cpu_signatures():
+    """Causal or not, padded or not; the result is the float64 reference's."""
     torch.manual_seed(2)
     q, k, v, pk_, pv = _prefix_inputs(torch.float64, True, True, None, Lq=9, Lk=9)
     pad = torch.ones(2, 9, dtype=torch.bool)
     pad[1, -3:] = False
-    cases = [(dict(), True), (dict(causal=True), True), (dict(key_padding_mask=pad), False),
-             (dict(causal=True), True)]
+    cases = [(dict(), True), (dict(causal=True), True), (dict(key_padding_mask=pad), True),
+             (dict(causal=True), True), (dict(causal=True, key_padding_mask=pad), True)]
     with peft_kernels.use_backend("concat", strict=True):
         for i, (kw, serves) in enumerate(cases):
             qq = q[:, :, :1] if i == 3 else q  # one query row sees every key: causal is no mask there
@@ -143,10 +149,11 @@ def test_concat_node_serves_cpu_signatures_without_padding():
 
 
 @native
-def test_concat_node_refuses_a_padding_mask():
+def test_concat_node_checks_its_padding_mask():
     q, k, v, pk_, pv = _prefix_inputs(torch.float32, True, True, None)
-    with pytest.raises(RuntimeError, match="without a key padding mask"):
-        pa._CONCAT_NODE(q, k, v, pk_, pv, False, torch.ones(2, 9, dtype=torch.bool), 0.25)
+    for bad in (torch.ones(2, 9), torch.ones(2, 8, dtype=torch.bool), torch.ones(9, dtype=torch.bool)):
+        with pytest.raises(RuntimeError, match="key_padding_mask must be a CPU bool"):
+            pa._CONCAT_NODE(q, k, v, pk_, pv, False, bad, 0.25)
 
 
 @native

@@ -586,17 +586,16 @@ def _sdpa_backward_backend(dout, q, k, v, prefix_k, prefix_v, out, lse, causal, 
                                  _prefix_merge_backward), needs)
 
 
-# The Python concat backend's calls without padding on CPU tensors (causal or not) as one C++ autograd node over the
+# The Python concat backend's calls on CPU tensors (causal or not, padded or not) as one C++ autograd node over the
 # record's fields (csrc/prefix.cpp; tested bit-identical): the eager host path.
 _CONCAT_NODE = _backends.native_function("prefix_concat_attention_autograd")
 
 
 def _concat_eager_serves(inp: PrefixInputs) -> bool:
-    # No padding (causal or not: the node builds the causal mask itself); the CPU flash op; k/v not in a reserved-row
-    # buffer (the node concatenates; the Python composition attends over the buffer itself).
+    # The CPU flash op (the node builds the causal / padding mask itself); k/v not in a reserved-row buffer (the node
+    # concatenates; the Python composition attends over the buffer itself).
     P = inp.prefix_k.shape[-2]
-    return (inp.key_padding_mask is None and inp.q.device.type == "cpu"
-            and reserved_rows(inp.k, P) is None and reserved_rows(inp.v, P) is None)
+    return inp.q.device.type == "cpu" and reserved_rows(inp.k, P) is None and reserved_rows(inp.v, P) is None
 
 
 @FAMILY.forward("concat", eager=_CONCAT_NODE,
