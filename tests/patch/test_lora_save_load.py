@@ -160,6 +160,12 @@ def test_load_lora_rejects_dora_and_leaves_model_alone(tmp_path):
         ({"layers_to_transform": [0]}, "layers_to_transform"),
         ({"some_future_variant": {"x": 1}}, "unknown key 'some_future_variant'"),
         ({"bias": "bogus"}, "bias"),
+        # peft rewrites the base weights when it loads these: the saved A/B alone are not the model
+        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'.*base weights"),
+        ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
+        ({"init_lora_weights": "olora"}, "olora"),
+        ({"init_lora_weights": "corda"}, "corda"),
+        ({"init_lora_weights": "loftq"}, "loftq"),
     ],
 )
 def test_load_lora_rejects_unsupported_configs(tmp_path, edit, match):
@@ -170,6 +176,30 @@ def test_load_lora_rejects_unsupported_configs(tmp_path, edit, match):
     with pytest.raises(ValueError, match=match):
         load_lora(base, tmp_path)
     assert not ours_lora_modules(base)
+
+
+def test_load_lora_of_a_real_pissa_checkpoint_is_refused_and_peft_then_patch_matches(tmp_path):
+    """A PiSSA adapter as peft saves it: refused by name (loaded as-is it was 0.4 off in logits); loaded by peft and
+    patched, peft's numbers."""
+    from peft_kernels import patch_peft_model
+
+    torch.manual_seed(0)
+    base = build("llama")
+    fresh = copy.deepcopy(base)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights="pissa"))
+    pm.save_pretrained(tmp_path)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="pissa"):
+        load_lora(fresh, tmp_path)
+    assert not ours_lora_modules(fresh)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ids = torch.randint(3, 90, (2, 6))
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        patch_peft_model(theirs)
+        assert_close(theirs(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_load_lora_checkpoint_mismatch(tmp_path):
