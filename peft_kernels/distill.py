@@ -66,7 +66,8 @@ def student_from_teacher(teacher: nn.Module, layers: Sequence[int] | None = None
     """A copy of ``teacher`` that keeps only the given layers (default: every other one, 0, 2, 4, ...), with
     their weights, and the teacher's embeddings, final norm and heads. ``config.num_hidden_layers`` (and a
     per-layer ``config.layer_types`` list) follow; attention modules get their new ``layer_idx`` so a KV cache
-    indexes them right. The teacher is not modified."""
+    indexes them right. Every parameter of the student trains (a frozen teacher, e.g. one a DistillationTrainer
+    froze, gives a trainable student). The teacher is not modified."""
     parent, attr, stack = find_layers(teacher)
     L = len(stack)
     keep = list(range(0, L, 2)) if layers is None else list(layers)
@@ -91,6 +92,7 @@ def student_from_teacher(teacher: nn.Module, layers: Sequence[int] | None = None
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_idx
+    student.requires_grad_(True)
     return student
 
 
@@ -264,15 +266,22 @@ def _make_trainer_class():
         """``transformers.Trainer`` that trains ``model`` (the student) by distilling ``teacher_model``.
 
         ``DistillationTrainer(model=student, teacher_model=teacher, args=..., train_dataset=..., data_collator=...,
-        temperature=2.0, weights=(5, 2, 1), task="mlm", fused=True)``. The teacher is frozen, kept in eval mode
-        and moved to the student's device. Each batch's loss is averaged over that batch's tokens; the last
-        batch's terms are in ``last_losses``.
+        temperature=2.0, weights=(5, 2, 1), task="mlm", fused=True)``. The teacher is frozen in place
+        (``requires_grad_(False)``), kept in eval mode and moved to the student's device. Each batch's loss is
+        averaged over that batch's tokens, and with gradient accumulation over the accumulated batches (the
+        Trainer divides by the steps: the loss is not normalised by ``num_items_in_batch``); the last batch's
+        terms are in ``last_losses``.
         """
 
         def __init__(self, *args, teacher_model: nn.Module, temperature: float = 2.0,
                      weights: Sequence[float] = DISTILBERT_WEIGHTS, task: str = "mlm", fused: bool = True,
                      divergence: str = "forward_kl", **kwargs):
             super().__init__(*args, **kwargs)
+            # The loss is a per-batch mean, not a sum over num_items_in_batch: the Trainer must divide it by the
+            # accumulation steps (it skips that for models that take loss kwargs, e.g. BERT's **kwargs forward:
+            # the update grew with gradient_accumulation_steps).
+            self.model_accepts_loss_kwargs = False
+            self.loss_is_scaled_for_ga = False
             _weights(weights)
             self.teacher = teacher_model.eval().requires_grad_(False)
             self.distill_kwargs = dict(temperature=temperature, weights=tuple(weights), task=task, fused=fused,

@@ -239,3 +239,38 @@ def test_example_distill_bert_runs():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "teacher  : 4 layers" in out.stdout and "student  : 2 layers" in out.stdout
     assert "after distillation" in out.stdout and "MiB" in out.stdout
+
+
+def test_distillation_trainer_gradient_accumulation_is_the_same_update(tmp_path):
+    """The same 4 examples as one batch of 4 or as 2 x 2 / 4 x 1 accumulated: the same SGD update (it grew with
+    gradient_accumulation_steps: BERT's forward takes **kwargs, so the Trainer took the loss as normalised by
+    num_items_in_batch and skipped its division)."""
+    import copy
+
+    teacher = tiny_bert(layers=2)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 61, (4, 10), generator=g)
+    labels = torch.where(torch.arange(10) % 3 == 0, ids, -100)  # the same token count in every example
+    dataset = [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": labels[i]}
+               for i in range(4)]
+    updates = {}
+    for ga, bs in ((1, 4), (2, 2), (4, 1)):
+        student = kd.student_from_teacher(teacher)
+        w0 = student.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"ga{ga}"), max_steps=1, per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
+            max_grad_norm=1e9, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+        kd.DistillationTrainer(model=student, teacher_model=copy.deepcopy(teacher), args=args,
+                               train_dataset=dataset).train()
+        updates[ga] = student.bert.encoder.layer[0].attention.self.query.weight.detach() - w0
+    assert updates[1].abs().max() > 0
+    for ga in (2, 4):
+        assert_close(updates[ga], updates[1], rtol=1e-4, atol=1e-6, name=f"GA={ga}")
+
+
+def test_student_of_a_frozen_teacher_trains():
+    teacher = tiny_bert(layers=2).requires_grad_(False)  # e.g. frozen by a DistillationTrainer before
+    student = kd.student_from_teacher(teacher)
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())  # the teacher is not modified
