@@ -110,6 +110,21 @@ def check_compatible(model: nn.Module, method: str, *, owner: str | None = None)
             )
 
 
+def check_removable(model: nn.Module, method: str, *, owner: str | None = None) -> None:
+    """Raise ``ValueError`` when a method applied after ``method`` is still on ``model``: each ``remove_*`` puts
+    back the ``requires_grad`` flags (and modules) as they were before its own apply, so removing out of order
+    would undo the later method's state under it (LoRA removed before BitFit left every parameter frozen)."""
+    record = list(_unwrap(model).__dict__.get(RECORD_ATTR, {}))  # in the order applied
+    if method not in record:
+        return
+    later = record[record.index(method) + 1:]
+    if later:
+        _, remove_this = METHODS.get(method, (f"apply_{method}", f"remove_{method}"))
+        names = ", ".join(f"{METHODS.get(o, ('', f'remove_{o}'))[1]}(model)" for o in reversed(later))
+        raise ValueError(f"{owner or remove_this}: {', '.join(DISPLAY.get(o, o) for o in later)} was applied after "
+                         f"{DISPLAY.get(method, method)}; remove in the reverse order: {names} first")
+
+
 # --------------------------------------------------------------------------------------------------
 # Trainable-parameter report (peft's print_trainable_parameters)
 # --------------------------------------------------------------------------------------------------

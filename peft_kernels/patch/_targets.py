@@ -87,6 +87,9 @@ def why_not_linear(module: nn.Module) -> str:
         return f"a {name} whose weight has dtype {w.dtype} (quantized: the fused layers need a float weight)"
     if w.dim() != 2 or not w.numel():
         return f"a {name} whose weight has shape {tuple(w.shape)} (not a non-empty 2-D linear weight)"
+    if type(module).__module__ == "peft_kernels.patch.bitfit":
+        return (f"a {name}: BitFit was applied first. LoRA goes under BitFit: remove_bitfit(model), apply_lora, "
+                "then apply_bitfit (to reload: load_lora before load_bitfit)")
     return (f"a {name} that overrides forward ({_qualname(type(module))}), so the fused op cannot stand in for "
             "it; if that forward is exactly x @ W.T + b, add the class to "
             "peft_kernels.patch._targets.LINEAR_MAP_CLASSES")

@@ -443,6 +443,7 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     of the model's own parameters that trained beside the adapters (train_layer_norms, modules_to_train). Save the
     adapters first (:func:`save_adapters` keeps those parameters too)."""
     model = _unwrap(model)
+    _methods.check_removable(model, METHOD, owner="remove_adapters")
     _undo(model, _control(model, "remove_adapters"))
     return model
 

@@ -547,6 +547,7 @@ def remove_bitfit(model: nn.Module) -> nn.Module:
     owner = "remove_bitfit"
     model = _unwrap(model)
     state = _state(model, owner)
+    _methods.check_removable(model, METHOD, owner=owner)
     with torch.no_grad():
         for pname, value in state.original_biases.items():
             model.get_parameter(pname).copy_(value)

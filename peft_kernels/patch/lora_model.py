@@ -377,6 +377,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     if not isinstance(merge, bool):
         raise TypeError(f"remove_lora: merge must be a bool, got {merge!r}")
     model = unwrap(model)
+    _methods.check_removable(model, "lora", owner="remove_lora")
     state = _methods.unregister_method(model, "lora")
     model.__dict__.pop(CONFIG_ATTR, None)
     from peft_kernels.patch.lora_transformers import uninstall_save_pretrained

@@ -597,6 +597,7 @@ def remove_prefix(model):
     """Undo apply_prefix_tuning / apply_p_tuning_v2: drop the encoder and hooks, restore the attention
     implementation and every parameter's requires_grad. Returns ``model``."""
     state = _state(model, "remove_prefix")
+    _methods.check_removable(model, _METHOD[state.method], owner="remove_prefix")
     base = model.base_model
     for hooks, fn in ((base._forward_pre_hooks, _before_forward), (base._forward_hooks, _after_forward),
                       (base._forward_pre_hooks, _shift_positions)):

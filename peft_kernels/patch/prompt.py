@@ -397,6 +397,7 @@ def remove_prompt_tuning(model):
     """Undo apply_prompt_tuning / apply_p_tuning: drop the prompt module and the hook, restore every parameter's
     requires_grad. Returns ``model``."""
     state = _state(model, "remove_prompt_tuning")
+    _methods.check_removable(model, state.method, owner="remove_prompt_tuning")
     for key in [k for k, h in model._forward_pre_hooks.items() if h is _before_forward]:
         del model._forward_pre_hooks[key]
         model._forward_pre_hooks_with_kwargs.pop(key, None)

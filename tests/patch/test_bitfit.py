@@ -347,6 +347,29 @@ def test_composes_with_apply_lora():
     assert q.bias.grad is not None and q.lora_A.grad is not None and q.weight.grad is None
 
 
+def test_composed_methods_are_removed_in_reverse_order_only():
+    """remove_lora under BitFit is refused, naming remove_bitfit (it restored its own requires_grad snapshot under
+    BitFit's layers, and remove_bitfit then left every parameter frozen); in reverse order both come off cleanly.
+    BitFit then LoRA is refused at apply_lora, saying which goes first."""
+    from peft_kernels.patch import remove_lora
+
+    model = tiny_bert()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    classes = {n: type(m) for n, m in model.named_modules()}
+    peft_kernels.apply_lora(model, target_modules=["query", "value"], r=4)
+    apply_bitfit(model)
+    with pytest.raises(ValueError, match=r"remove_lora: BitFit was applied after LoRA.*remove_bitfit\(model\) first"):
+        remove_lora(model)
+    assert trainable(model)  # nothing changed by the refused call
+    remove_bitfit(model)
+    remove_lora(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    apply_bitfit(model)
+    with pytest.raises(ValueError, match=r"BitFit was applied first.*remove_bitfit\(model\), apply_lora"):
+        peft_kernels.apply_lora(model, target_modules=["query", "value"], r=4)
+
+
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_patched_peft_model_with_trainable_biases_equals_peft(bias):
     peft = pytest.importorskip("peft")
