@@ -186,7 +186,8 @@ def patch_peft_model(peft_model: nn.Module) -> PeftPatchReport:
     if method == "PREFIX_TUNING":
         from peft_kernels.patch.prefix import patch_peft_prefix_model
 
-        patch_peft_prefix_model(peft_model)
+        if not getattr(peft_model, "_peft_kernels_prefix_patched", False):  # idempotent, as for the others
+            patch_peft_prefix_model(peft_model)
         return PeftPatchReport(method=method)
     if method in ("PROMPT_TUNING", "P_TUNING"):
         from peft_kernels.patch.prompt import patch_peft_prompt_model

@@ -685,10 +685,18 @@ def patch_peft_prefix_model(peft_model, *, positions: str = "peft", ignore_atten
     _apply(base, method, config.num_virtual_tokens, False, None, None, [], source, ignore_attention_dropout, who,
            positions=positions, freeze=False, peft_base=True)
     get_prefix_state(base).requires_grad = {}  # peft owns the trainable flags: remove_prefix leaves them
-    original_prepare = peft_model.base_model_prepare_inputs_for_generation
-    peft_model.forward = types.MethodType(_peft_forward, peft_model)
-    # peft's generate installs this on the base model: the base model's own (no prefix cache injected).
-    peft_model.prepare_inputs_for_generation = original_prepare
+    try:
+        peft_model.forward = types.MethodType(_peft_forward, peft_model)
+        # peft's generate installs this on the base model: the base model's own (no prefix cache injected). Only
+        # the causal-LM peft classes have one (a sequence classifier does not generate).
+        original_prepare = getattr(peft_model, "base_model_prepare_inputs_for_generation", None)
+        if original_prepare is not None:
+            peft_model.prepare_inputs_for_generation = original_prepare
+    except BaseException:  # nothing half-patched left behind
+        for attr in ("forward", "prepare_inputs_for_generation"):
+            peft_model.__dict__.pop(attr, None)
+        remove_prefix(base)
+        raise
     peft_model._peft_kernels_prefix_patched = True
     return peft_model
 

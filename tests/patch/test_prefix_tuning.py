@@ -885,3 +885,42 @@ def test_peft_format_refuses_what_peft_would_run_differently(tmp_path):
 def test_explicit_encoder_sizes_are_never_replaced_by_defaults(kw, exc, match):
     with pytest.raises(exc, match=match):
         apply_prefix_tuning(make("llama"), num_virtual_tokens=P, **{"projection": True, **kw})
+
+
+def test_patch_peft_prefix_sequence_classifier():
+    """A peft SEQ_CLS prefix model of a decoder (peft's own forward refuses it: no past key values there) runs
+    patched: the native P-Tuning v2 path with peft's prefix and positions, padding-invariant per row, gradients to
+    peft's prompt encoder and score head; patching again is a no-op, unpatching gives peft's forward back."""
+    peft = pytest.importorskip("peft")
+
+    torch.manual_seed(0)
+    model = make("llama")
+    base = transformers.LlamaForSequenceClassification(model.config)
+    base.model.load_state_dict(model.model.state_dict())
+    reference_base = copy.deepcopy(base)
+    pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P))
+    with torch.no_grad():
+        for p in pm.prompt_encoder.parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    ids, _, _ = inputs("llama")
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # right padding, the pad token id where padded (the classifier pools the last real token)
+    ids = ids.masked_fill(mask == 0, model.config.pad_token_id)
+    with pytest.raises(ValueError, match="past key values"):
+        pm(input_ids=ids, attention_mask=mask)
+    peft_kernels.patch_peft_model(pm)
+    peft_kernels.patch_peft_model(pm)  # idempotent
+    out = pm(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 0]))
+    reference_base.score.load_state_dict(pm.base_model.score.modules_to_save["default"].state_dict())
+    ref = apply_p_tuning_v2(reference_base, prefix=_peft_pairs(pm), positions="peft")
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        alone = pm(input_ids=ids[1:2, :-3]).logits
+    assert_close(out.logits.detach(), want, name="logits", **TOL)
+    assert_close(out.logits.detach()[1:2], alone, name="padded row", **TOL)
+    out.loss.backward()
+    grads = {n for n, p in pm.named_parameters() if p.grad is not None}
+    assert any("prompt_encoder" in n for n in grads) and any("score" in n for n in grads)
+    peft_kernels.unpatch_peft_model(pm)
+    with pytest.raises(ValueError, match="past key values"):
+        pm(input_ids=ids, attention_mask=mask)
