@@ -317,7 +317,9 @@ class OpFamily:
         # The reference is the fallback, not a contender (unless the preference names it).
         order = self.order(device_type, inputs)
         named = self.preference.get(device_type, ())
-        contenders = order if (callable(named) or "reference" in named) else [n for n in order if n != "reference"]
+        if callable(named):  # (a rule per input: what it names for these)
+            named = named(inputs)
+        contenders = order if "reference" in named else [n for n in order if n != "reference"]
         candidates = [n for n in contenders if self.why_not_reason(n, inputs) is None]
         if not candidates:
             name = "reference"
