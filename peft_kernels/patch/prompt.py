@@ -40,6 +40,7 @@ from peft_kernels.patch import _io, _methods
 
 ENCODER_ATTR = "peft_kernels_prompt"
 _STATE_ATTR = "_peft_kernels_prompt_state"
+_POOL_ATTR = "_peft_kernels_prompt_pooling"  # on a decoder classifier's score head: the model's _PromptState
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 ENCODER_WEIGHTS_NAME = "peft_kernels_prompt_encoder.safetensors"  # P-Tuning's encoder (peft keeps only its output)
@@ -67,9 +68,13 @@ class _PromptState:
     task_type: str
     encoder_config: dict
     _positions_on: dict = field(default_factory=dict)
+    # A decoder sequence classifier (its head pools the last non-pad token of input_ids, which it cannot find in
+    # the inputs_embeds it gets here): where this forward's last real token is in [prompt; tokens], for the head.
+    pools_last_token: bool = False
+    pool_rows: Tensor | None = None
 
     def __getstate__(self):  # copy.deepcopy / pickle: no cached device tensors
-        return {**self.__dict__, "_positions_on": {}}
+        return {**self.__dict__, "_positions_on": {}, "pool_rows": None}
 
     def positions_tensor(self, device) -> Tensor:
         t = self._positions_on.get(device)
@@ -152,6 +157,7 @@ def _before_forward(module, args, kwargs):
 
 def _transform(model, state: _PromptState, kwargs: dict) -> None:
     P = state.num_virtual_tokens
+    state.pool_rows = None
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     if ids is None and embeds is None:
         return  # the model raises its own error
@@ -187,6 +193,8 @@ def _transform(model, state: _PromptState, kwargs: dict) -> None:
     if state.positions is not None:
         maps = prompt_maps(_insertion_indices(state, mask, S, device, S), S, P)
     prompt = state.encoder()
+    if ids is not None and state.pools_last_token:
+        state.pool_rows = _last_token_rows(model, ids, maps, P)
     if ids is not None:
         weight = model.get_input_embeddings().weight
         try:
@@ -349,6 +357,39 @@ def apply_p_tuning(model, num_virtual_tokens: int = 20, encoder: str = "mlp", po
     return _apply(model, "p_tuning", prompt_encoder, positions, train_modules, cfg, who)
 
 
+def _pools_last_token(model) -> bool:
+    """A transformers decoder sequence classifier: a ``score`` head whose logits it pools at the last token that is
+    not the pad token, found in ``input_ids`` (given ``inputs_embeds``, as prompt tuning gives it, it takes the last
+    position: a pad token in a right-padded batch)."""
+    return (type(model).__name__.endswith("ForSequenceClassification")
+            and isinstance(model._modules.get("score"), nn.Module))
+
+
+def _last_token_rows(model, ids: Tensor, maps, P: int) -> Tensor | None:
+    """Per row, where the classifier's token (the rightmost that is not the pad token, the head's own rule) is in
+    [prompt; tokens]; None where the model has no pad token (then it takes the last position itself)."""
+    pad = getattr(_text_config(model.config), "pad_token_id", None)
+    if pad is None:
+        return None
+    B, S = ids.shape
+    last = (torch.arange(S, device=ids.device) * (ids != pad).to(torch.int32)).argmax(-1)
+    marker = torch.zeros(B, S, dtype=torch.int32, device=ids.device)
+    marker[torch.arange(B, device=ids.device), last] = 1
+    return _insert(marker, 0, maps, P).argmax(-1)
+
+
+def _pool_last_token(module, args, output):
+    """Forward hook on the classifier head: its logits at this forward's last real token moved to the last position,
+    the one the model pools when it gets inputs_embeds."""
+    state = module.__dict__.get(_POOL_ATTR)
+    rows = None if state is None else state.pool_rows
+    if rows is None or not isinstance(output, Tensor) or output.dim() != 3:
+        return None
+    state.pool_rows = None
+    picked = output[torch.arange(output.shape[0], device=output.device), rows.to(output.device)]
+    return torch.cat([output[:, :-1], picked[:, None]], 1)
+
+
 def _positive(n, who: str) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{who}: num_virtual_tokens must be a positive int, got {n!r}")
@@ -389,6 +430,10 @@ def _apply(model, method, encoder, positions, train_modules, encoder_config, who
     setattr(model, _STATE_ATTR, state)
     # The hook finds the state through the module it runs on, so copy.deepcopy(model) gets its own.
     model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+    if _pools_last_token(model):
+        state.pools_last_token = True
+        model.score.__dict__[_POOL_ATTR] = state
+        model.score.register_forward_hook(_pool_last_token)
     _methods.register_method(model, method, {"num_virtual_tokens": P, "positions": positions})
     return model
 
@@ -401,6 +446,10 @@ def remove_prompt_tuning(model):
     for key in [k for k, h in model._forward_pre_hooks.items() if h is _before_forward]:
         del model._forward_pre_hooks[key]
         model._forward_pre_hooks_with_kwargs.pop(key, None)
+    head = model._modules.get("score")
+    if head is not None and head.__dict__.pop(_POOL_ATTR, None) is not None:
+        for key in [k for k, h in head._forward_hooks.items() if h is _pool_last_token]:
+            del head._forward_hooks[key]
     delattr(model, ENCODER_ATTR)
     delattr(model, _STATE_ATTR)
     for name, p in model.named_parameters():

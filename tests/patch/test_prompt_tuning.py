@@ -176,6 +176,38 @@ def test_llama_sequence_classification_trains_head_and_runs():
     assert out.logits.shape == (3, 2) and torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method, positions", [("prompt", None), ("p_tuning", None), ("p_tuning", (0, 2, 2, 4, 9))])
+def test_decoder_sequence_classifier_pools_the_last_real_token_under_right_padding(arch, method, positions):
+    """The classifier head pools the last non-pad token of input_ids; given inputs_embeds (prompt tuning gives it
+    them) it took the last position, a pad token in a right-padded row (7.2 off; as peft does). A padded row now
+    scores as the row alone, with the prompt in front or at template positions; gradients reach the prompt."""
+    model = (llama if arch == "llama" else gpt2)(f"{'Llama' if arch == 'llama' else 'GPT2'}ForSequenceClassification",
+                                                 **({"num_labels": 3} if arch == "llama" else {}))
+    if method == "prompt":
+        apply_prompt_tuning(model, P)
+    else:
+        apply_p_tuning(model, P, positions=positions)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    ids = batch()
+    ids[0, -3:] = 0  # right padding (pad_token_id 0), a mask to match
+    mask = (ids != 0).long()
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1]))
+    with torch.no_grad():
+        alone = model(input_ids=ids[:1, :-3]).logits
+    assert_close(out.logits.detach()[:1], alone, rtol=1e-4, atol=1e-5, name="padded row")
+    out.loss.backward()
+    assert model.peft_kernels_prompt.parameters().__next__().grad is not None
+    clone = copy.deepcopy(model)  # its own state: the hook pools the clone's rows
+    with torch.no_grad():
+        assert_close(clone(input_ids=ids, attention_mask=mask).logits[:1], alone, rtol=1e-4, atol=1e-5)
+    remove_prompt_tuning(model)
+    assert not model.score._forward_hooks and "_peft_kernels_prompt_pooling" not in model.score.__dict__
+
+
 def test_patch_peft_prompt_model_runs_the_fused_op(monkeypatch):
     base = llama()
     for method in ("prompt", "p_tuning"):
