@@ -1,5 +1,7 @@
 """peft_kernels.nn.LoRALinear as a drop-in nn.Linear."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -239,3 +241,15 @@ def test_lora_conv1d_lives_in_nn():
     assert layer.weight is conv.weight and (layer.nx, layer.nf) == (4, 6)
     with pytest.raises(TypeError, match="LoRAConv1D.from_conv1d: lora_alpha"):
         LoRAConv1D.from_conv1d(conv, lora_alpha=None)
+
+
+def test_a_merged_layer_in_training_says_its_adapters_get_no_gradient():
+    layer = LoRALinear(16, 8, r=4)
+    layer.merge()
+    with pytest.warns(UserWarning, match="merged.*no gradient.*unmerge"):
+        layer.train()(torch.randn(3, 16))
+    with warnings.catch_warnings():  # inference with a merged layer: nothing to say
+        warnings.simplefilter("error")
+        layer.eval()(torch.randn(3, 16))
+        with torch.no_grad():
+            layer.train()(torch.randn(3, 16))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -297,6 +298,9 @@ class LoRALinear(nn.Linear):
                 f"{type(self).__name__}.forward: x must be a tensor [..., in_features={self.in_features}], got {what}")
         if self.merged and not self.adapter_enabled:
             self.unmerge()  # a disabled adapter must not stay folded into W (as peft unmerges on disable)
+        if self.merged and self.training and torch.is_grad_enabled() and self._parameters["lora_A"].requires_grad:
+            warnings.warn(f"{type(self).__name__} is merged: the forward uses W + s·BA, so lora_A / lora_B get no "
+                          "gradient; call unmerge() before training", stacklevel=2)
         if self.merged or not self.adapter_enabled:
             return F.linear(x, self.base_weight(), self.bias)  # autocast applies to F.linear as usual
         if self.active_adapter == self.adapter_name:  # the first adapter, read without nn.Module.__getattr__

@@ -35,7 +35,7 @@ from peft_kernels.nn.adapter import (
     check_routable,
     needs_residual_stream,
 )
-from peft_kernels.patch import _io, _methods
+from peft_kernels.patch import _io, _methods, _save_pretrained
 
 METHOD = "adapters"
 CONFIG_NAME = "adapter_config.json"
@@ -296,6 +296,7 @@ def _insert_sites(model: nn.Module, ctl: _Control, layers, train, name: str, con
     model.__dict__["peft_kernels_adapter_control"] = ctl
     ctl.configs[_TRAIN_KEY] = train
     _methods.register_method(model, METHOD, {"adapters": ctl.configs})
+    _save_pretrained.install(model, METHOD)
     add_bottleneck_adapter(model, name, config, dtype=dtype)
     set_active_adapters(model, name)
     _set_trainable(model, ctl)
@@ -470,6 +471,7 @@ def _undo(model: nn.Module, ctl: _Control) -> None:
     if model.__dict__.get("peft_kernels_adapter_control") is ctl:
         del model.__dict__["peft_kernels_adapter_control"]
         _methods.unregister_method(model, METHOD)
+        _save_pretrained.uninstall(model, METHOD)
 
 
 # --------------------------------------------------------------------------------------------------

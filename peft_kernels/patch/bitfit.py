@@ -33,7 +33,7 @@ from peft_kernels.ops import bias_norm as _bias_norm
 from peft_kernels.ops import bias_only as _bias_only
 from peft_kernels.ops.bias_norm import bias_only_norm, bias_only_norm_reference
 from peft_kernels.ops.bias_only import bias_only_linear
-from peft_kernels.patch import _io, _methods
+from peft_kernels.patch import _io, _methods, _save_pretrained
 from peft_kernels.patch._targets import (
     Conv1D,
     is_conv1d,
@@ -502,6 +502,7 @@ def apply_bitfit(model: nn.Module, include="all", add_missing_biases: bool = Fal
             state.trained.append(qualified)
     state.trained = _canonical_names(model, state.trained)
     _methods.register_method(model, METHOD, state)
+    _save_pretrained.install(model, METHOD)
     return model
 
 
@@ -562,6 +563,7 @@ def remove_bitfit(model: nn.Module) -> nn.Module:
         if n in state.original_requires_grad:
             p.requires_grad_(state.original_requires_grad[n])
     _methods.unregister_method(model, METHOD)
+    _save_pretrained.uninstall(model, METHOD)
     return model
 
 

@@ -178,6 +178,7 @@ def apply_lora(
     target_parameters: list[str] | None = None,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    **other_lora_config,
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` / ``Conv1D`` modules of ``model`` with fused LoRA layers, in place.
 
@@ -195,6 +196,7 @@ def apply_lora(
     reused, never copied. Returns ``model``. All or nothing: on any error the model is unchanged.
     """
     owner = "apply_lora"
+    _refuse_other_lora_config(owner, other_lora_config)
     if not isinstance(model, nn.Module):
         raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
     r, lora_alpha, lora_dropout, use_rslora, adapter_dtype = check_lora_hparams(
@@ -404,6 +406,29 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             if n in state.original_requires_grad:
                 p.requires_grad_(state.original_requires_grad[n])
     return model
+
+
+# LoraConfig arguments apply_lora takes at their peft defaults only (anything else changes what is computed).
+_LORA_CONFIG_DEFAULTS = {"init_lora_weights": True, "use_dora": False, "fan_in_fan_out": False, "lora_bias": False,
+                         "layers_to_transform": None, "layers_pattern": None}
+
+
+def _refuse_other_lora_config(owner: str, given: dict) -> None:
+    """A peft user's LoraConfig keywords apply_lora does not serve, refused by name (not a bare TypeError)."""
+    try:
+        from peft import LoraConfig
+
+        known = {f.name for f in dataclasses.fields(LoraConfig)}
+    except ImportError:  # pragma: no cover - peft is optional
+        known = set(_LORA_CONFIG_DEFAULTS)
+    unknown = sorted(k for k in given if k not in known and k not in _LORA_CONFIG_DEFAULTS)
+    if unknown:
+        raise TypeError(f"{owner}() got unexpected keyword arguments {unknown}")
+    refused = sorted(k for k, v in given.items() if k not in _LORA_CONFIG_DEFAULTS or v != _LORA_CONFIG_DEFAULTS[k])
+    if refused:
+        raise ValueError(f"{owner}: LoraConfig's {', '.join(f'{k}={given[k]!r}' for k in refused)} is not supported "
+                         "by apply_lora; build the model with peft (get_peft_model) and call patch_peft_model, which "
+                         "fuses the layers it can serve and leaves the rest to peft")
 
 
 def _to_plain(module: LoRALinear) -> nn.Module:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from peft_kernels.nn.prefix import PrefixEncoder, PrefixParameters
 from peft_kernels.ops.prefix_attention import prefix_attention, prefix_attention_mask
-from peft_kernels.patch import _io, _methods, prefix_rows
+from peft_kernels.patch import _io, _methods, _save_pretrained, prefix_rows
 
 ATTN_IMPLEMENTATION = "peft_kernels_prefix"
 ENCODER_ATTR = "peft_kernels_prefix"
@@ -562,6 +562,7 @@ def _apply(model, method, num_virtual_tokens, projection, projection_hidden, hid
         base.register_forward_pre_hook(_shift_positions, with_kwargs=True)
     if not peft_base:
         _methods.register_method(model, _METHOD[method], {"num_virtual_tokens": P, "positions": positions})
+        _save_pretrained.install(model, _METHOD[method])
     return model
 
 
@@ -616,6 +617,7 @@ def remove_prefix(model):
         if name in state.requires_grad:
             p.requires_grad_(state.requires_grad[name])
     _methods.unregister_method(model, _METHOD[state.method])
+    _save_pretrained.uninstall(model, _METHOD[state.method])
     return model
 
 

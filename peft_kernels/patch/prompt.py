@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from peft_kernels.nn.prompt import PromptEncoder, SoftPrompt
 from peft_kernels.ops.prompt import prompt_maps, soft_prompt_embed
-from peft_kernels.patch import _io, _methods
+from peft_kernels.patch import _io, _methods, _save_pretrained
 
 ENCODER_ATTR = "peft_kernels_prompt"
 _STATE_ATTR = "_peft_kernels_prompt_state"
@@ -435,6 +435,7 @@ def _apply(model, method, encoder, positions, train_modules, encoder_config, who
         model.score.__dict__[_POOL_ATTR] = state
         model.score.register_forward_hook(_pool_last_token)
     _methods.register_method(model, method, {"num_virtual_tokens": P, "positions": positions})
+    _save_pretrained.install(model, method)
     return model
 
 
@@ -456,6 +457,7 @@ def remove_prompt_tuning(model):
         if name in state.requires_grad:
             p.requires_grad_(state.requires_grad[name])
     _methods.unregister_method(model, state.method)
+    _save_pretrained.uninstall(model, state.method)
     return model
 
 
@@ -563,10 +565,14 @@ def _read_checkpoint(path, who: str):
 
 
 def load_prompt(model, path: str | os.PathLike):
-    """Load a prompt saved by :func:`save_prompt` or by HF peft (``PromptTuningConfig`` / ``PromptEncoderConfig``,
+    """Load a prompt saved by :func:`save_prompt`, by the patched model's ``save_pretrained``
+    (``Trainer.save_model``) or by HF peft (``PromptTuningConfig`` / ``PromptEncoderConfig``,
     ``save_pretrained``) into ``model``. A model without a prompt gets one (for a peft P-Tuning checkpoint, which
     holds the encoder's output only, as a plain table); a model with one must match it. Returns ``model``."""
     who = "load_prompt"
+    nested = os.path.join(path, _save_pretrained.PROMPT_SUBDIR)
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)) and os.path.isfile(os.path.join(nested, CONFIG_NAME)):
+        path = nested  # a model.save_pretrained(dir) directory: the prompt's files are one level down
     cfg, table, encoder_sd, heads = _read_checkpoint(path, who)
     emb = _check_model(model, who)
     if table.shape[1] != emb.embedding_dim:

@@ -321,6 +321,10 @@ def test_torch_compile_aot_eager():
         (dict(r=0), "r must be a positive int"),
         (dict(r=2.5), "r must be a positive int"),
         (dict(lora_dropout=1.0), "lora_dropout"),
+        # LoraConfig's arguments apply_lora does not serve: refused by name (a bare TypeError before)
+        (dict(use_dora=True), "use_dora=True is not supported by apply_lora.*patch_peft_model"),
+        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
+        (dict(lora_bias=True), "lora_bias"),
     ],
 )
 def test_bad_arguments(kwargs, arg):
@@ -328,6 +332,12 @@ def test_bad_arguments(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         apply_lora(model, **kwargs)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing half-applied
+
+
+def test_lora_config_defaults_are_accepted_and_unknown_keywords_are_a_type_error():
+    apply_lora(build("llama"), target_modules=["q_proj"], init_lora_weights=True, use_dora=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['lora_rank'\]"):
+        apply_lora(build("llama"), target_modules=["q_proj"], lora_rank=4)
 
 
 def test_custom_linear_subclass_raises():

@@ -1,0 +1,72 @@
+"""``model.save_pretrained(dir)`` on a model a peft_kernels method patched also writes that method's own files.
+
+``save_pretrained`` (and ``Trainer.save_model`` / its checkpoints, which call it) writes the full state dict,
+the method's tensors included, which ``Trainer``'s resume loads back; but ``AutoModel*.from_pretrained`` drops
+keys it does not know, and the method's loader (``load_prefix``, ``load_bitfit``, ``load_adapters``,
+``load_prompt``) needs the method's own files. Each ``apply_*`` of those methods gives a transformers
+``PreTrainedModel`` an instance-level ``save_pretrained`` that writes both; its ``remove_*`` takes it away.
+LoRA has its own (``lora_transformers``: peft's adapter files, which transformers loads itself); the one
+installed after it wraps it, and removals run in reverse order (``_methods.check_removable``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from torch import nn
+
+_ATTR = "save_pretrained"
+# Prompt tuning's files are peft's adapter_config.json + adapter_model.safetensors: at the top of the directory
+# transformers' from_pretrained would take them for an adapter it can inject (and raise), so they go one level down;
+# load_prompt(dir) looks there.
+PROMPT_SUBDIR = "peft_kernels_prompt"
+
+# method -> (module, its save function, the folder it writes into under the directory: "" = the directory itself)
+_SAVERS = {
+    "prefix": ("peft_kernels.patch.prefix", "save_prefix", ""),
+    "p_tuning_v2": ("peft_kernels.patch.prefix", "save_prefix", ""),
+    "bitfit": ("peft_kernels.patch.bitfit", "save_bitfit", ""),
+    "adapters": ("peft_kernels.patch.adapter", "save_adapters", ""),
+    "prompt": ("peft_kernels.patch.prompt", "save_prompt", PROMPT_SUBDIR),
+    "p_tuning": ("peft_kernels.patch.prompt", "save_prompt", PROMPT_SUBDIR),
+}
+
+
+class _SavePretrainedWith:
+    """The instance-level ``save_pretrained`` of a patched model (a plain object: copies and pickles with it)."""
+
+    def __init__(self, model: nn.Module, method: str, inner) -> None:
+        self.model, self.method, self.inner = model, method, inner
+
+    def __call__(self, save_directory, *args, **kwargs):
+        model = self.model
+        if self.inner is not None:  # an earlier method's (LoRA's): it writes the model and its own files
+            self.inner(save_directory, *args, **kwargs)
+        else:
+            type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        module, function, sub = _SAVERS[self.method]
+        save = getattr(importlib.import_module(module), function)
+        save(model, os.path.join(save_directory, sub) if sub else save_directory)
+
+
+def install(model: nn.Module, method: str) -> None:
+    """Give ``model`` (a transformers PreTrainedModel; anything else is left alone) the save_pretrained above."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    if isinstance(model, PreTrainedModel) and method in _SAVERS:
+        model.__dict__[_ATTR] = _SavePretrainedWith(model, method, model.__dict__.get(_ATTR))
+
+
+def uninstall(model: nn.Module, method: str) -> None:
+    """Undo :func:`install` for ``method`` (what it wrapped comes back)."""
+    current = model.__dict__.get(_ATTR)
+    if isinstance(current, _SavePretrainedWith) and current.method == method:
+        if current.inner is None:
+            del model.__dict__[_ATTR]
+        else:
+            model.__dict__[_ATTR] = current.inner
