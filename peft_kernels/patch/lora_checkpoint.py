@@ -159,7 +159,9 @@ def check_adapter_config(d: dict, path: str) -> None:
     bad = [why for k, why in unsupported.items() if d.get(k)]
     bad += [f"unknown key {k!r}" for k, v in d.items() if v and k not in unsupported and k not in _BENIGN_KEYS]
     init = d.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+    if isinstance(init, str) and init.lower() == "mica":
+        bad.append(f"init_lora_weights={init!r} (changes what is trained)")
+    elif isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         # peft re-runs these at load time: PiSSA/OLoRA/CorDA/LoftQ rewrite the base weights (W - B A of the initial
         # adapter), which loading the saved A and B alone would not reproduce (0.2-0.4 off in logits).
         bad.append(f"init_lora_weights={init!r} (peft changes the base weights when it loads such an adapter; "
@@ -171,7 +173,7 @@ def check_adapter_config(d: dict, path: str) -> None:
 
 
 # init_lora_weights values (prefixes: "pissa_niter_4", "corda") under which a checkpoint's A/B alone are not the model.
-_BASE_CHANGING_INITS = ("loftq", "mica", "pissa", "olora", "corda")
+_BASE_CHANGING_INITS = ("loftq", "pissa", "olora", "corda")
 
 
 def _read_adapter_weights(path: str, owner: str) -> dict[str, Tensor]:

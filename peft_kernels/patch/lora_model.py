@@ -409,8 +409,11 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
 
 
 # LoraConfig arguments apply_lora takes at their peft defaults only (anything else changes what is computed).
-_LORA_CONFIG_DEFAULTS = {"init_lora_weights": True, "use_dora": False, "fan_in_fan_out": False, "lora_bias": False,
+_LORA_CONFIG_DEFAULTS = {"init_lora_weights": True, "use_dora": False, "lora_bias": False,
                          "layers_to_transform": None, "layers_pattern": None}
+# ... and ones taken with any value: peft itself sets fan_in_fan_out per module (True for GPT-2's Conv1D, False for
+# nn.Linear), as apply_lora does from the module's class.
+_ACCEPTED_ANY = {"fan_in_fan_out"}
 
 
 def _refuse_other_lora_config(owner: str, given: dict) -> None:
@@ -424,7 +427,8 @@ def _refuse_other_lora_config(owner: str, given: dict) -> None:
     unknown = sorted(k for k in given if k not in known and k not in _LORA_CONFIG_DEFAULTS)
     if unknown:
         raise TypeError(f"{owner}() got unexpected keyword arguments {unknown}")
-    refused = sorted(k for k, v in given.items() if k not in _LORA_CONFIG_DEFAULTS or v != _LORA_CONFIG_DEFAULTS[k])
+    refused = sorted(k for k, v in given.items() if k not in _ACCEPTED_ANY
+                     and (k not in _LORA_CONFIG_DEFAULTS or v != _LORA_CONFIG_DEFAULTS[k]))
     if refused:
         raise ValueError(f"{owner}: LoraConfig's {', '.join(f'{k}={given[k]!r}' for k in refused)} is not supported "
                          "by apply_lora; build the model with peft (get_peft_model) and call patch_peft_model, which "

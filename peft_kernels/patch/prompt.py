@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ from peft_kernels.patch import _io, _methods, _save_pretrained
 ENCODER_ATTR = "peft_kernels_prompt"
 _STATE_ATTR = "_peft_kernels_prompt_state"
 _POOL_ATTR = "_peft_kernels_prompt_pooling"  # on a decoder classifier's score head: the model's _PromptState
+# id(state) -> the rows the head pools in the forward running on this thread (DataParallel replicas share the state
+# and run in threads of their own)
+_POOL_ROWS = threading.local()
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 ENCODER_WEIGHTS_NAME = "peft_kernels_prompt_encoder.safetensors"  # P-Tuning's encoder (peft keeps only its output)
@@ -68,13 +72,12 @@ class _PromptState:
     task_type: str
     encoder_config: dict
     _positions_on: dict = field(default_factory=dict)
-    # A decoder sequence classifier (its head pools the last non-pad token of input_ids, which it cannot find in
-    # the inputs_embeds it gets here): where this forward's last real token is in [prompt; tokens], for the head.
+    # A decoder sequence classifier: its head pools the last non-pad token of input_ids, which it cannot find in
+    # the inputs_embeds it gets here (the rows for the head are per forward: _POOL_ROWS).
     pools_last_token: bool = False
-    pool_rows: Tensor | None = None
 
     def __getstate__(self):  # copy.deepcopy / pickle: no cached device tensors
-        return {**self.__dict__, "_positions_on": {}, "pool_rows": None}
+        return {**self.__dict__, "_positions_on": {}}
 
     def positions_tensor(self, device) -> Tensor:
         t = self._positions_on.get(device)
@@ -157,7 +160,8 @@ def _before_forward(module, args, kwargs):
 
 def _transform(model, state: _PromptState, kwargs: dict) -> None:
     P = state.num_virtual_tokens
-    state.pool_rows = None
+    if state.pools_last_token:
+        _POOL_ROWS.__dict__.pop(id(state), None)
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     if ids is None and embeds is None:
         return  # the model raises its own error
@@ -194,7 +198,7 @@ def _transform(model, state: _PromptState, kwargs: dict) -> None:
         maps = prompt_maps(_insertion_indices(state, mask, S, device, S), S, P)
     prompt = state.encoder()
     if ids is not None and state.pools_last_token:
-        state.pool_rows = _last_token_rows(model, ids, maps, P)
+        _POOL_ROWS.__dict__[id(state)] = _last_token_rows(model, ids, maps, P)
     if ids is not None:
         weight = model.get_input_embeddings().weight
         try:
@@ -366,13 +370,14 @@ def _pools_last_token(model) -> bool:
 
 
 def _last_token_rows(model, ids: Tensor, maps, P: int) -> Tensor | None:
-    """Per row, where the classifier's token (the rightmost that is not the pad token, the head's own rule) is in
-    [prompt; tokens]; None where the model has no pad token (then it takes the last position itself)."""
+    """Per row, where the classifier's token (the rightmost that is not the pad token, the head's own rule; the last
+    token where the model has no pad token) is in [prompt; tokens]."""
     pad = getattr(_text_config(model.config), "pad_token_id", None)
-    if pad is None:
-        return None
     B, S = ids.shape
-    last = (torch.arange(S, device=ids.device) * (ids != pad).to(torch.int32)).argmax(-1)
+    if pad is None:  # (then transformers takes batches of one only)
+        last = torch.full((B,), S - 1, device=ids.device)
+    else:
+        last = (torch.arange(S, device=ids.device) * (ids != pad).to(torch.int32)).argmax(-1)
     marker = torch.zeros(B, S, dtype=torch.int32, device=ids.device)
     marker[torch.arange(B, device=ids.device), last] = 1
     return _insert(marker, 0, maps, P).argmax(-1)
@@ -382,10 +387,9 @@ def _pool_last_token(module, args, output):
     """Forward hook on the classifier head: its logits at this forward's last real token moved to the last position,
     the one the model pools when it gets inputs_embeds."""
     state = module.__dict__.get(_POOL_ATTR)
-    rows = None if state is None else state.pool_rows
+    rows = None if state is None else _POOL_ROWS.__dict__.pop(id(state), None)
     if rows is None or not isinstance(output, Tensor) or output.dim() != 3:
         return None
-    state.pool_rows = None
     picked = output[torch.arange(output.shape[0], device=output.device), rows.to(output.device)]
     return torch.cat([output[:, :-1], picked[:, None]], 1)
 

@@ -533,3 +533,47 @@ def test_explicit_arguments_are_never_silently_replaced():
         apply_prompt_tuning(llama(), 4, init="text")
     with pytest.raises(ValueError, match=r"PromptEncoder: encoder_hidden_size must be"):
         apply_p_tuning(llama(), 4, encoder_hidden_size=0)
+
+
+def test_classifier_pooling_is_per_forward_under_concurrent_forwards():
+    """DataParallel replicas share the prompt state and run their forwards in threads: each head pools its own
+    forward's rows (two threads interleaved at the final norm; one took the other's rows, 0.12 off)."""
+    import threading
+
+    model = llama("LlamaForSequenceClassification", num_labels=3)
+    apply_prompt_tuning(model, P)
+    a, b = torch.tensor([[5, 6, 7, 8, 0]]), torch.tensor([[5, 6, 7, 0, 0]])
+    with torch.no_grad():
+        want = {n: model(input_ids=x, attention_mask=(x != 0).long()).logits for n, x in (("a", a), ("b", b))}
+    barrier = threading.Barrier(2, timeout=60)
+
+    def interleave(*_):
+        barrier.wait()  # both forwards past their pre-hooks before either head runs
+
+    model.model.norm.register_forward_hook(interleave)
+    got = {}
+
+    def run(name, ids):
+        with torch.no_grad():
+            got[name] = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+
+    threads = [threading.Thread(target=run, args=(n, x)) for n, x in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n in ("a", "b"):
+        assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, name=n)
+
+
+def test_classifier_pooling_without_a_pad_token_follows_the_template():
+    """No pad token: the head's own token is the last one, mapped through the template (a virtual token after it
+    was pooled instead)."""
+    model = llama("LlamaForSequenceClassification", num_labels=3)
+    model.config.pad_token_id = None
+    apply_p_tuning(model, 4, positions=[0, 1, 2, 9])  # the last virtual token after the 9 tokens
+    ids = batch(B=1)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        model.config.pad_token_id = 0  # (no 0 in ids: the same token, found by the pad rule)
+        assert_close(model(input_ids=ids).logits, full, rtol=1e-6, atol=1e-7)
