@@ -125,6 +125,25 @@ def check_removable(model: nn.Module, method: str, *, owner: str | None = None) 
                          f"{DISPLAY.get(method, method)}; remove in the reverse order: {names} first")
 
 
+def flags_under_later_methods(model: nn.Module, method: str, before: dict[str, bool]) -> dict[str, bool]:
+    """The requires_grad flags ``remove_<method>`` restores: its snapshot ``before`` -- or, while methods applied
+    after it stay on (LoRA merged or removed under BitFit), none: the flags are the later method's to keep, and
+    each later method's own snapshot takes ``before``, so removing it afterwards gives the flags from before both.
+    (Restoring ``before`` under BitFit froze its biases, and remove_bitfit then left every parameter frozen.) A
+    later method that keeps no such snapshot is refused as :func:`check_removable` does."""
+    record = _unwrap(model).__dict__.get(RECORD_ATTR, {})
+    order = list(record)
+    later = order[order.index(method) + 1:] if method in order else []
+    if not later:
+        return dict(before)
+    snapshots = [getattr(record[o], "original_requires_grad", None) for o in later]
+    if any(not isinstance(s, dict) for s in snapshots):
+        check_removable(model, method)
+    for snap in snapshots:
+        snap.update({n: v for n, v in before.items() if n in snap})
+    return {}
+
+
 # --------------------------------------------------------------------------------------------------
 # Trainable-parameter report (peft's print_trainable_parameters)
 # --------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import weakref
 
 from torch import nn
 
@@ -33,11 +34,36 @@ _SAVERS = {
 }
 
 
-class _SavePretrainedWith:
-    """The instance-level ``save_pretrained`` of a patched model (a plain object: copies and pickles with it)."""
+class ModelBound:
+    """An instance attribute of a model that calls back into it (a saver, a peft-style method), holding the model
+    weakly: a strong reference would make a model -> __dict__ -> self -> model cycle, and ``del model`` would not
+    free it (nor its GPU memory) until the cyclic collector runs. ``copy.deepcopy`` / pickling bind the copy to the
+    copied model (the state carries the model, memoised as the copy's)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = weakref.ref(model)
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise ReferenceError(f"{type(self).__name__}: the model it belongs to no longer exists")
+        return model
+
+    def __getstate__(self):
+        return {**self.__dict__, "_model": self.model}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._model = weakref.ref(state["_model"])
+
+
+class _SavePretrainedWith(ModelBound):
+    """The instance-level ``save_pretrained`` of a patched model."""
 
     def __init__(self, model: nn.Module, method: str, inner) -> None:
-        self.model, self.method, self.inner = model, method, inner
+        super().__init__(model)
+        self.method, self.inner = method, inner
 
     def __call__(self, save_directory, *args, **kwargs):
         model = self.model
@@ -52,21 +78,43 @@ class _SavePretrainedWith:
         save(model, os.path.join(save_directory, sub) if sub else save_directory)
 
 
-def install(model: nn.Module, method: str) -> None:
-    """Give ``model`` (a transformers PreTrainedModel; anything else is left alone) the save_pretrained above."""
+def is_pretrained_model(model: nn.Module) -> bool:
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def current_saver(model: nn.Module):
+    """The instance-level save_pretrained a new one wraps (None: the class's)."""
+    return model.__dict__.get(_ATTR)
+
+
+def install(model: nn.Module, method: str) -> None:
+    """Give ``model`` (a transformers PreTrainedModel; anything else is left alone) the save_pretrained above,
+    wrapping the instance-level one it may have (an earlier method's)."""
+    if is_pretrained_model(model) and method in _SAVERS:
+        model.__dict__[_ATTR] = _SavePretrainedWith(model, method, current_saver(model))
+
+
+def uninstall_saver(model: nn.Module, match) -> None:
+    """Take the saver ``match(saver)`` selects out of ``model``'s chain of savers (each wraps ``.inner``), wherever
+    it is in the chain (a method removed under one applied after it)."""
+    parent, current = None, model.__dict__.get(_ATTR)
+    while current is not None and not match(current):
+        parent, current = current, getattr(current, "inner", None)
+    if current is None:
         return
-    if isinstance(model, PreTrainedModel) and method in _SAVERS:
-        model.__dict__[_ATTR] = _SavePretrainedWith(model, method, model.__dict__.get(_ATTR))
+    inner = getattr(current, "inner", None)
+    if parent is not None:
+        parent.inner = inner
+    elif inner is None:
+        del model.__dict__[_ATTR]
+    else:
+        model.__dict__[_ATTR] = inner
 
 
 def uninstall(model: nn.Module, method: str) -> None:
-    """Undo :func:`install` for ``method`` (what it wrapped comes back)."""
-    current = model.__dict__.get(_ATTR)
-    if isinstance(current, _SavePretrainedWith) and current.method == method:
-        if current.inner is None:
-            del model.__dict__[_ATTR]
-        else:
-            model.__dict__[_ATTR] = current.inner
+    """Undo :func:`install` for ``method`` (what it wrapped takes its place)."""
+    uninstall_saver(model, lambda s: isinstance(s, _SavePretrainedWith) and s.method == method)

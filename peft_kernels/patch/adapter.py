@@ -172,28 +172,39 @@ class AdapterSite(nn.ModuleDict):
         return adapter_site(adapters, h, r, layer_norm, layer_adds_residual=pre, ids=ids)
 
 
-def _tap_hook(site: AdapterSite):
-    def hook(module, args):
-        # Kept only when the active adapters read it (consumed, and dropped, by the site's next run).
-        if site.wants_residual():
-            site.__dict__["_residual"] = args[0]
-
-    return hook
+# The patched modules find their site through themselves (attributes copy.deepcopy copies with the model), never
+# through a closure: a deepcopy shares closures, and a copied model ran the original's adapters.
+_SITE_ATTR = "_peft_kernels_adapter_site"  # on a pre-norm site's target, and on its residual tap
+_BASE_FORWARD_ATTR = "_peft_kernels_adapter_base_forward"  # on a pre-norm site's target: its forward(self, ...)
 
 
-def _post_norm_forward(site: AdapterSite):
-    def forward(self, hidden_states, input_tensor, *args, **kwargs):
-        h = self.dropout(self.dense(hidden_states))
-        return site.run(h, input_tensor, self.LayerNorm)
+def _tap_residual(module, args):
+    """Forward pre-hook on a pre-norm site's tap: its input is the residual stream the site may read."""
+    site = module.__dict__.get(_SITE_ATTR)
+    # Kept only when the active adapters read it (consumed, and dropped, by the site's next run).
+    if site is not None and site.wants_residual():
+        site.__dict__["_residual"] = args[0]
 
-    return forward
+
+def _post_norm_site_forward(self, hidden_states, input_tensor, *args, **kwargs):
+    h = self.dropout(self.dense(hidden_states))
+    return self._modules["adapters"].run(h, input_tensor, self.LayerNorm)
 
 
-def _pre_norm_forward(site: AdapterSite, base_forward):
-    def forward(self, *args, **kwargs):
-        return site.run(base_forward(*args, **kwargs), None, None)
+def _pre_norm_site_forward(self, *args, **kwargs):
+    d = self.__dict__
+    return d[_SITE_ATTR].run(d[_BASE_FORWARD_ATTR](self, *args, **kwargs), None, None)
 
-    return forward
+
+def _forward_function(module: nn.Module):
+    """``module``'s forward as a function of (self, ...): its class's, or the function of an instance override bound
+    to it (a copy of the model rebinds it to the copy)."""
+    own = module.__dict__.get("forward")
+    if own is None:
+        return type(module).forward
+    if getattr(own, "__self__", None) is module:
+        return own.__func__
+    return lambda self, *args, **kwargs: own(*args, **kwargs)  # (another object's callable: called as it is)
 
 
 def _control(model: nn.Module, owner: str) -> _Control:
@@ -282,15 +293,19 @@ def _insert_sites(model: nn.Module, ctl: _Control, layers, train, name: str, con
             site = AdapterSite(loc, idx, _out_features(target), arch.kind, ctl)
             if arch.kind == "post_norm":
                 target.add_module("adapters", site)
-                target.forward = types.MethodType(_post_norm_forward(site), target)
+                target.forward = types.MethodType(_post_norm_site_forward, target)
                 ctl.restore.append((target, "adapters"))
             else:
                 attr = "attention_adapters" if loc == "attention" else "output_adapters"
                 layer.add_module(attr, site)
-                target.forward = types.MethodType(_pre_norm_forward(site, target.forward), target)
-                handle = _get(layer, tap).register_forward_pre_hook(_tap_hook(site))
+                target.__dict__[_BASE_FORWARD_ATTR] = _forward_function(target)
+                target.__dict__[_SITE_ATTR] = site
+                target.forward = types.MethodType(_pre_norm_site_forward, target)
+                tap_module = _get(layer, tap)
+                tap_module.__dict__[_SITE_ATTR] = site
+                tap_module.register_forward_pre_hook(_tap_residual)
                 ctl.restore.append((layer, attr))
-                ctl.restore.append(handle)
+                ctl.restore.append((tap_module, _tap_residual))
             ctl.restore.append((target, None))  # the forward override
             ctl.sites.append(site)
     model.__dict__["peft_kernels_adapter_control"] = ctl
@@ -456,15 +471,16 @@ def _undo(model: nn.Module, ctl: _Control) -> None:
         for n, value in ctl.originals.items():  # the norms / modules that trained beside the adapters
             if n in params:
                 params[n].copy_(value)
-    for item in reversed(ctl.restore):
-        if isinstance(item, tuple):
-            mod, attr = item
-            if attr is None:
-                mod.__dict__.pop("forward", None)
-            elif attr in mod._modules:
-                delattr(mod, attr)
-        else:
-            item.remove()
+    for mod, what in reversed(ctl.restore):
+        if what is None:  # the forward override
+            for attr in ("forward", _SITE_ATTR, _BASE_FORWARD_ATTR):
+                mod.__dict__.pop(attr, None)
+        elif what is _tap_residual:  # found by identity: also in a copy of the model
+            for key in [k for k, h in mod._forward_pre_hooks.items() if h is _tap_residual]:
+                del mod._forward_pre_hooks[key]
+            mod.__dict__.pop(_SITE_ATTR, None)
+        elif what in mod._modules:
+            delattr(mod, what)
     for n, p in model.named_parameters():
         if n in ctl.original_requires_grad:
             p.requires_grad_(ctl.original_requires_grad[n])

@@ -379,7 +379,10 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     if not isinstance(merge, bool):
         raise TypeError(f"remove_lora: merge must be a bool, got {merge!r}")
     model = unwrap(model)
-    _methods.check_removable(model, "lora", owner="remove_lora")
+    restore = None
+    state = _methods.applied_methods(model).get("lora")
+    if state is not None:  # (before anything changes: a refusal leaves the model as it is)
+        restore = _methods.flags_under_later_methods(model, "lora", state.original_requires_grad)
     state = _methods.unregister_method(model, "lora")
     model.__dict__.pop(CONFIG_ATTR, None)
     from peft_kernels.patch.lora_transformers import uninstall_save_pretrained
@@ -401,10 +404,10 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             plain = _to_plain(m)
         plain.train(m.training)
         set_module(model, name, plain)
-    if state is not None:
+    if restore is not None:
         for n, p in model.named_parameters():
-            if n in state.original_requires_grad:
-                p.requires_grad_(state.original_requires_grad[n])
+            if n in restore:
+                p.requires_grad_(restore[n])
     return model
 
 

@@ -25,16 +25,18 @@ import os
 
 from torch import nn
 
+from peft_kernels.patch._save_pretrained import ModelBound, current_saver, is_pretrained_model, uninstall_saver
 from peft_kernels.patch.lora_model import lora_modules, lora_state, unwrap
 
 _ATTR = "save_pretrained"
 
 
-class _BoundToModel:
-    """``function(model, ...)`` as an instance attribute of ``model`` (a plain object: copies and pickles)."""
+class _BoundToModel(ModelBound):
+    """``function(model, ...)`` as an instance attribute of ``model`` (copies and pickles with it)."""
 
     def __init__(self, function, model: nn.Module) -> None:
-        self.function, self.model = function, model
+        super().__init__(model)
+        self.function = function
 
     def __call__(self, *args, **kwargs):
         return self.function(self.model, *args, **kwargs)
@@ -57,11 +59,13 @@ def _peft_methods() -> dict:
             "merge_and_unload": merge_and_unload, "unload": unload}
 
 
-class _SavePretrainedWithLoRA:
-    """The instance-level ``save_pretrained`` of an apply_lora model (a plain object: copies and pickles)."""
+class _SavePretrainedWithLoRA(ModelBound):
+    """The instance-level ``save_pretrained`` of an apply_lora model (copies and pickles with it). ``inner``: the
+    one it wraps (BitFit's, applied before LoRA on layers LoRA does not take), or None (the class's)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, inner=None) -> None:
+        super().__init__(model)
+        self.inner = inner
 
     def __call__(self, save_directory, *args, **kwargs):
         from peft_kernels.patch.lora_checkpoint import save_lora
@@ -76,7 +80,10 @@ class _SavePretrainedWithLoRA:
                              "merge_and_unload(model) first to save a plain merged model")
         if kwargs.get("save_peft_format") is False:
             raise ValueError(f"{owner}: save_peft_format=False would save no adapter that from_pretrained loads")
-        type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        if self.inner is not None:
+            self.inner(save_directory, *args, **kwargs)
+        else:
+            type(model).save_pretrained(model, save_directory, *args, **kwargs)
         if not kwargs.get("is_main_process", True):
             return
         first = next(iter(state.adapters))
@@ -90,16 +97,13 @@ def install_save_pretrained(model: nn.Module) -> None:
     model = unwrap(model)
     for name, function in _peft_methods().items():
         model.__dict__[name] = _BoundToModel(function, model)
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return
-    if isinstance(model, PreTrainedModel):
-        model.__dict__[_ATTR] = _SavePretrainedWithLoRA(model)
+    if is_pretrained_model(model):
+        model.__dict__[_ATTR] = _SavePretrainedWithLoRA(model, current_saver(model))
 
 
 def uninstall_save_pretrained(model: nn.Module) -> None:
     model = unwrap(model)
-    for name in (_ATTR, *_peft_methods()):
-        if isinstance(model.__dict__.get(name), (_SavePretrainedWithLoRA, _BoundToModel)):
+    for name in _peft_methods():
+        if isinstance(model.__dict__.get(name), _BoundToModel):
             del model.__dict__[name]
+    uninstall_saver(model, lambda s: isinstance(s, _SavePretrainedWithLoRA))

@@ -536,3 +536,36 @@ def test_wrong_arguments_name_the_function(tmp_path):
     with pytest.raises(ValueError, match=r"save_adapters: .* is an existing file"):
         pa.save_adapters(model, tmp_path / "file")
     assert AdapterConfig(leave_out=1).leave_out == (1,)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
+@pytest.mark.parametrize("preset", ["houlsby", "pfeiffer", "parallel"])
+def test_a_deepcopy_runs_and_trains_its_own_adapters(kind, preset):
+    """The patched forwards and the residual tap find their site through their own module: a copy of the model ran
+    the original's adapters (its own got no gradient, and changing them changed nothing); remove_adapters on the
+    copy leaves the original patched."""
+    import copy
+
+    model = tiny(kind)
+    pa.apply_adapters(model, PRESETS[preset](), "a")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+        want = model(ids()).logits
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(clone(ids()).logits, want)
+        for p in clone.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+        changed = clone(ids()).logits
+        assert not torch.allclose(changed, want)
+        assert torch.equal(model(ids()).logits, want)  # the original is not the copy's
+    clone(ids()).logits.sum().backward()
+    assert all(p.grad is not None for p in clone.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.parameters())
+    pa.remove_adapters(clone)
+    with torch.no_grad():
+        assert torch.equal(model(ids()).logits, want)
+        assert torch.equal(clone(ids()).logits, tiny(kind)(ids()).logits)

@@ -347,24 +347,56 @@ def test_composes_with_apply_lora():
     assert q.bias.grad is not None and q.lora_A.grad is not None and q.weight.grad is None
 
 
-def test_composed_methods_are_removed_in_reverse_order_only():
-    """remove_lora under BitFit is refused, naming remove_bitfit (it restored its own requires_grad snapshot under
-    BitFit's layers, and remove_bitfit then left every parameter frozen); in reverse order both come off cleanly.
-    BitFit then LoRA is refused at apply_lora, saying which goes first."""
-    from peft_kernels.patch import remove_lora
+def test_lora_merged_or_removed_under_bitfit_keeps_bitfit_training():
+    """LoRA, then BitFit: merge_and_unload keeps the trained model's outputs and leaves BitFit's biases training
+    (restoring LoRA's own snapshot there froze them, and remove_bitfit then left every parameter frozen);
+    remove_bitfit afterwards gives every flag and class from before both."""
+    from peft_kernels.patch import merge_and_unload
 
     model = tiny_bert()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     classes = {n: type(m) for n, m in model.named_modules()}
     peft_kernels.apply_lora(model, target_modules=["query", "value"], r=4)
     apply_bitfit(model)
-    with pytest.raises(ValueError, match=r"remove_lora: BitFit was applied after LoRA.*remove_bitfit\(model\) first"):
-        remove_lora(model)
-    assert trainable(model)  # nothing changed by the refused call
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+        want = model(ids()).logits
+    merge_and_unload(model)
+    with torch.no_grad():
+        assert_close(model(ids()).logits, want, rtol=1e-5, atol=1e-6)
+    names = trainable(model)
+    assert "bert.encoder.layer.0.attention.self.query.bias" in names
+    # the frozen weights stay frozen (the classifier head trained with LoRA as its modules_to_save keeps training)
+    assert {n for n in names if n.endswith("weight")} <= {"classifier.weight"}
     remove_bitfit(model)
-    remove_lora(model)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert {n: type(m) for n, m in model.named_modules()} == classes
+
+
+def test_bitfit_then_lora_is_removed_in_reverse_order_and_saves_both(tmp_path):
+    """BitFit first (on layers LoRA does not take), then LoRA: remove_bitfit under LoRA is refused, naming
+    remove_lora; save_pretrained writes both methods' files (LoRA's saver replaced BitFit's); BitFit over LoRA's
+    targets is refused at apply_lora, saying which goes first."""
+    from peft_kernels.patch import load_bitfit, load_lora, remove_lora
+
+    model = tiny_bert()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    apply_bitfit(model, include=["LayerNorm"])
+    peft_kernels.apply_lora(model, target_modules=["query", "value"], r=4)
+    with pytest.raises(ValueError, match=r"remove_bitfit: LoRA was applied after BitFit.*remove_lora\(model\) first"):
+        remove_bitfit(model)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "bitfit_config.json").is_file() and (tmp_path / "adapter_config.json").is_file()
+    fresh = load_lora(load_bitfit(tiny_bert(), str(tmp_path)), str(tmp_path))
+    with torch.no_grad():
+        assert_close(fresh(ids()).logits, model(ids()).logits, rtol=1e-5, atol=1e-6)
+    remove_lora(model)
+    assert "save_pretrained" in model.__dict__  # BitFit's again
+    remove_bitfit(model)
+    assert "save_pretrained" not in model.__dict__
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     apply_bitfit(model)
     with pytest.raises(ValueError, match=r"BitFit was applied first.*remove_bitfit\(model\), apply_lora"):
         peft_kernels.apply_lora(model, target_modules=["query", "value"], r=4)

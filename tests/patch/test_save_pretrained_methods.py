@@ -77,8 +77,34 @@ def test_save_pretrained_writes_what_the_loader_reads(name, tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, want)
     type(base).from_pretrained(tmp_path)  # transformers still loads the directory (the method's keys dropped)
     clone = copy.deepcopy(model)  # the copy saves itself, not the original
+    with torch.no_grad():
+        for p in clone.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+        want_clone = clone(input_ids=ids).logits
     clone.save_pretrained(tmp_path / "clone")
-    assert (tmp_path / "clone" / marker).is_file()
+    loaded = load(make(), str(tmp_path / "clone")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, want_clone)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_patched_model_is_freed_when_dropped(name):
+    """The instance-level save_pretrained holds its model weakly: no reference cycle, so `del model` frees it (and
+    its GPU memory) at once, without the cyclic collector."""
+    import gc
+    import weakref
+
+    make, apply, _, _ = CASES[name]
+    model = apply(make())
+    ref = weakref.ref(model)
+    gc.collect()
+    gc.disable()
+    try:
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("name", ["prompt", "prefix", "bitfit", "lora+bitfit", "adapters"])
