@@ -427,7 +427,7 @@ def _refuse_other_lora_config(owner: str, given: dict) -> None:
         known = {f.name for f in dataclasses.fields(LoraConfig)}
     except ImportError:  # pragma: no cover - peft is optional
         known = set(_LORA_CONFIG_DEFAULTS)
-    unknown = sorted(k for k in given if k not in known and k not in _LORA_CONFIG_DEFAULTS)
+    unknown = sorted(k for k in given if k not in known | _ACCEPTED_ANY and k not in _LORA_CONFIG_DEFAULTS)
     if unknown:
         raise TypeError(f"{owner}() got unexpected keyword arguments {unknown}")
     refused = sorted(k for k, v in given.items() if k not in _ACCEPTED_ANY

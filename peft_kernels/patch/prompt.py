@@ -369,7 +369,7 @@ def _pools_last_token(model) -> bool:
             and isinstance(model._modules.get("score"), nn.Module))
 
 
-def _last_token_rows(model, ids: Tensor, maps, P: int) -> Tensor | None:
+def _last_token_rows(model, ids: Tensor, maps, P: int) -> Tensor:
     """Per row, where the classifier's token (the rightmost that is not the pad token, the head's own rule; the last
     token where the model has no pad token) is in [prompt; tokens]."""
     pad = getattr(_text_config(model.config), "pad_token_id", None)
