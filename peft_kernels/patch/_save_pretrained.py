@@ -5,8 +5,8 @@ the method's tensors included, which ``Trainer``'s resume loads back; but ``Auto
 keys it does not know, and the method's loader (``load_prefix``, ``load_bitfit``, ``load_adapters``,
 ``load_prompt``) needs the method's own files. Each ``apply_*`` of those methods gives a transformers
 ``PreTrainedModel`` an instance-level ``save_pretrained`` that writes both; its ``remove_*`` takes it away.
-LoRA has its own (``lora_transformers``: peft's adapter files, which transformers loads itself); the one
-installed after it wraps it, and removals run in reverse order (``_methods.check_removable``).
+LoRA has its own (``lora_transformers``: peft's adapter files, which transformers loads itself). Savers chain:
+the one installed later wraps the earlier (``inner``), and a removal splices its own out wherever it is.
 """
 
 from __future__ import annotations
@@ -67,15 +67,21 @@ class _SavePretrainedWith(ModelBound):
 
     def __call__(self, save_directory, *args, **kwargs):
         model = self.model
-        if self.inner is not None:  # an earlier method's (LoRA's): it writes the model and its own files
-            self.inner(save_directory, *args, **kwargs)
-        else:
-            type(model).save_pretrained(model, save_directory, *args, **kwargs)
-        if not kwargs.get("is_main_process", True):
+        if not save_model(self, model, save_directory, args, kwargs):
             return
         module, function, sub = _SAVERS[self.method]
         save = getattr(importlib.import_module(module), function)
         save(model, os.path.join(save_directory, sub) if sub else save_directory)
+
+
+def save_model(saver, model: nn.Module, save_directory, args, kwargs) -> bool:
+    """What a chained saver writes first: the model (and an earlier method's files) through the saver it wraps, or
+    the class's save_pretrained. Returns whether this process writes files of its own (the main one)."""
+    if saver.inner is not None:
+        saver.inner(save_directory, *args, **kwargs)
+    else:
+        type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    return kwargs.get("is_main_process", True)
 
 
 def is_pretrained_model(model: nn.Module) -> bool:

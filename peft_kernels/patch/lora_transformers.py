@@ -25,7 +25,13 @@ import os
 
 from torch import nn
 
-from peft_kernels.patch._save_pretrained import ModelBound, current_saver, is_pretrained_model, uninstall_saver
+from peft_kernels.patch._save_pretrained import (
+    ModelBound,
+    current_saver,
+    is_pretrained_model,
+    save_model,
+    uninstall_saver,
+)
 from peft_kernels.patch.lora_model import lora_modules, lora_state, unwrap
 
 _ATTR = "save_pretrained"
@@ -80,11 +86,7 @@ class _SavePretrainedWithLoRA(ModelBound):
                              "merge_and_unload(model) first to save a plain merged model")
         if kwargs.get("save_peft_format") is False:
             raise ValueError(f"{owner}: save_peft_format=False would save no adapter that from_pretrained loads")
-        if self.inner is not None:
-            self.inner(save_directory, *args, **kwargs)
-        else:
-            type(model).save_pretrained(model, save_directory, *args, **kwargs)
-        if not kwargs.get("is_main_process", True):
+        if not save_model(self, model, save_directory, args, kwargs):
             return
         first = next(iter(state.adapters))
         for name in state.adapters:  # peft's layout: the first adapter at the top, the others in subfolders

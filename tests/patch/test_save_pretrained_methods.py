@@ -15,22 +15,9 @@ transformers = pytest.importorskip("transformers")
 
 import peft_kernels as pk  # noqa: E402
 from peft_kernels.nn import AdapterConfig  # noqa: E402
+from tests.patch.test_patch_peft_dispatch import _bert, _llama  # noqa: E402  (tiny models, seeded)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def _llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=48, vocab_size=61, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def _bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                                  vocab_size=61, max_position_embeddings=40, num_labels=3)
-    return transformers.BertForSequenceClassification(cfg).eval()
 
 
 def _adapters_load(model, d):
@@ -67,7 +54,7 @@ def test_save_pretrained_writes_what_the_loader_reads(name, tmp_path):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
-    ids = torch.randint(3, 61, (2, 7), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
